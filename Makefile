@@ -1,0 +1,19 @@
+# greenlab: `make install`, then `python -m greenlab +experiment=retfound_green`; `make test`.
+PYTHON ?= python3
+
+.PHONY: install test lint format bench
+
+install:  ## greenlab + every dependency (MinkowskiEngine built from source); safe to re-run
+	$(PYTHON) -m pip install -e ".[dev]"
+	PYTHON=$(PYTHON) bash scripts/install_minkowski.sh
+
+test:
+	$(PYTHON) -m pytest -q tests
+
+lint:
+	$(PYTHON) -m ruff check greenlab tests scripts
+	$(PYTHON) -m ruff format --check greenlab tests scripts
+
+format:
+	$(PYTHON) -m ruff format greenlab tests scripts
+	$(PYTHON) -m ruff check --fix greenlab tests scripts

@@ -1,0 +1,1 @@
+"""Backbones: timm / MONAI models with the initialisation actually used recorded on ``model.greenlab_init``."""

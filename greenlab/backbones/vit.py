@@ -1,0 +1,154 @@
+"""Vision Transformers from timm (DINOv2 ViT-S/14 + 4 registers by default), with offline-safe weights.
+
+``weights`` says where the initial weights come from:
+
+- ``cached``: timm's hub weights if they are already in the local Hugging Face cache (no network), else
+  random init with a loud warning. The default: nothing is ever downloaded.
+- ``hub``: timm's hub weights, downloaded when online; random init with a loud warning when that fails.
+- ``random``: random init (seeded by the run's seed).
+- a path: a local ``.pth`` / ``.pt`` / ``.bin`` / ``.safetensors`` file in timm format or in the official
+  DINOv2 checkpoint format (keys converted). A missing or unreadable file is an error, never a fallback.
+
+The initialisation actually used is recorded as a dict on ``model.greenlab_init`` and lands in results.json.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import timm
+import torch
+from timm.layers import resample_abs_pos_embed
+from torch import nn
+
+from greenlab.warnings_banner import loud_warning
+
+log = logging.getLogger(__name__)
+
+
+def create_vit(
+    model_name: str = "vit_small_patch14_reg4_dinov2.lvd142m",
+    img_size: int = 392,
+    weights: str = "cached",
+    model_kwargs: dict | None = None,
+) -> nn.Module:
+    """A timm ViT without classifier head (``num_classes=0``) at ``img_size`` px.
+
+    Returns the model; ``model.greenlab_init`` = {"requested", "used", "source", "note"}.
+    """
+    kwargs = dict(model_kwargs or {})
+    model = timm.create_model(model_name, pretrained=False, img_size=img_size, num_classes=0, **kwargs)
+    init = {"requested": str(weights), "used": "random", "source": None, "note": None}
+
+    if weights in ("cached", "hub"):
+        hub_id = model.pretrained_cfg.get("hf_hub_id")
+        file = _cached_hub_file(hub_id) if hub_id else None
+        if file is not None:
+            load_weights_file(model, file)
+            init.update(used="hub_cache", source=f"{hub_id} ({file})")
+        elif weights == "hub" and hub_id:
+            try:
+                hub_model = timm.create_model(model_name, pretrained=True, img_size=img_size, num_classes=0, **kwargs)
+                model.load_state_dict(hub_model.state_dict())
+                init.update(used="hub", source=hub_id)
+            except Exception as err:  # no network, no such weights, ...
+                init["note"] = f"download of {hub_id} failed: {type(err).__name__}: {err}"
+        else:
+            init["note"] = f"{hub_id or model_name} weights are not in the local cache and weights=cached never downloads"
+    elif weights != "random":
+        path = Path(weights).expanduser()
+        load_weights_file(model, path)
+        init.update(used="file", source=str(path.resolve()))
+
+    if init["used"] == "random" and weights != "random":
+        loud_warning(
+            f"{model_name}: pretrained weights could not be had ({init['note']}).\n"
+            "The backbone starts from RANDOM initialisation; results will not match the paper.\n"
+            "Give a local file with backbone.weights=/path/to/dinov2_vits14_reg4_pretrain.pth (official DINOv2)\n"
+            "or a timm .safetensors, or backbone.weights=hub when online. results.json records init=random."
+        )
+    model.greenlab_init = init
+    return model
+
+
+def _cached_hub_file(hub_id: str) -> Path | None:
+    """Path of a hub repo's weights in the local Hugging Face cache, or None; never touches the network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        found = try_to_load_from_cache(hub_id, filename)
+        if isinstance(found, str):
+            return Path(found)
+    return None
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a weights file (safetensors, or a torch pickle read with ``weights_only=True``)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"cannot read weights file {path}: {type(err).__name__}: {err}") from err
+    for wrapper in ("teacher", "model", "state_dict", "module"):  # training checkpoints nest the weights
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"weights file {path} does not hold a state dict of tensors")
+    return state
+
+
+def convert_dinov2_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official DINOv2 checkpoint keys -> timm ``VisionTransformer`` keys.
+
+    DINOv2 adds its position embedding to [CLS] + patches (1 + H*W rows) and keeps registers apart
+    (``register_tokens``); timm's ``*_reg4_dinov2`` models embed no prefix token (``no_embed_class``), so
+    the [CLS] row of the position embedding is folded into ``cls_token``. ``mask_token`` is iBOT's and unused.
+    """
+    state = {_strip_prefix(k): v for k, v in state.items()}
+    if any(".mlp.w12." in k for k in state):
+        raise ValueError("SwiGLU DINOv2 checkpoints (ViT-g) are not supported; use ViT-S/B/L checkpoints")
+    state.pop("mask_token", None)
+    if "register_tokens" in state:
+        pos_embed = state.pop("pos_embed")
+        state["reg_token"] = state.pop("register_tokens")
+        state["cls_token"] = state["cls_token"] + pos_embed[:, :1]
+        state["pos_embed"] = pos_embed[:, 1:]
+    return state
+
+
+def is_dinov2_format(state: dict[str, torch.Tensor]) -> bool:
+    keys = {_strip_prefix(k) for k in state}
+    return "mask_token" in keys or "register_tokens" in keys
+
+
+def load_weights_file(model: nn.Module, path: Path) -> None:
+    """Load a timm- or DINOv2-format file into ``model``; position embeddings resampled to its grid."""
+    state = read_state_dict(Path(path))
+    state = convert_dinov2_state_dict(state) if is_dinov2_format(state) else {_strip_prefix(k): v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not k.startswith("head.")}  # we build with num_classes=0
+    if "pos_embed" in state and state["pos_embed"].shape != model.pos_embed.shape:
+        prefix = 0 if model.no_embed_class else model.num_prefix_tokens
+        state["pos_embed"] = resample_abs_pos_embed(
+            state["pos_embed"], new_size=model.patch_embed.grid_size, num_prefix_tokens=prefix
+        )
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"weights file {path} does not fit {type(model).__name__}: missing keys {missing[:8]}, "
+            f"unexpected keys {unexpected[:8]}"
+        )
+    log.info("loaded backbone weights from %s", path)
+
+
+def _strip_prefix(key: str) -> str:
+    for prefix in ("module.", "backbone.", "encoder."):
+        if key.startswith(prefix):
+            key = key[len(prefix) :]
+    return key

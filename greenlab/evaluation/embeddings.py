@@ -1,0 +1,67 @@
+"""Embeddings of a frozen backbone: token pooling and a timed, batched pass over a loader."""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+POOLINGS = ("mean_all", "mean_patch", "cls", "cls_mean_patch")
+
+
+def pool(features: torch.Tensor, pooling: str, num_prefix_tokens: int) -> torch.Tensor:
+    """One vector per image from backbone features.
+
+    features: (B, T, D) tokens ([CLS], registers, then patches) or (B, C, H, W) CNN maps (always averaged).
+    pooling: ``mean_all`` mean of all T tokens (RETFound-Green's code); ``mean_patch`` mean of patch tokens
+    (timm ``global_pool='avg'``); ``cls`` the [CLS] token; ``cls_mean_patch`` both, concatenated (2D).
+    """
+    if features.ndim == 4:
+        return features.mean(dim=(2, 3))
+    if pooling == "mean_all":
+        return features.mean(1)
+    if pooling == "mean_patch":
+        return features[:, num_prefix_tokens:].mean(1)
+    if pooling == "cls":
+        return features[:, 0]
+    if pooling == "cls_mean_patch":
+        return torch.cat([features[:, 0], features[:, num_prefix_tokens:].mean(1)], dim=-1)
+    raise ValueError(f"pooling must be one of {POOLINGS}, not {pooling!r}")
+
+
+@torch.no_grad()
+def embed(
+    backbone: nn.Module, loader: DataLoader, pooling: str, device: torch.device, bf16: bool = False, desc: str = "embedding"
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """(embeddings (N, E) float32, labels (N, T) int64, seconds spent in the backbone forward).
+
+    The time excludes data loading; it is synchronised on CUDA so it measures the model alone.
+    """
+    was_training = backbone.training
+    backbone.eval().to(device)
+    prefix = getattr(backbone, "num_prefix_tokens", 0)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    vectors, labels, seconds = [], [], 0.0
+    for images, batch_labels in tqdm(loader, desc=desc, unit="batch"):
+        images = images.to(device, non_blocking=True)
+        _sync(device)
+        start = time.perf_counter()
+        with autocast:
+            features = backbone.forward_features(images)
+        vector = pool(features, pooling, prefix).float()
+        _sync(device)
+        seconds += time.perf_counter() - start
+        vectors.append(vector.cpu().numpy())
+        labels.append(batch_labels.numpy())
+    backbone.train(was_training)
+    return np.concatenate(vectors), np.concatenate(labels), seconds
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,137 @@
+"""One experiment, start to end: pre-train, evaluate the frozen backbone, report what it cost.
+
+    python -m greenlab +experiment=retfound_green [overrides]
+
+Everything is built from the composed config with ``hydra.utils.instantiate``; see ``conf/``.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+import greenlab
+from greenlab.callbacks.compute_monitor import JOULES_PER_KWH, ComputeMonitor
+from greenlab.compute.energy import EnergyMeter, co2e_kg
+from greenlab.report import write_results
+
+log = logging.getLogger("greenlab")
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")  # the repository's conf/ (editable install)
+
+
+def run(cfg: DictConfig) -> dict:
+    """Run the configured experiment; returns the results dict also written to results.json."""
+    output_dir = Path(cfg.paths.output_dir)
+    if (output_dir / "results.json").exists():
+        raise FileExistsError(f"{output_dir} already holds a finished run (results.json); choose a new output directory")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True)
+
+    datamodule = instantiate(cfg.data)
+    objective = instantiate(cfg.objective)
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+    loggers = [instantiate(c) for c in cfg.logger.values()]
+    monitor = next(c for c in callbacks if isinstance(c, ComputeMonitor))
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    initial_backbone = copy.deepcopy(objective.trained_backbone()) if cfg.evaluate_initial_backbone else None
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # the frozen teacher, on purpose
+    trainer.fit(objective, datamodule=datamodule)
+    budget = monitor.summary(trainer)
+    backbone = objective.trained_backbone()
+    weights_path = save_backbone(backbone, cfg, output_dir) if trainer.is_global_zero else None
+
+    meter = EnergyMeter(cfg.compute.cpu_watts_per_core)
+    meter.start()
+    datamodule.setup("fit")
+    probe = instantiate(cfg.evaluation)
+    evaluation = probe(backbone, datamodule, trainer.strategy.root_device)
+    if initial_backbone is not None:  # the same protocol before pre-training: the gain is measured, not claimed
+        before = probe(initial_backbone, datamodule, trainer.strategy.root_device)["metrics"]
+        evaluation["metrics"]["initial_backbone"] = {k: v for k, v in before.items() if k.startswith("probe_")}
+    eval_kwh = meter.read() / JOULES_PER_KWH
+
+    energy = budget["energy"]
+    energy.update(eval_kwh=eval_kwh, kwh=energy["train_kwh"] + eval_kwh)
+    energy["co2e_kg"] = co2e_kg(energy["kwh"], energy["carbon_intensity_kg_per_kwh"], energy["pue"])
+    budget["compute"].update(
+        params=sum(p.numel() for p in backbone.parameters()),
+        trainable_params_pretraining=sum(p.numel() for p in objective.parameters() if p.requires_grad),
+    )
+    results = {
+        "experiment": cfg.name,
+        "scale": cfg.get("scale_name", "custom"),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "greenlab_version": greenlab.__version__,
+        "run_dir": str(output_dir.resolve()),
+        "init": getattr(backbone, "greenlab_init", {"used": "unknown"}),
+        "data": datamodule.describe(),
+        "metrics": {**evaluation["metrics"], "final_train_loss": _final_loss(trainer)},
+        "compute": budget["compute"],
+        "energy": energy,
+        "embedding": evaluation["embedding"],
+        "artifacts": {
+            "backbone_weights": str(weights_path) if weights_path else None,
+            "checkpoints": str(output_dir / "checkpoints"),
+            "csv_metrics": str(output_dir / "csv" / "metrics.csv"),
+            "wandb_dir": str(output_dir / "wandb"),
+        },
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    if trainer.is_global_zero:
+        json_path, md_path = write_results(results, output_dir)
+        _log_final(trainer, results)
+        print(f"\ngreenlab: {cfg.name} finished\n  results: {json_path}\n  report:  {md_path}\n  weights: {weights_path}")
+    _finish_wandb()
+    return results
+
+
+def save_backbone(backbone: torch.nn.Module, cfg: DictConfig, output_dir: Path) -> Path:
+    """The trained backbone alone as a state dict (+ a JSON saying how to rebuild it); never overwrites."""
+    path = output_dir / "backbone.pth"
+    if path.exists():
+        raise FileExistsError(f"{path} already exists; refusing to overwrite trained weights")
+    torch.save(backbone.state_dict(), path)
+    recipe = {k: v for k, v in OmegaConf.to_container(cfg.backbone, resolve=True).items() if k not in ("_target_", "weights")}
+    (output_dir / "backbone.json").write_text(json.dumps({"factory": cfg.backbone._target_, **recipe}, indent=2))
+    return path
+
+
+def _final_loss(trainer) -> float | None:
+    value = trainer.callback_metrics.get("train/loss_epoch")
+    return float(value) if value is not None else None
+
+
+def _log_final(trainer, results: dict) -> None:
+    flat = {f"final/{k}": v for k, v in results["metrics"].items() if isinstance(v, int | float)}
+    for section in ("compute", "energy", "embedding"):
+        flat.update({f"final/{section}/{k}": v for k, v in results[section].items() if isinstance(v, int | float)})
+    for lg in trainer.loggers:
+        lg.log_metrics(flat, step=trainer.global_step)
+        lg.save()
+
+
+def _finish_wandb() -> None:
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish()
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    results = run(cfg)
+    return results["metrics"].get("probe_auroc_macro")  # the value a Hydra sweeper optimises
