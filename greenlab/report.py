@@ -11,21 +11,32 @@ def write_results(results: dict, output_dir: Path) -> tuple[Path, Path]:
     """Write results.json + results.md into ``output_dir``; refuses to replace an existing results.json."""
     json_path, md_path = output_dir / "results.json", output_dir / "results.md"
     if json_path.exists():
-        raise FileExistsError(f"{json_path} already exists: greenlab never overwrites an earlier run's results")
+        raise FileExistsError(
+            f"{json_path} already exists: greenlab never overwrites an earlier run's results"
+        )
     json_path.write_text(json.dumps(_finite(results), indent=2, default=str))
     md_path.write_text(markdown(results))
     return json_path, md_path
 
 
 def markdown(results: dict) -> str:
-    m, c, e, emb, init = results["metrics"], results["compute"], results["energy"], results["embedding"], results["init"]
+    m, c, e, emb, init = (
+        results["metrics"],
+        results["compute"],
+        results["energy"],
+        results["embedding"],
+        results["init"],
+    )
     lines = [
         f"# {results['experiment']}: results",
         "",
         f"- run directory: `{results['run_dir']}`",
-        f"- scale: **{results.get('scale', '?')}**" + (" (reduced demo budget, not the paper's schedule)" if results.get("scale") == "demo" else ""),
+        f"- scale: **{results.get('scale', '?')}**"
+        + (" (reduced demo budget, not the paper's schedule)" if results.get("scale") == "demo" else ""),
         f"- data: {results['data'].get('name')} ({results['data'].get('pretrain_images')} pre-training images)",
-        f"- initialisation: **{init.get('used')}**" + (f" from {init['source']}" if init.get("source") else "") + (f" — {init['note']}" if init.get("note") else ""),
+        f"- initialisation: **{init.get('used')}**"
+        + (f" from {init['source']}" if init.get("source") else "")
+        + (f" — {init['note']}" if init.get("note") else ""),
         "",
         "## Linear probes (held-out split)",
         "",
@@ -42,11 +53,18 @@ def markdown(results: dict) -> str:
             f"{task.get('auroc_bootstrap_median', math.nan):.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | {task['accuracy']:.3f} |"
         )
     if "probe_auroc_macro" in m:
-        lines.append(f"| **macro** | | | | **{m['probe_auroc_macro']:.3f}** | {m['probe_auroc_bootstrap_median_macro']:.3f} | {m['probe_accuracy_macro']:.3f} |")
+        lines.append(
+            f"| **macro** | | | | **{m['probe_auroc_macro']:.3f}** | {m['probe_auroc_bootstrap_median_macro']:.3f} | {m['probe_accuracy_macro']:.3f} |"
+        )
     initial = m.get("initial_backbone")
     if initial and "probe_auroc_macro" in initial:
-        per_task = ", ".join(f"{k} {v['auroc']:.3f}" for k, v in initial["probe_tasks"].items() if "auroc" in v)
-        lines += ["", f"Same probes on the backbone **before** pre-training: macro AUROC {initial['probe_auroc_macro']:.3f} ({per_task})."]
+        per_task = ", ".join(
+            f"{k} {v['auroc']:.3f}" for k, v in initial["probe_tasks"].items() if "auroc" in v
+        )
+        lines += [
+            "",
+            f"Same probes on the backbone **before** pre-training: macro AUROC {initial['probe_auroc_macro']:.3f} ({per_task}).",
+        ]
     lines += [
         "",
         "## Compute and energy (pre-training)",

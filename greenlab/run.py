@@ -34,7 +34,9 @@ def run(cfg: DictConfig) -> dict:
     """Run the configured experiment; returns the results dict also written to results.json."""
     output_dir = Path(cfg.paths.output_dir)
     if (output_dir / "results.json").exists():
-        raise FileExistsError(f"{output_dir} already holds a finished run (results.json); choose a new output directory")
+        raise FileExistsError(
+            f"{output_dir} already holds a finished run (results.json); choose a new output directory"
+        )
     output_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
 
@@ -48,7 +50,9 @@ def run(cfg: DictConfig) -> dict:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     initial_backbone = copy.deepcopy(objective.trained_backbone()) if cfg.evaluate_initial_backbone else None
-    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # the frozen teacher, on purpose
+    warnings.filterwarnings(
+        "ignore", message=".*module\\(s\\) in eval mode.*"
+    )  # the frozen teacher, on purpose
     trainer.fit(objective, datamodule=datamodule)
     budget = monitor.summary(trainer)
     backbone = objective.trained_backbone()
@@ -59,9 +63,13 @@ def run(cfg: DictConfig) -> dict:
     datamodule.setup("fit")
     probe = instantiate(cfg.evaluation)
     evaluation = probe(backbone, datamodule, trainer.strategy.root_device)
-    if initial_backbone is not None:  # the same protocol before pre-training: the gain is measured, not claimed
+    if (
+        initial_backbone is not None
+    ):  # the same protocol before pre-training: the gain is measured, not claimed
         before = probe(initial_backbone, datamodule, trainer.strategy.root_device)["metrics"]
-        evaluation["metrics"]["initial_backbone"] = {k: v for k, v in before.items() if k.startswith("probe_")}
+        evaluation["metrics"]["initial_backbone"] = {
+            k: v for k, v in before.items() if k.startswith("probe_")
+        }
     eval_kwh = meter.read() / JOULES_PER_KWH
 
     energy = budget["energy"]
@@ -94,7 +102,9 @@ def run(cfg: DictConfig) -> dict:
     if trainer.is_global_zero:
         json_path, md_path = write_results(results, output_dir)
         _log_final(trainer, results)
-        print(f"\ngreenlab: {cfg.name} finished\n  results: {json_path}\n  report:  {md_path}\n  weights: {weights_path}")
+        print(
+            f"\ngreenlab: {cfg.name} finished\n  results: {json_path}\n  report:  {md_path}\n  weights: {weights_path}"
+        )
     _finish_wandb()
     return results
 
@@ -105,8 +115,14 @@ def save_backbone(backbone: torch.nn.Module, cfg: DictConfig, output_dir: Path) 
     if path.exists():
         raise FileExistsError(f"{path} already exists; refusing to overwrite trained weights")
     torch.save(backbone.state_dict(), path)
-    recipe = {k: v for k, v in OmegaConf.to_container(cfg.backbone, resolve=True).items() if k not in ("_target_", "weights")}
-    (output_dir / "backbone.json").write_text(json.dumps({"factory": cfg.backbone._target_, **recipe}, indent=2))
+    recipe = {
+        k: v
+        for k, v in OmegaConf.to_container(cfg.backbone, resolve=True).items()
+        if k not in ("_target_", "weights")
+    }
+    (output_dir / "backbone.json").write_text(
+        json.dumps({"factory": cfg.backbone._target_, **recipe}, indent=2)
+    )
     return path
 
 
@@ -118,7 +134,9 @@ def _final_loss(trainer) -> float | None:
 def _log_final(trainer, results: dict) -> None:
     flat = {f"final/{k}": v for k, v in results["metrics"].items() if isinstance(v, int | float)}
     for section in ("compute", "energy", "embedding"):
-        flat.update({f"final/{section}/{k}": v for k, v in results[section].items() if isinstance(v, int | float)})
+        flat.update(
+            {f"final/{section}/{k}": v for k, v in results[section].items() if isinstance(v, int | float)}
+        )
     for lg in trainer.loggers:
         lg.log_metrics(flat, step=trainer.global_step)
         lg.save()

@@ -10,4 +10,6 @@ def loud_warning(message: str) -> None:
     """Log ``message`` at WARNING level and print it inside a banner on stderr."""
     bar = "!" * 78
     log.warning(message)
-    print(f"\n{bar}\n!! greenlab WARNING\n!! " + message.replace("\n", "\n!! ") + f"\n{bar}\n", file=sys.stderr)
+    print(
+        f"\n{bar}\n!! greenlab WARNING\n!! " + message.replace("\n", "\n!! ") + f"\n{bar}\n", file=sys.stderr
+    )

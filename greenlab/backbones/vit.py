@@ -49,13 +49,17 @@ def create_vit(
             init.update(used="hub_cache", source=f"{hub_id} ({file})")
         elif weights == "hub" and hub_id:
             try:
-                hub_model = timm.create_model(model_name, pretrained=True, img_size=img_size, num_classes=0, **kwargs)
+                hub_model = timm.create_model(
+                    model_name, pretrained=True, img_size=img_size, num_classes=0, **kwargs
+                )
                 model.load_state_dict(hub_model.state_dict())
                 init.update(used="hub", source=hub_id)
             except Exception as err:  # no network, no such weights, ...
                 init["note"] = f"download of {hub_id} failed: {type(err).__name__}: {err}"
         else:
-            init["note"] = f"{hub_id or model_name} weights are not in the local cache and weights=cached never downloads"
+            init["note"] = (
+                f"{hub_id or model_name} weights are not in the local cache and weights=cached never downloads"
+            )
     elif weights != "random":
         path = Path(weights).expanduser()
         load_weights_file(model, path)
@@ -131,7 +135,11 @@ def is_dinov2_format(state: dict[str, torch.Tensor]) -> bool:
 def load_weights_file(model: nn.Module, path: Path) -> None:
     """Load a timm- or DINOv2-format file into ``model``; position embeddings resampled to its grid."""
     state = read_state_dict(Path(path))
-    state = convert_dinov2_state_dict(state) if is_dinov2_format(state) else {_strip_prefix(k): v for k, v in state.items()}
+    state = (
+        convert_dinov2_state_dict(state)
+        if is_dinov2_format(state)
+        else {_strip_prefix(k): v for k, v in state.items()}
+    )
     state = {k: v for k, v in state.items() if not k.startswith("head.")}  # we build with num_classes=0
     if "pos_embed" in state and state["pos_embed"].shape != model.pos_embed.shape:
         prefix = 0 if model.no_embed_class else model.num_prefix_tokens

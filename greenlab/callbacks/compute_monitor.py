@@ -29,7 +29,11 @@ class ComputeMonitor(L.Callback):
         log_every_n_steps: int = 10,
     ):
         self.carbon_intensity, self.pue = carbon_intensity_kg_per_kwh, pue
-        self.cpu_watts_per_core, self.count_flops, self.log_every_n_steps = cpu_watts_per_core, count_flops, log_every_n_steps
+        self.cpu_watts_per_core, self.count_flops, self.log_every_n_steps = (
+            cpu_watts_per_core,
+            count_flops,
+            log_every_n_steps,
+        )
         self.meter: EnergyMeter | None = None
         self.flop_counter: FlopCounterMode | None = None
         self.flops_per_image: float | None = None
@@ -95,7 +99,9 @@ class ComputeMonitor(L.Callback):
             "device": torch.cuda.get_device_name() if on_gpu else f"cpu ({torch.get_num_threads()} threads)",
             "precision": str(trainer.precision),
             "peak_memory_bytes": torch.cuda.max_memory_allocated() if on_gpu else peak_host_memory_bytes(),
-            "peak_memory_method": "torch.cuda.max_memory_allocated" if on_gpu else "peak RSS of the process (getrusage)",
+            "peak_memory_method": "torch.cuda.max_memory_allocated"
+            if on_gpu
+            else "peak RSS of the process (getrusage)",
         }
         energy = {
             "train_kwh": kwh,

@@ -46,7 +46,9 @@ class EnergyMeter:
         if self._rapl:
             parts.append(f"rapl: measured, {len(self._rapl)} CPU package(s)")
         else:
-            parts.append(f"cpu estimate: process CPU-seconds x {cpu_watts_per_core} W/core (RAPL not readable)")
+            parts.append(
+                f"cpu estimate: process CPU-seconds x {cpu_watts_per_core} W/core (RAPL not readable)"
+            )
         self.method = "; ".join(parts)
         self._start = None
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +42,13 @@ class ImageDataModule(L.LightningDataModule):
     """Base class: subclasses fill ``pretrain_set``, ``probe_train_set``, ``probe_test_set`` and ``tasks``
     in ``setup``. ``probe_*`` sets use the deterministic evaluation transform."""
 
-    def __init__(self, batch_size: int = 128, eval_batch_size: int = 64, num_workers: int = 2, output_dir: str | None = None):
+    def __init__(
+        self,
+        batch_size: int = 128,
+        eval_batch_size: int = 64,
+        num_workers: int = 2,
+        output_dir: str | None = None,
+    ):
         super().__init__()
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.output_dir = Path(output_dir) if output_dir else None
@@ -102,6 +107,3 @@ def held_out(item_id: str, fraction: float, seed: int) -> bool:
     digest = hashlib.sha1(f"{seed}:{item_id}".encode()).hexdigest()
     return int(digest[:8], 16) / 0xFFFFFFFF < fraction
 
-
-def default_num_workers() -> int:
-    return min(4, os.cpu_count() or 1)

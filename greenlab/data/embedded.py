@@ -32,8 +32,17 @@ def generate(root: Path, num_images: int = 320, width: int = 288, height: int = 
 
     Returns the dataset folder. Deterministic: same arguments, same pixels.
     """
-    params = {"version": GENERATOR_VERSION, "num_images": num_images, "width": width, "height": height, "seed": seed}
-    folder = Path(root).expanduser() / f"embedded_fundus_v{GENERATOR_VERSION}_n{num_images}_{width}x{height}_s{seed}"
+    params = {
+        "version": GENERATOR_VERSION,
+        "num_images": num_images,
+        "width": width,
+        "height": height,
+        "seed": seed,
+    }
+    folder = (
+        Path(root).expanduser()
+        / f"embedded_fundus_v{GENERATOR_VERSION}_n{num_images}_{width}x{height}_s{seed}"
+    )
     manifest = folder / "MANIFEST.json"
     if manifest.is_file() and json.loads(manifest.read_text()) == params:
         return folder
@@ -54,7 +63,9 @@ def generate(root: Path, num_images: int = 320, width: int = 288, height: int = 
     return folder
 
 
-def _draw_fundus(rng: np.random.Generator, width: int, height: int, haemorrhages: int, exudates: int) -> Image.Image:
+def _draw_fundus(
+    rng: np.random.Generator, width: int, height: int, haemorrhages: int, exudates: int
+) -> Image.Image:
     radius = 0.46 * min(width, height) * rng.uniform(0.95, 1.0)
     cx, cy = width / 2 + rng.uniform(-4, 4), height / 2 + rng.uniform(-4, 4)
     yy, xx = np.mgrid[0:height, 0:width]
@@ -111,7 +122,15 @@ def _vessel(draw: ImageDraw.ImageDraw, rng: np.random.Generator, start, radius: 
 class EmbeddedFundusDataModule(FundusFolderDataModule):
     """``FundusFolderDataModule`` over the generated set (made on first use under ``cache_dir``)."""
 
-    def __init__(self, cache_dir: str, num_images: int = 320, width: int = 288, height: int = 256, seed: int = 0, **kwargs):
+    def __init__(
+        self,
+        cache_dir: str,
+        num_images: int = 320,
+        width: int = 288,
+        height: int = 256,
+        seed: int = 0,
+        **kwargs,
+    ):
         self.generator_args = {"num_images": num_images, "width": width, "height": height, "seed": seed}
         self.cache_dir = Path(cache_dir)
         super().__init__(root=str(self.cache_dir), labels_csv=None, **kwargs)

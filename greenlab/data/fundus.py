@@ -14,15 +14,18 @@ from PIL import Image
 from torchvision.transforms import v2
 
 
-def field_of_view_box(image: np.ndarray, threshold: int = 5, margin: float = 0.025) -> tuple[int, int, int, int]:
+def field_of_view_box(
+    image: np.ndarray, threshold: int = 5, margin: float = 0.025
+) -> tuple[int, int, int, int]:
     """(top, bottom, left, right) pixel bounds (bottom/right exclusive) of the field of view.
 
-    image: (H, W, C) or (H, W) uint8. A row/column belongs to the field of view when at least 1 % of its
-    pixels are brighter than ``threshold`` in their brightest channel (robust to isolated bright noise).
-    The box grows by ``margin`` x its size on each side, clipped to the image.
+    image: (H, W, C) or (H, W) uint8. A pixel is inside when its brightest channel exceeds ``threshold``
+    and 10 % of the image's 99th-percentile brightness (scanners leave grey, not black, borders: DRIVE's
+    are 8-13). A row/column belongs to the field of view when at least 1 % of its pixels are inside
+    (robust to isolated bright noise). The box grows by ``margin`` x its size on each side, clipped.
     """
     bright = image.max(axis=2) if image.ndim == 3 else image
-    mask = bright > threshold
+    mask = bright > max(threshold, 0.1 * np.percentile(bright, 99))
     rows = np.flatnonzero(mask.mean(axis=1) > 0.01)
     cols = np.flatnonzero(mask.mean(axis=0) > 0.01)
     height, width = mask.shape
@@ -33,7 +36,9 @@ def field_of_view_box(image: np.ndarray, threshold: int = 5, margin: float = 0.0
     return max(0, top - pad_y), min(height, bottom + pad_y), max(0, left - pad_x), min(width, right + pad_x)
 
 
-def crop_field_of_view(image: Image.Image, threshold: int = 5, margin: float = 0.025, max_side: int | None = 1024) -> Image.Image:
+def crop_field_of_view(
+    image: Image.Image, threshold: int = 5, margin: float = 0.025, max_side: int | None = 1024
+) -> Image.Image:
     """Field-of-view crop, black padding to a square, then Lanczos downsampling to ``max_side`` px."""
     top, bottom, left, right = field_of_view_box(np.asarray(image), threshold, margin)
     image = image.crop((left, top, right, bottom))

@@ -75,7 +75,9 @@ class FundusFolderDataModule(ImageDataModule):
             paths, ids, labels = [paths[i] for i in keep], [ids[i] for i in keep], labels[keep]
         if skipped:
             listed = self.write_skip_list(skipped)
-            log.warning("skipped %d of the images under %s; the list is in %s", len(skipped), self.root, listed)
+            log.warning(
+                "skipped %d of the images under %s; the list is in %s", len(skipped), self.root, listed
+            )
         self.skipped = skipped
         test = [held_out(i, self.held_out_fraction, self.split_seed) for i in ids]
         train_idx = [i for i, t in enumerate(test) if not t]
@@ -85,7 +87,9 @@ class FundusFolderDataModule(ImageDataModule):
 
         def subset(indices, transform):
             chosen = [paths[i] for i in indices]
-            return ItemDataset([ids[i] for i in indices], lambda k: self.load(chosen[k]), labels[indices], transform)
+            return ItemDataset(
+                [ids[i] for i in indices], lambda k: self.load(chosen[k]), labels[indices], transform
+            )
 
         self.pretrain_set = subset(train_idx, train_tf)
         if self.tasks:
@@ -119,7 +123,9 @@ class FundusFolderDataModule(ImageDataModule):
             except Exception as err:
                 reason = f"unreadable image: {type(err).__name__}: {err}"
                 if not self.skip_bad:
-                    raise ValueError(f"{path}: {reason} (set data.skip_bad=true to skip and list such files)") from err
+                    raise ValueError(
+                        f"{path}: {reason} (set data.skip_bad=true to skip and list such files)"
+                    ) from err
                 skipped.append((str(path), reason))
         return good
 
@@ -129,7 +135,9 @@ class FundusFolderDataModule(ImageDataModule):
             raise FileNotFoundError(f"labels CSV not found: {self.labels_csv}")
         table = pd.read_csv(self.labels_csv, dtype={self.id_column: str})
         if self.id_column not in table.columns:
-            raise ValueError(f"{self.labels_csv}: no id column {self.id_column!r} (columns: {list(table.columns)})")
+            raise ValueError(
+                f"{self.labels_csv}: no id column {self.id_column!r} (columns: {list(table.columns)})"
+            )
         if table[self.id_column].duplicated().any():
             dup = table[self.id_column][table[self.id_column].duplicated()].tolist()[:5]
             raise ValueError(f"{self.labels_csv}: duplicate ids in {self.id_column!r}: {dup}")
@@ -144,7 +152,9 @@ class FundusFolderDataModule(ImageDataModule):
             if pd.api.types.is_numeric_dtype(values):
                 numbers = values.astype("Int64")
                 if (numbers.dropna() < 0).any():
-                    raise ValueError(f"{self.labels_csv}: column {column!r} has negative labels; use blank for missing")
+                    raise ValueError(
+                        f"{self.labels_csv}: column {column!r} has negative labels; use blank for missing"
+                    )
             else:
                 categories = sorted(values.dropna().unique())
                 numbers = values.map({c: i for i, c in enumerate(categories)}).astype("Int64")
@@ -158,7 +168,9 @@ class FundusFolderDataModule(ImageDataModule):
             if row is None:
                 reason = f"no row in {self.labels_csv} for image id {image_id!r}"
                 if not self.skip_bad:
-                    raise ValueError(f"{path}: {reason} (set data.skip_bad=true to skip and list such images)")
+                    raise ValueError(
+                        f"{path}: {reason} (set data.skip_bad=true to skip and list such images)"
+                    )
                 skipped.append((str(path), reason))
                 continue
             labels[i] = torch.tensor([coded[c][row] for c in columns])

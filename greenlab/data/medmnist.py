@@ -63,7 +63,12 @@ class MedMNISTDataModule(ImageDataModule):
         self.probe_test_set = self._dataset(arrays, self.eval_split, labels[self.eval_split], eval_tf)
 
     def describe(self) -> dict:
-        return {**super().describe(), "file": str(self.path), "eval_split": self.eval_split, "is_3d": self.is_3d}
+        return {
+            **super().describe(),
+            "file": str(self.path),
+            "eval_split": self.eval_split,
+            "is_3d": self.is_3d,
+        }
 
     def _read(self) -> dict[str, np.ndarray]:
         if not self.path.is_file():
@@ -77,12 +82,16 @@ class MedMNISTDataModule(ImageDataModule):
             if key not in arrays:
                 raise ValueError(f"{self.path}: missing key {key!r} (has {sorted(arrays)})")
         if "test_images" not in arrays and "val_images" not in arrays:
-            raise ValueError(f"{self.path}: needs test_images or val_images for evaluation (has {sorted(arrays)})")
+            raise ValueError(
+                f"{self.path}: needs test_images or val_images for evaluation (has {sorted(arrays)})"
+            )
         images = arrays["train_images"]
         if images.ndim == 4 and images.shape[-1] not in (1, 3):
             self.is_3d = True
         elif images.ndim not in (3, 4):
-            raise ValueError(f"{self.path}: train_images has shape {images.shape}; expected (N,H,W), (N,H,W,C) or (N,D,H,W)")
+            raise ValueError(
+                f"{self.path}: train_images has shape {images.shape}; expected (N,H,W), (N,H,W,C) or (N,D,H,W)"
+            )
         return arrays
 
     def _labels(self, arrays: dict, split: str) -> torch.Tensor:
@@ -94,7 +103,11 @@ class MedMNISTDataModule(ImageDataModule):
         return labels[: self.max_per_split] if self.max_per_split else labels
 
     def _dataset(self, arrays: dict, split: str, labels: torch.Tensor, transform) -> ItemDataset:
-        images = arrays[f"{split}_images"][: self.max_per_split] if self.max_per_split else arrays[f"{split}_images"]
+        images = (
+            arrays[f"{split}_images"][: self.max_per_split]
+            if self.max_per_split
+            else arrays[f"{split}_images"]
+        )
         load = (lambda i: images[i]) if self.is_3d else (lambda i: _to_rgb(images[i]))
         return ItemDataset([f"{split}_{i}" for i in range(len(images))], load, labels, transform)
 

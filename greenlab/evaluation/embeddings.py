@@ -36,7 +36,12 @@ def pool(features: torch.Tensor, pooling: str, num_prefix_tokens: int) -> torch.
 
 @torch.no_grad()
 def embed(
-    backbone: nn.Module, loader: DataLoader, pooling: str, device: torch.device, bf16: bool = False, desc: str = "embedding"
+    backbone: nn.Module,
+    loader: DataLoader,
+    pooling: str,
+    device: torch.device,
+    bf16: bool = False,
+    desc: str = "embedding",
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """(embeddings (N, E) float32, labels (N, T) int64, seconds spent in the backbone forward).
 

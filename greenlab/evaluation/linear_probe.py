@@ -32,7 +32,9 @@ def auroc(y: np.ndarray, proba: np.ndarray, classes: np.ndarray) -> float:
     """
     if len(classes) == 2:
         return float(roc_auc_score(y == classes[1], proba[:, 1])) if len(np.unique(y)) == 2 else float("nan")
-    scores = [roc_auc_score(y == c, proba[:, k]) for k, c in enumerate(classes) if 0 < (y == c).sum() < len(y)]
+    scores = [
+        roc_auc_score(y == c, proba[:, k]) for k, c in enumerate(classes) if 0 < (y == c).sum() < len(y)
+    ]
     return float(np.mean(scores)) if scores else float("nan")
 
 
@@ -40,8 +42,23 @@ class LinearProbe:
     """Args: pooling (see ``embeddings.pool``), C / max_iter (logistic regression), bootstrap (resamples,
     0 = none), seed, bf16 (autocast the embedding pass on GPU)."""
 
-    def __init__(self, pooling: str = "mean_all", C: float = 1.0, max_iter: int = 20000, bootstrap: int = 100, seed: int = 42, bf16: bool = True):
-        self.pooling, self.C, self.max_iter, self.bootstrap, self.seed, self.bf16 = pooling, C, max_iter, bootstrap, seed, bf16
+    def __init__(
+        self,
+        pooling: str = "mean_all",
+        C: float = 1.0,
+        max_iter: int = 20000,
+        bootstrap: int = 100,
+        seed: int = 42,
+        bf16: bool = True,
+    ):
+        self.pooling, self.C, self.max_iter, self.bootstrap, self.seed, self.bf16 = (
+            pooling,
+            C,
+            max_iter,
+            bootstrap,
+            seed,
+            bf16,
+        )
 
     def __call__(self, backbone: nn.Module, datamodule, device: torch.device) -> dict:
         """Returns {"metrics": {...}, "embedding": {...}} for results.json."""
@@ -50,16 +67,26 @@ class LinearProbe:
             return {"metrics": {"probe_skipped": "no labelled data"}, "embedding": {}}
         bf16 = self.bf16 and device.type == "cuda"
         train_loader, test_loader = datamodule.probe_dataloaders()
-        x_train, y_train, _ = embed(backbone, train_loader, self.pooling, device, bf16, "embedding probe-train")
-        x_test, y_test, seconds = embed(backbone, test_loader, self.pooling, device, bf16, "embedding held-out")
+        x_train, y_train, _ = embed(
+            backbone, train_loader, self.pooling, device, bf16, "embedding probe-train"
+        )
+        x_test, y_test, seconds = embed(
+            backbone, test_loader, self.pooling, device, bf16, "embedding held-out"
+        )
         tasks, started = {}, time.perf_counter()
         for t, task in enumerate(tqdm(datamodule.tasks, desc="fitting probes", unit="task")):
             tasks[task.name] = self.probe_task(x_train, y_train[:, t], x_test, y_test[:, t])
         scored = [m for m in tasks.values() if "auroc" in m and not np.isnan(m["auroc"])]
         metrics = {
             "probe_auroc_macro": float(np.mean([m["auroc"] for m in scored])) if scored else float("nan"),
-            "probe_auroc_bootstrap_median_macro": float(np.mean([m.get("auroc_bootstrap_median", np.nan) for m in scored])) if scored else float("nan"),
-            "probe_accuracy_macro": float(np.mean([m["accuracy"] for m in scored])) if scored else float("nan"),
+            "probe_auroc_bootstrap_median_macro": float(
+                np.mean([m.get("auroc_bootstrap_median", np.nan) for m in scored])
+            )
+            if scored
+            else float("nan"),
+            "probe_accuracy_macro": float(np.mean([m["accuracy"] for m in scored]))
+            if scored
+            else float("nan"),
             "probe_fit_seconds": time.perf_counter() - started,
             "probe_tasks": tasks,
         }
@@ -78,8 +105,13 @@ class LinearProbe:
         """Fit on labelled train rows (label >= 0), score on labelled held-out rows."""
         train, test = y_train >= 0, y_test >= 0
         if len(np.unique(y_train[train])) < 2 or test.sum() == 0:
-            return {"skipped": "fewer than two classes in probe-train or no held-out labels", "n_train": int(train.sum())}
-        probe = make_pipeline(StandardScaler(), LogisticRegression(C=self.C, max_iter=self.max_iter, random_state=42))
+            return {
+                "skipped": "fewer than two classes in probe-train or no held-out labels",
+                "n_train": int(train.sum()),
+            }
+        probe = make_pipeline(
+            StandardScaler(), LogisticRegression(C=self.C, max_iter=self.max_iter, random_state=42)
+        )
         probe.fit(x_train[train], y_train[train])
         y, proba = y_test[test], probe.predict_proba(x_test[test])
         classes = probe.classes_
@@ -93,11 +125,16 @@ class LinearProbe:
         }
         if self.bootstrap:
             rng = np.random.default_rng(self.seed)
-            draws = [auroc(y[i], proba[i], classes) for i in (rng.integers(0, len(y), len(y)) for _ in range(self.bootstrap))]
+            draws = [
+                auroc(y[i], proba[i], classes)
+                for i in (rng.integers(0, len(y), len(y)) for _ in range(self.bootstrap))
+            ]
             draws = np.array([d for d in draws if not np.isnan(d)])
             result.update(
                 auroc_bootstrap_median=float(np.median(draws)) if draws.size else float("nan"),
-                auroc_ci95=[float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))] if draws.size else None,
+                auroc_ci95=[float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))]
+                if draws.size
+                else None,
                 bootstrap_resamples_scored=int(draws.size),
             )
         return result

@@ -20,7 +20,9 @@ def decay_param_groups(modules: list[nn.Module], weight_decay: float) -> list[di
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def warmup_cosine_factor(epoch: int, base_lr: float, start_lr: float, min_lr: float, warmup_epochs: int, cosine_epochs: int) -> float:
+def warmup_cosine_factor(
+    epoch: int, base_lr: float, start_lr: float, min_lr: float, warmup_epochs: int, cosine_epochs: int
+) -> float:
     """Multiplier of ``base_lr`` at ``epoch`` (0-based, stepped once per epoch).
 
     Linear warm-up from ``start_lr`` to ``base_lr`` over ``warmup_epochs``, then a half cosine down to

@@ -90,7 +90,9 @@ class TokenReconstruction(L.LightningModule):
         return self
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
@@ -157,7 +159,15 @@ class TokenReconstruction(L.LightningModule):
     def training_step(self, batch, batch_idx):
         images = batch[0]
         loss = self(images)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=images.shape[0], sync_dist=True)
+        self.log(
+            "train/loss",
+            loss,
+            prog_bar=True,
+            on_step=True,
+            on_epoch=True,
+            batch_size=images.shape[0],
+            sync_dist=True,
+        )
         return loss
 
     def configure_optimizers(self):
@@ -167,7 +177,9 @@ class TokenReconstruction(L.LightningModule):
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
         schedule = LambdaLR(
             optimizer,
-            lambda epoch: warmup_cosine_factor(epoch, hp.lr, hp.start_lr, hp.min_lr, hp.warmup_epochs, hp.cosine_epochs),
+            lambda epoch: warmup_cosine_factor(
+                epoch, hp.lr, hp.start_lr, hp.min_lr, hp.warmup_epochs, hp.cosine_epochs
+            ),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}
 

@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny models, the real sample data beside the checkout, and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# A ViT small enough for CPU tests: same timm architecture (registers, LayerScale), 2 blocks of 48 dims.
+TINY_VIT = {"embed_dim": 48, "depth": 2, "num_heads": 2}
+TINY_RUN = [
+    "img_size=28",
+    "+backbone.model_kwargs.embed_dim=48",
+    "+backbone.model_kwargs.depth=2",
+    "+backbone.model_kwargs.num_heads=2",
+    "data.num_images=24",
+    "data.batch_size=8",
+    "data.eval_batch_size=16",
+    "data.num_workers=0",
+    "trainer.max_epochs=2",
+    "trainer.log_every_n_steps=1",
+    "evaluation.bootstrap=10",
+]
+
+
+def shared_data(*parts: str) -> Path:
+    """A path under ../shared/data, or skip the test saying what is missing."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(
+            f"real sample data not found at {path} (../shared/data is only beside developer checkouts and CI)"
+        )
+    return path
+
+
+def run_cli(*args: str, cwd: Path = REPO, check: bool = True) -> subprocess.CompletedProcess:
+    """``python -m greenlab <args>`` in a subprocess, offline; output captured."""
+    env = {**os.environ, "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "greenlab", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"greenlab exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """One cache of generated embedded data for the whole session."""
+    return tmp_path_factory.mktemp("greenlab_data")

@@ -1,0 +1,147 @@
+"""End to end through ``python -m greenlab``, at tiny size, on the generated embedded default."""
+
+import csv
+import json
+
+import pytest
+import timm
+import torch
+from hydra import compose, initialize_config_dir
+
+from tests.conftest import REPO, TINY_RUN, run_cli
+
+EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
+RESULT_KEYS = {
+    "experiment": None,
+    "init": ["used"],
+    "metrics": ["probe_auroc_macro"],
+    "compute": ["params", "train_flops", "device_hours", "peak_memory_bytes", "train_throughput_img_s"],
+    "energy": ["kwh", "co2e_kg", "method"],
+    "embedding": ["dim", "bytes_per_image", "throughput_img_s"],
+}
+
+
+@pytest.fixture(scope="module")
+def main_run(tmp_path_factory, data_dir):
+    run_dir = tmp_path_factory.mktemp("cli") / "run"
+    proc = run_cli(
+        "+experiment=retfound_green", *TINY_RUN, f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}"
+    )
+    return run_dir, proc
+
+
+def test_main_command_writes_complete_results(main_run):
+    run_dir, proc = main_run
+    assert str(run_dir / "results.json") in proc.stdout and str(run_dir / "results.md") in proc.stdout
+    results = json.loads((run_dir / "results.json").read_text())
+    for section, keys in RESULT_KEYS.items():
+        assert section in results, section
+        for key in keys or []:
+            assert key in results[section], f"{section}.{key}"
+    assert results["experiment"] == "retfound_green" and results["scale"] == "demo"
+    assert results["init"]["used"] == "random" and results["init"]["note"]  # offline: recorded, not hidden
+    assert 0.0 <= results["metrics"]["probe_auroc_macro"] <= 1.0
+    assert set(results["metrics"]["probe_tasks"]) == {"haemorrhages", "hard_exudates", "grade"}
+    assert "probe_auroc_macro" in results["metrics"]["initial_backbone"]
+    compute = results["compute"]
+    # 24 generated images, 80 % kept for pre-training (by id hash), 2 epochs
+    assert compute["train_images_seen"] == 2 * results["data"]["pretrain_images"]
+    assert compute["train_flops"] == pytest.approx(
+        compute["train_flops_per_image"] * compute["train_images_seen"]
+    )
+    assert (
+        compute["train_flops_per_image"] > 1e6
+        and compute["device_hours"] > 0
+        and compute["peak_memory_bytes"] > 1e7
+    )
+    assert results["energy"]["kwh"] > 0 and results["energy"]["co2e_kg"] > 0
+    assert results["embedding"]["dim"] == 48 and results["embedding"]["bytes_per_image"] == 48 * 4
+    assert "Linear probes" in (run_dir / "results.md").read_text()
+
+
+def test_student_weights_saved_alone_and_timm_loadable(main_run):
+    run_dir, _ = main_run
+    state = torch.load(run_dir / "backbone.pth", map_location="cpu", weights_only=True)
+    assert not any(k.startswith(("teacher", "student", "head", "corruption")) for k in state)
+    recipe = json.loads((run_dir / "backbone.json").read_text())
+    model = timm.create_model(
+        recipe["model_name"], img_size=recipe["img_size"], num_classes=0, **recipe["model_kwargs"]
+    )
+    model.load_state_dict(state)  # strict
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert not any(k.startswith("teacher.") for k in checkpoint["state_dict"]), "the teacher is never saved"
+
+
+def test_metrics_logged_to_csv_and_wandb_offline(main_run):
+    run_dir, _ = main_run
+    with (run_dir / "csv" / "metrics.csv").open() as handle:
+        columns = next(csv.reader(handle))
+    for column in (
+        "train/loss_step",
+        "compute/train_flops",
+        "compute/throughput_img_s",
+        "energy/kwh",
+        "final/probe_auroc_macro",
+    ):
+        assert column in columns, column
+    offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 1
+    assert list(offline_runs[0].glob("run-*.wandb")), "a W&B run file that `wandb sync` can upload"
+
+
+def test_rerun_into_same_directory_never_overwrites(main_run, data_dir):
+    run_dir, _ = main_run
+    before = (run_dir / "results.json").read_bytes()
+    proc = run_cli(
+        "+experiment=retfound_green",
+        *TINY_RUN,
+        f"paths.data_dir={data_dir}",
+        f"hydra.run.dir={run_dir}",
+        check=False,
+    )
+    assert proc.returncode != 0 and "already holds a finished run" in proc.stderr
+    assert (run_dir / "results.json").read_bytes() == before
+
+
+def test_multirun_gives_separate_runs(tmp_path, data_dir):
+    sweep = tmp_path / "sweep"
+    run_cli(
+        "-m",
+        "+experiment=retfound_green",
+        *TINY_RUN,
+        "trainer.max_epochs=1",
+        "evaluate_initial_backbone=false",
+        f"paths.data_dir={data_dir}",
+        f"hydra.sweep.dir={sweep}",
+        "objective.noise_std=0.1,0.3",
+    )
+    noise = [
+        json.loads((sweep / str(i) / "results.json").read_text())["config"]["objective"]["noise_std"]
+        for i in (0, 1)
+    ]
+    assert noise == [0.1, 0.3]
+    wandb_runs = [next((sweep / str(i) / "wandb").glob("offline-run-*")).name.split("-")[-1] for i in (0, 1)]
+    assert wandb_runs[0] != wandb_runs[1]
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+@pytest.mark.parametrize("scale", ["demo", "paper"])
+def test_experiment_config_composes(experiment, scale):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(
+            "config", overrides=[f"+experiment={experiment}", f"scale={scale}", "paths.output_dir=/tmp/x"]
+        )
+    assert cfg.name == experiment and cfg.scale_name == scale
+    assert cfg.objective.backbone.img_size == cfg.data.img_size == cfg.img_size
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_runs_fast_dev_run(experiment, tmp_path, data_dir):
+    run_cli(
+        f"+experiment={experiment}",
+        *TINY_RUN,
+        "trainer.fast_dev_run=true",
+        f"paths.data_dir={data_dir}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert (tmp_path / "run" / "results.json").is_file()

@@ -1,0 +1,61 @@
+import numpy as np
+import pytest
+import torch
+
+from greenlab.compute.energy import EnergyMeter, co2e_kg
+from greenlab.evaluation.embeddings import pool
+from greenlab.evaluation.linear_probe import LinearProbe, auroc
+
+
+def test_auroc_binary_and_multiclass():
+    y = np.array([0, 0, 1, 1])
+    assert auroc(y, np.array([[0.9, 0.1], [0.6, 0.4], [0.35, 0.65], [0.2, 0.8]]), np.array([0, 1])) == 1.0
+    assert auroc(y, np.array([[0.1, 0.9], [0.4, 0.6], [0.65, 0.35], [0.8, 0.2]]), np.array([0, 1])) == 0.0
+    y3 = np.array([0, 1, 2, 2])
+    perfect = np.eye(3)[y3]
+    assert auroc(y3, perfect, np.array([0, 1, 2])) == 1.0
+    assert np.isnan(auroc(np.array([1, 1]), np.array([[0.2, 0.8], [0.3, 0.7]]), np.array([0, 1])))
+
+
+def test_probe_separates_separable_embeddings_and_fails_on_noise():
+    rng = np.random.default_rng(0)
+    y_train, y_test = rng.integers(0, 2, 200), rng.integers(0, 2, 100)
+    signal = lambda y: rng.normal(0, 1, (len(y), 16)) + 3.0 * y[:, None]  # noqa: E731
+    good = LinearProbe(bootstrap=20).probe_task(signal(y_train), y_train, signal(y_test), y_test)
+    assert good["auroc"] > 0.99 and good["accuracy"] > 0.95 and good["auroc_ci95"][0] > 0.95
+    noise = LinearProbe(bootstrap=20).probe_task(
+        rng.normal(size=(200, 16)), y_train, rng.normal(size=(100, 16)), y_test
+    )
+    assert 0.3 < noise["auroc"] < 0.7
+
+
+def test_probe_ignores_missing_labels():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 100)
+    x = rng.normal(size=(100, 4)) + 4.0 * y[:, None]
+    y_missing = y.copy()
+    y_missing[:30] = -1
+    result = LinearProbe(bootstrap=0).probe_task(x, y_missing, x, y_missing)
+    assert result["n_train"] == 70 and result["n_test"] == 70
+
+
+def test_pooling_variants():
+    tokens = torch.arange(2 * 7 * 3, dtype=torch.float32).reshape(2, 7, 3)  # 1 cls + 4 registers + 2 patches
+    assert torch.equal(pool(tokens, "cls", 5), tokens[:, 0])
+    assert torch.equal(pool(tokens, "mean_all", 5), tokens.mean(1))
+    assert torch.equal(pool(tokens, "mean_patch", 5), tokens[:, 5:].mean(1))
+    assert pool(tokens, "cls_mean_patch", 5).shape == (2, 6)
+    with pytest.raises(ValueError, match="pooling"):
+        pool(tokens, "max", 5)
+
+
+def test_energy_meter_cpu_estimate_counts_busy_time():
+    meter = EnergyMeter(cpu_watts_per_core=10.0)
+    meter.start()
+    x = torch.randn(400, 400)
+    for _ in range(200):
+        x = torch.tanh(x @ x)
+    joules = meter.read()
+    if "cpu estimate" in meter.method:
+        assert joules > 0.1 and "W/core" in meter.method
+    assert co2e_kg(2.0, 0.5, 1.2) == pytest.approx(1.2)
