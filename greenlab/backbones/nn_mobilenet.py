@@ -1,0 +1,61 @@
+"""nn-MobileNet (Zhu et al.): the ReXNet-V1 width-3.0 trunk (timm ``rexnet_300``) with spatial dropout.
+
+Hierarchical feature maps at strides 2 / 4 / 8 / 16 / 32 with 48 / 116 / 183 / 386 / 3840 channels at
+width 3.0 (the /32 map is the final 1x1 conv to 3840 channels, SiLU). ~30.9M parameters without a head.
+Spatial dropout (``nn.Dropout2d``) follows each block's depthwise activation; it has no parameters, so the
+state dict is timm's ``rexnet_300`` without its head and loads into it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from greenlab.backbones.vit import read_state_dict
+from greenlab.warnings_banner import loud_warning
+
+
+class NNMobileNet(nn.Module):
+    """Args: model_name (a timm ReXNet; ``rexnet_100`` for small tests), spatial_dropout (Dropout2d p),
+    weights (``random``, or a path to a state dict of this model / timm's ReXNet, e.g. a SparK encoder)."""
+
+    def __init__(self, model_name: str = "rexnet_300", spatial_dropout: float = 0.1, weights: str = "random"):
+        super().__init__()
+        trunk = timm.create_model(model_name, pretrained=False, num_classes=0)
+        self.stem, self.features = trunk.stem, trunk.features
+        for block in self.features:
+            if hasattr(block, "act_dw"):
+                block.act_dw = nn.Sequential(block.act_dw, nn.Dropout2d(spatial_dropout))
+        info = {f["reduction"]: f for f in trunk.feature_info}
+        self.tap_names = [info[r]["module"] for r in (2, 4, 8, 16)] + [f"features.{len(self.features) - 1}"]
+        self.strides = [2, 4, 8, 16, 32]
+        self.channels = [info[r]["num_chs"] for r in (2, 4, 8, 16)] + [trunk.num_features]
+        self.num_features = trunk.num_features
+        self.greenlab_init = {"requested": str(weights), "used": "random", "source": None, "note": None}
+        if weights not in ("random", None):
+            path = Path(weights).expanduser()
+            state = {k: v for k, v in read_state_dict(path).items() if not k.startswith("head.")}
+            missing, unexpected = self.load_state_dict(state, strict=False)
+            if missing or unexpected:
+                raise ValueError(f"weights file {path} does not fit {model_name}: missing {missing[:8]}, unexpected {unexpected[:8]}")
+            self.greenlab_init.update(used="file", source=str(path.resolve()))
+        elif weights is None:
+            loud_warning(f"{model_name}: no weights given; random initialisation")
+
+    def forward_hierarchy(self, x) -> list:
+        """The five feature maps, strides 2..32 (dense tensors, or sparse ones after sparsification)."""
+        taps = set(self.tap_names)
+        out = []
+        x = self.stem(x)
+        for index, block in enumerate(self.features):
+            x = block(x)
+            if f"features.{index}" in taps:
+                out.append(x)
+        return out
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, num_features, H/32, W/32)."""
+        return self.features(self.stem(x))
