@@ -37,34 +37,11 @@ def markdown(results: dict) -> str:
         f"- initialisation: **{init.get('used')}**"
         + (f" from {init['source']}" if init.get("source") else "")
         + (f" — {init['note']}" if init.get("note") else ""),
-        "",
-        "## Linear probes (held-out split)",
-        "",
-        "| task | classes | n train | n test | AUROC | bootstrap median [95% CI] | accuracy |",
-        "|---|---|---|---|---|---|---|",
     ]
-    for name, task in m.get("probe_tasks", {}).items():
-        if "skipped" in task:
-            lines.append(f"| {name} | | {task.get('n_train', '')} | | skipped: {task['skipped']} | | |")
-            continue
-        ci = task.get("auroc_ci95") or [math.nan, math.nan]
-        lines.append(
-            f"| {name} | {task['num_classes']} | {task['n_train']} | {task['n_test']} | {task['auroc']:.3f} | "
-            f"{task.get('auroc_bootstrap_median', math.nan):.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | {task['accuracy']:.3f} |"
-        )
-    if "probe_auroc_macro" in m:
-        lines.append(
-            f"| **macro** | | | | **{m['probe_auroc_macro']:.3f}** | {m['probe_auroc_bootstrap_median_macro']:.3f} | {m['probe_accuracy_macro']:.3f} |"
-        )
-    initial = m.get("initial_backbone")
-    if initial and "probe_auroc_macro" in initial:
-        per_task = ", ".join(
-            f"{k} {v['auroc']:.3f}" for k, v in initial["probe_tasks"].items() if "auroc" in v
-        )
-        lines += [
-            "",
-            f"Same probes on the backbone **before** pre-training: macro AUROC {initial['probe_auroc_macro']:.3f} ({per_task}).",
-        ]
+    if "probe_tasks" in m:
+        lines += _probe_section(m)
+    if "finetune_folds" in m:
+        lines += _finetune_section(m)
     lines += [
         "",
         "## Compute and energy (pre-training)",
@@ -94,6 +71,61 @@ def markdown(results: dict) -> str:
     else:
         lines.append("- not computed (no labelled data)")
     return "\n".join(lines) + "\n"
+
+
+def _probe_section(m: dict) -> list[str]:
+    lines = [
+        "",
+        "## Linear probes (held-out split)",
+        "",
+        "| task | classes | n train | n test | AUROC | bootstrap median [95% CI] | accuracy |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, task in m["probe_tasks"].items():
+        if "skipped" in task:
+            lines.append(f"| {name} | | {task.get('n_train', '')} | | skipped: {task['skipped']} | | |")
+            continue
+        ci = task.get("auroc_ci95") or [math.nan, math.nan]
+        lines.append(
+            f"| {name} | {task['num_classes']} | {task['n_train']} | {task['n_test']} | {task['auroc']:.3f} | "
+            f"{task.get('auroc_bootstrap_median', math.nan):.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | {task['accuracy']:.3f} |"
+        )
+    lines.append(
+        f"| **macro** | | | | **{m['probe_auroc_macro']:.3f}** | {m['probe_auroc_bootstrap_median_macro']:.3f} | "
+        f"{m['probe_accuracy_macro']:.3f} |"
+    )
+    initial = m.get("initial_backbone")
+    if initial and "probe_auroc_macro" in initial:
+        per_task = ", ".join(
+            f"{k} {v['auroc']:.3f}" for k, v in initial["probe_tasks"].items() if "auroc" in v
+        )
+        lines += [
+            "",
+            f"Same probes on the backbone **before** pre-training: macro AUROC {initial['probe_auroc_macro']:.3f} ({per_task}).",
+        ]
+    return lines
+
+
+def _finetune_section(m: dict) -> list[str]:
+    initial = m.get("initial_backbone") or {}
+    folds = len(m["finetune_folds"])
+    lines = [
+        "",
+        f"## Fine-tuning, stratified {folds}-fold cross-validation (task `{m['finetune_task']}`)",
+        "",
+        "| metric | pre-trained (mean ± std) | same protocol before pre-training | difference |",
+        "|---|---|---|---|",
+    ]
+    for name in ("accuracy", "auroc", "kappa", "f1_weighted"):
+        mean, std = m[f"finetune_{name}_mean"], m[f"finetune_{name}_std"]
+        row = f"| {name} | {mean:.3f} ± {std:.3f} |"
+        if f"finetune_{name}_mean" in initial:
+            base, base_std = initial[f"finetune_{name}_mean"], initial[f"finetune_{name}_std"]
+            row += f" {base:.3f} ± {base_std:.3f} | {mean - base:+.3f} |"
+        else:
+            row += " | |"
+        lines.append(row)
+    return lines
 
 
 def _finite(value):

@@ -42,7 +42,7 @@ def config_value(results: dict, dotted: str):
     value = results["config"]
     for part in dotted.split("."):
         value = value[part]
-    return value
+    return f"{value:.3g}" if isinstance(value, float) else value
 
 
 def write_study(sweep_dir: Path, out: Path, vary: list[str]) -> list[Path]:

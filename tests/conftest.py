@@ -14,19 +14,33 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 # A ViT small enough for CPU tests: same timm architecture (registers, LayerScale), 2 blocks of 48 dims.
 TINY_VIT = {"embed_dim": 48, "depth": 2, "num_heads": 2}
-TINY_RUN = [
-    "img_size=28",
-    "+backbone.model_kwargs.embed_dim=48",
-    "+backbone.model_kwargs.depth=2",
-    "+backbone.model_kwargs.num_heads=2",
+TINY_DATA = [
     "data.num_images=24",
     "data.batch_size=8",
     "data.eval_batch_size=16",
     "data.num_workers=0",
     "trainer.max_epochs=2",
     "trainer.log_every_n_steps=1",
+]
+TINY_RUN = [  # retfound_green
+    "img_size=28",
+    "+backbone.model_kwargs.embed_dim=48",
+    "+backbone.model_kwargs.depth=2",
+    "+backbone.model_kwargs.num_heads=2",
+    *TINY_DATA,
     "evaluation.bootstrap=10",
 ]
+TINY_SPARSE_CNN = [  # sparse_cnn_mae: ReXNet width 1.0, 64 px (a 2x2 mask grid), 2 folds of 1 epoch
+    "img_size=64",
+    "backbone.model_name=rexnet_100",
+    "objective.decoder_width=32",
+    *TINY_DATA,
+    "evaluation.folds=2",
+    "evaluation.epochs=1",
+    "evaluation.batch_size=8",
+    "evaluation.num_workers=0",
+]
+TINY = {"retfound_green": TINY_RUN, "sparse_cnn_mae": TINY_SPARSE_CNN}
 
 
 def shared_data(*parts: str) -> Path:

@@ -8,7 +8,7 @@ import timm
 import torch
 from hydra import compose, initialize_config_dir
 
-from tests.conftest import REPO, TINY_RUN, run_cli
+from tests.conftest import REPO, TINY, TINY_RUN, run_cli
 
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
 RESULT_KEYS = {
@@ -132,14 +132,15 @@ def test_experiment_config_composes(experiment, scale):
             "config", overrides=[f"+experiment={experiment}", f"scale={scale}", "paths.output_dir=/tmp/x"]
         )
     assert cfg.name == experiment and cfg.scale_name == scale
-    assert cfg.objective.backbone.img_size == cfg.data.img_size == cfg.img_size
+    assert cfg.data.img_size == cfg.img_size
+    assert cfg.objective.backbone.get("img_size", cfg.img_size) == cfg.img_size
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_runs_fast_dev_run(experiment, tmp_path, data_dir):
     run_cli(
         f"+experiment={experiment}",
-        *TINY_RUN,
+        *TINY[experiment],
         "trainer.fast_dev_run=true",
         f"paths.data_dir={data_dir}",
         f"hydra.run.dir={tmp_path / 'run'}",

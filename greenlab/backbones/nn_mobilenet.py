@@ -40,7 +40,9 @@ class NNMobileNet(nn.Module):
             state = {k: v for k, v in read_state_dict(path).items() if not k.startswith("head.")}
             missing, unexpected = self.load_state_dict(state, strict=False)
             if missing or unexpected:
-                raise ValueError(f"weights file {path} does not fit {model_name}: missing {missing[:8]}, unexpected {unexpected[:8]}")
+                raise ValueError(
+                    f"weights file {path} does not fit {model_name}: missing {missing[:8]}, unexpected {unexpected[:8]}"
+                )
             self.greenlab_init.update(used="file", source=str(path.resolve()))
         elif weights is None:
             loud_warning(f"{model_name}: no weights given; random initialisation")

@@ -106,4 +106,3 @@ def held_out(item_id: str, fraction: float, seed: int) -> bool:
     """Deterministic split: the same id always lands on the same side, whatever the other files are."""
     digest = hashlib.sha1(f"{seed}:{item_id}".encode()).hexdigest()
     return int(digest[:8], 16) / 0xFFFFFFFF < fraction
-

@@ -83,6 +83,35 @@ def pretrain_transform(img_size: int, mean: tuple[float, ...], std: tuple[float,
     )
 
 
+def spark_transform(img_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> v2.Compose:
+    """SparK pre-training augmentation: RandomResizedCrop(scale 0.67-1) + horizontal flip."""
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(img_size, scale=(0.67, 1.0)),
+            v2.RandomHorizontalFlip(),
+            *_to_normalised_tensor(mean, std),
+        ]
+    )
+
+
+def finetune_transform(img_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> v2.Compose:
+    """Fine-tuning augmentation in nn-MobileNet's "heavy augmentation" family (exact recipe not published):
+    resized crop, both flips, rotation, colour jitter."""
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(img_size, scale=(0.7, 1.0), ratio=(0.9, 1.1)),
+            v2.RandomHorizontalFlip(),
+            v2.RandomVerticalFlip(),
+            v2.RandomRotation(30),
+            v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.1),
+            *_to_normalised_tensor(mean, std),
+        ]
+    )
+
+
+PRETRAIN_TRANSFORMS = {"retfound_green": pretrain_transform, "spark": spark_transform}
+
+
 def eval_transform(img_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> v2.Compose:
     """Resize to (img_size, img_size) and normalise; what embeddings are computed from."""
     return v2.Compose([v2.Resize((img_size, img_size)), *_to_normalised_tensor(mean, std)])

@@ -16,7 +16,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from greenlab.data.base import ImageDataModule, ItemDataset, Task, held_out
-from greenlab.data.fundus import crop_field_of_view, eval_transform, pretrain_transform
+from greenlab.data.fundus import PRETRAIN_TRANSFORMS, crop_field_of_view, eval_transform
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,8 @@ class FundusFolderDataModule(ImageDataModule):
     root: folder of photographs. labels_csv: optional CSV (see module doc); id_column: its id column;
     label_columns: task columns (default: every other column). held_out_fraction / split_seed: the
     deterministic held-out split (by image id) for probe evaluation; pre-training uses the other images.
-    img_size: network input px; mean/std: normalisation. fov_crop: crop the black border first.
+    img_size: network input px; mean/std: normalisation; augmentation: pre-training augmentations,
+    ``retfound_green`` or ``spark`` (greenlab/data/fundus.py). fov_crop: crop the black border first.
     max_side: downsample after cropping (px). verify: decode every image in ``setup`` so a bad file fails
     before training. skip_bad: instead of failing on an unreadable image or a missing label row, skip it
     and list it in ``skipped_inputs.csv`` in the run directory.
@@ -45,6 +46,7 @@ class FundusFolderDataModule(ImageDataModule):
         img_size: int = 392,
         mean: tuple[float, ...] = (0.5, 0.5, 0.5),
         std: tuple[float, ...] = (0.5, 0.5, 0.5),
+        augmentation: str = "retfound_green",
         fov_crop: bool = True,
         max_side: int = 1024,
         verify: bool = True,
@@ -57,6 +59,7 @@ class FundusFolderDataModule(ImageDataModule):
         self.id_column, self.label_columns = id_column, label_columns
         self.held_out_fraction, self.split_seed = held_out_fraction, split_seed
         self.img_size, self.mean, self.std = img_size, tuple(mean), tuple(std)
+        self.augmentation = augmentation
         self.fov_crop, self.max_side, self.verify, self.skip_bad = fov_crop, max_side, verify, skip_bad
         self.skipped: list[tuple[str, str]] = []
 
@@ -82,7 +85,7 @@ class FundusFolderDataModule(ImageDataModule):
         test = [held_out(i, self.held_out_fraction, self.split_seed) for i in ids]
         train_idx = [i for i, t in enumerate(test) if not t]
         test_idx = [i for i, t in enumerate(test) if t]
-        train_tf = pretrain_transform(self.img_size, self.mean, self.std)
+        train_tf = PRETRAIN_TRANSFORMS[self.augmentation](self.img_size, self.mean, self.std)
         eval_tf = eval_transform(self.img_size, self.mean, self.std)
 
         def subset(indices, transform):

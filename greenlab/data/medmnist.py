@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from greenlab.data.base import ImageDataModule, ItemDataset, Task
-from greenlab.data.fundus import eval_transform, pretrain_transform
+from greenlab.data.fundus import PRETRAIN_TRANSFORMS, eval_transform
 
 
 class MedMNISTDataModule(ImageDataModule):
@@ -30,6 +30,7 @@ class MedMNISTDataModule(ImageDataModule):
         img_size: int = 392,
         mean: tuple[float, ...] = (0.5, 0.5, 0.5),
         std: tuple[float, ...] = (0.5, 0.5, 0.5),
+        augmentation: str = "retfound_green",
         max_per_split: int | None = None,
         **loader_kwargs,
     ):
@@ -37,6 +38,7 @@ class MedMNISTDataModule(ImageDataModule):
         self.path = Path(path).expanduser()
         self.task_names, self.img_size, self.max_per_split = task_names, img_size, max_per_split
         self.mean, self.std = tuple(mean), tuple(std)
+        self.augmentation = augmentation
         self.eval_split: str | None = None
         self.is_3d = False
 
@@ -54,7 +56,7 @@ class MedMNISTDataModule(ImageDataModule):
         else:
             names = self.task_names or [f"label_{k}" for k in range(width)]
             self.tasks = [Task(n, 2) for n in names]
-        train_tf = pretrain_transform(self.img_size, self.mean, self.std)
+        train_tf = PRETRAIN_TRANSFORMS[self.augmentation](self.img_size, self.mean, self.std)
         eval_tf = eval_transform(self.img_size, self.mean, self.std)
         if self.is_3d:
             train_tf = eval_tf = _volume_tensor

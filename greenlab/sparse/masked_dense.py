@@ -40,7 +40,9 @@ def mask_at(x: torch.Tensor) -> torch.Tensor:
     mask = _ACTIVE[-1]
     scale_h, scale_w = x.shape[-2] // mask.shape[-2], x.shape[-1] // mask.shape[-1]
     if scale_h * mask.shape[-2] != x.shape[-2] or scale_w * mask.shape[-1] != x.shape[-1]:
-        raise ValueError(f"feature map {tuple(x.shape[-2:])} is not a multiple of the mask grid {tuple(mask.shape[-2:])}")
+        raise ValueError(
+            f"feature map {tuple(x.shape[-2:])} is not a multiple of the mask grid {tuple(mask.shape[-2:])}"
+        )
     return mask.repeat_interleave(scale_h, dim=-2).repeat_interleave(scale_w, dim=-1)
 
 
@@ -64,7 +66,14 @@ class MaskedBatchNorm:
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         use_batch_stats = self.training or self.running_mean is None
         normed = F.batch_norm(
-            active, self.running_mean, self.running_var, self.weight, self.bias, use_batch_stats, factor, self.eps
+            active,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            factor,
+            self.eps,
         )
         out = x.new_zeros(x.shape[0], x.shape[2], x.shape[3], x.shape[1])
         out[mask] = normed.to(out.dtype)

@@ -25,7 +25,6 @@ from timm.models.rexnet import LinearBottleneck
 from torch import nn
 
 from greenlab.compat import import_minkowski
-from greenlab.sparse.masked_dense import _swapped_class
 
 ME = import_minkowski()
 from MinkowskiEngineBackend._C import ConvolutionMode  # noqa: E402  (after the import shim)
@@ -33,20 +32,32 @@ from MinkowskiEngineBackend._C import ConvolutionMode  # noqa: E402  (after the 
 
 def _like(x: ME.SparseTensor, features: torch.Tensor) -> ME.SparseTensor:
     """New features on ``x``'s coordinates."""
-    return ME.SparseTensor(features, coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager)
+    return ME.SparseTensor(
+        features, coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager
+    )
 
 
 def me_kernel(weight: torch.Tensor) -> torch.Tensor:
     """Dense (out, in, kh, kw) -> ME (kh*kw, in, out): ME's offset k = dy + kh * dx."""
-    return weight.permute(3, 2, 1, 0).reshape(weight.shape[2] * weight.shape[3], weight.shape[1], weight.shape[0])
+    return weight.permute(3, 2, 1, 0).reshape(
+        weight.shape[2] * weight.shape[3], weight.shape[1], weight.shape[0]
+    )
 
 
 class MinkowskiConv:
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
-        if self.padding_mode != "zeros" or self.dilation != (1, 1) or self.kernel_size[0] != self.kernel_size[1]:
-            raise NotImplementedError(f"{type(self).__name__}: only square, undilated, zero-padded convolutions")
+        if (
+            self.padding_mode != "zeros"
+            or self.dilation != (1, 1)
+            or self.kernel_size[0] != self.kernel_size[1]
+        ):
+            raise NotImplementedError(
+                f"{type(self).__name__}: only square, undilated, zero-padded convolutions"
+            )
         if self.padding != tuple(k // 2 for k in self.kernel_size):
-            raise NotImplementedError(f"{type(self).__name__}: needs 'same' padding (k // 2), has {self.padding}")
+            raise NotImplementedError(
+                f"{type(self).__name__}: needs 'same' padding (k // 2), has {self.padding}"
+            )
         if self.groups == 1:
             out = self._dense_weight_conv(x)
         elif self.groups == self.in_channels == self.out_channels:
@@ -58,7 +69,9 @@ class MinkowskiConv:
         return out
 
     def _generator(self, x):
-        return ME.KernelGenerator(kernel_size=self.kernel_size[0], stride=self.stride[0], dilation=1, dimension=2)
+        return ME.KernelGenerator(
+            kernel_size=self.kernel_size[0], stride=self.stride[0], dilation=1, dimension=2
+        )
 
     def _dense_weight_conv(self, x):
         if self.kernel_size == (1, 1) and self.stride == (1, 1):
@@ -67,7 +80,13 @@ class MinkowskiConv:
         manager = x.coordinate_manager
         out_key = manager.stride(x.coordinate_map_key, generator.kernel_stride)
         features = ME.MinkowskiConvolutionFunction.apply(
-            x.F, me_kernel(self.weight), generator, ConvolutionMode.DEFAULT, x.coordinate_map_key, out_key, manager
+            x.F,
+            me_kernel(self.weight),
+            generator,
+            ConvolutionMode.DEFAULT,
+            x.coordinate_map_key,
+            out_key,
+            manager,
         )
         return ME.SparseTensor(features, coordinate_map_key=out_key, coordinate_manager=manager)
 
@@ -94,7 +113,19 @@ class MinkowskiBatchNorm:
             self.num_batches_tracked.add_(1)
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         use_batch_stats = self.training or self.running_mean is None
-        out = _like(x, F.batch_norm(x.F, self.running_mean, self.running_var, self.weight, self.bias, use_batch_stats, factor, self.eps))
+        out = _like(
+            x,
+            F.batch_norm(
+                x.F,
+                self.running_mean,
+                self.running_var,
+                self.weight,
+                self.bias,
+                use_batch_stats,
+                factor,
+                self.eps,
+            ),
+        )
         if isinstance(self, BatchNormAct2d):  # its drop and act were swapped for row-wise forms
             out = self.act(self.drop(out))
         return out
@@ -138,7 +169,9 @@ class MinkowskiLinearBottleneck:
         if self.use_shortcut:  # stride 1: same coordinates, same row order
             if self.drop_path is not None:
                 x = self.drop_path(x)
-            x = _like(x, torch.cat([x.F[:, : self.in_channels] + shortcut.F, x.F[:, self.in_channels :]], dim=1))
+            x = _like(
+                x, torch.cat([x.F[:, : self.in_channels] + shortcut.F, x.F[:, self.in_channels :]], dim=1)
+            )
         return x
 
 

@@ -1,0 +1,143 @@
+"""Sparse backends, masked-dense vs MinkowskiEngine: SparK training-step time and peak memory on
+nn-MobileNet, and the cost of the depthwise convolution MinkowskiEngine 0.5.4 lacks.
+
+    python -m benchmarks.sparse_backends [--img 224] [--batch 8] [--steps 5]
+
+Each backend runs in its own process (peak memory is per process: peak RSS on CPU,
+max_memory_allocated on GPU). Writes benchmarks/results/sparse_backends_<cpu|gpu>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def step_benchmark(backend: str, img: int, batch: int, steps: int, model_name: str) -> dict:
+    from greenlab.backbones.nn_mobilenet import NNMobileNet
+    from greenlab.compute.energy import peak_host_memory_bytes
+    from greenlab.objectives.spark import SparKPretraining, random_visible_mask
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    objective = SparKPretraining(NNMobileNet(model_name), sparse_backend=backend).to(device).train()
+    optimizer = torch.optim.AdamW(objective.parameters(), lr=1e-4)
+    images = torch.randn(batch, 3, img, img, device=device)
+    times = []
+    for step in range(steps + 1):  # the first step warms up
+        visible = random_visible_mask(batch, (img // 32, img // 32), 0.6, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss, _ = objective(images, visible)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if step:
+            times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_host_memory_bytes()
+    return {
+        "backend": backend,
+        "device": device.type,
+        "step_seconds_median": statistics.median(times),
+        "step_seconds_all": times,
+        "images_per_second": batch / statistics.median(times),
+        "peak_memory_bytes": peak,
+        "peak_memory_method": "max_memory_allocated" if device.type == "cuda" else "peak RSS of the process",
+    }
+
+
+def depthwise_benchmark(channels: int = 696, size: int = 28, batch: int = 8, repeats: int = 5) -> dict:
+    """One 3x3 depthwise conv (a ReXNet-300 stage-3 layer at 224 px), 40 % of positions visible."""
+    from greenlab.compat import import_minkowski
+    from greenlab.objectives.spark import random_visible_mask
+    from greenlab.sparse import masked_dense, minkowski
+
+    ME = import_minkowski()
+    torch.manual_seed(0)
+    visible = random_visible_mask(batch, (7, 7), 0.6, "cpu")
+    x = torch.randn(batch, channels, size, size)
+    conv = torch.nn.Conv2d(channels, channels, 3, 1, 1, groups=channels, bias=False)
+    ours = minkowski.sparsify(copy.deepcopy(conv))
+    masked = masked_dense.sparsify(copy.deepcopy(conv))
+    stock = ME.MinkowskiChannelwiseConvolution(channels, kernel_size=3, dimension=2)
+    scale = size // 7  # the feature map's cells per mask cell
+    full = visible.repeat_interleave(scale, -2).repeat_interleave(scale, -1)[:, 0]
+    coords = full.nonzero().int()
+    sparse_x = ME.SparseTensor(x.permute(0, 2, 3, 1)[full], coordinates=coords)
+
+    def timed(fn) -> float:
+        fn()
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            out = fn()
+            (out.F if hasattr(out, "F") else out).sum().backward()
+            samples.append(time.perf_counter() - start)
+        return statistics.median(samples)
+
+    def run_masked():
+        with masked_dense.active_mask(visible):
+            return masked(x * full.unsqueeze(1))
+
+    return {
+        "layer": f"3x3 depthwise, {channels} channels, {size}x{size}, batch {batch}, 40% visible, fwd+bwd",
+        "masked_dense_seconds": timed(run_masked),
+        "minkowski_kernel_map_index_add_seconds (ours)": timed(lambda: ours(sparse_x)),
+        "minkowski_stock_channelwise_seconds": timed(lambda: stock(sparse_x)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--img", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--model", default="rexnet_300")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one backend, print JSON
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(step_benchmark(args.one, args.img, args.batch, args.steps, args.model)))
+        return
+    from benchmarks.common import write
+
+    runs = []
+    for backend in ("masked_dense", "minkowski"):
+        cmd = [sys.executable, "-m", "benchmarks.sparse_backends", "--one", backend, "--img", str(args.img),
+               "--batch", str(args.batch), "--steps", str(args.steps), "--model", args.model]  # fmt: skip
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        runs.append(json.loads(out.strip().splitlines()[-1]))
+        print(
+            f"{backend}: {runs[-1]['step_seconds_median']:.3f} s/step, {runs[-1]['peak_memory_bytes'] / 2**20:.0f} MiB"
+        )
+    faster = min(runs, key=lambda r: r["step_seconds_median"])["backend"]
+    depthwise = depthwise_benchmark() if not torch.cuda.is_available() else None
+    payload = {
+        "benchmark": "SparK training step (fwd+bwd+AdamW) on nn-MobileNet, mask ratio 0.6",
+        "model": args.model,
+        "img_size": args.img,
+        "batch": args.batch,
+        "runs": runs,
+        "faster_backend": faster,
+        "speed_ratio_minkowski_over_masked_dense": runs[1]["step_seconds_median"]
+        / runs[0]["step_seconds_median"],
+        "depthwise_conv": depthwise,
+    }
+    device = "gpu" if torch.cuda.is_available() else "cpu"
+    print(write(f"sparse_backends_{device}", payload))
+    print(json.dumps({k: v for k, v in payload.items() if k != "runs"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""Stratified k-fold fine-tuning: backbone + classification head, every fold trained from the same start.
+
+For one label task, all labelled images (probe-train and held-out pooled) are split by
+``StratifiedKFold(k, shuffle, seed)``; in each fold a fresh copy of the backbone + [global average pool ->
+dropout -> linear] head is trained on the other folds with augmentation and scored on this one after the
+last epoch (no checkpoint picked on the scored fold). Metrics per fold and mean ± std: accuracy, AUROC
+(binary or macro one-vs-rest), Cohen's kappa (quadratic when ``ordinal``), weighted F1.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import accuracy_score, cohen_kappa_score, f1_score
+from sklearn.model_selection import StratifiedKFold
+from torch import nn
+from torch.utils.data import ConcatDataset, DataLoader, Subset
+from tqdm.auto import tqdm
+
+from greenlab.data.base import ItemDataset
+from greenlab.data.fundus import eval_transform, finetune_transform
+from greenlab.evaluation.embeddings import pool
+from greenlab.evaluation.linear_probe import auroc
+
+METRICS = ("accuracy", "auroc", "kappa", "f1_weighted")
+
+
+class Classifier(nn.Module):
+    """backbone.forward_features -> pooled vector -> dropout -> linear."""
+
+    def __init__(self, backbone: nn.Module, num_features: int, num_classes: int, dropout: float):
+        super().__init__()
+        self.backbone, self.dropout, self.head = (
+            backbone,
+            nn.Dropout(dropout),
+            nn.Linear(num_features, num_classes),
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.backbone.forward_features(images)
+        vector = pool(features, "mean_patch", getattr(self.backbone, "num_prefix_tokens", 0))
+        return self.head(self.dropout(vector))
+
+
+class KFoldFineTune:
+    """Args: folds, epochs, batch_size, lr (AdamW, cosine per step), weight_decay, head_dropout,
+    task (label column; default the first), ordinal (quadratic kappa), seed, bf16 (autocast on GPU),
+    num_workers."""
+
+    def __init__(self, folds: int = 5, epochs: int = 30, batch_size: int = 32, lr: float = 1e-3, weight_decay: float = 0.05,
+                 head_dropout: float = 0.2, task: str | None = None, ordinal: bool = True, seed: int = 42, bf16: bool = True,
+                 num_workers: int = 2):  # fmt: skip
+        self.folds, self.epochs, self.batch_size, self.lr = folds, epochs, batch_size, lr
+        self.weight_decay, self.head_dropout, self.task, self.ordinal = (
+            weight_decay,
+            head_dropout,
+            task,
+            ordinal,
+        )
+        self.seed, self.bf16, self.num_workers = seed, bf16, num_workers
+
+    def __call__(self, backbone: nn.Module, datamodule, device: torch.device) -> dict:
+        if not datamodule.tasks:
+            return {"metrics": {"finetune_skipped": "no labelled data"}, "embedding": {}}
+        names = [t.name for t in datamodule.tasks]
+        column = names.index(self.task) if self.task else 0
+        task = datamodule.tasks[column]
+        train_tf = finetune_transform(datamodule.img_size, datamodule.mean, datamodule.std)
+        eval_tf = eval_transform(datamodule.img_size, datamodule.mean, datamodule.std)
+        sources = [datamodule.probe_train_set, datamodule.probe_test_set]
+        labels = torch.cat([s.labels[:, column] for s in sources]).numpy()
+        labelled = np.flatnonzero(labels >= 0)
+        augmented = ConcatDataset([_with_transform(s, train_tf) for s in sources])
+        plain = ConcatDataset([_with_transform(s, eval_tf) for s in sources])
+        splitter = StratifiedKFold(self.folds, shuffle=True, random_state=self.seed)
+        folds, throughput = [], []
+        for fold, (train_idx, test_idx) in enumerate(splitter.split(labelled, labels[labelled])):
+            torch.manual_seed(self.seed + fold)
+            model = Classifier(
+                copy.deepcopy(backbone), backbone.num_features, task.num_classes, self.head_dropout
+            ).to(device)
+            self._train(
+                model,
+                Subset(augmented, labelled[train_idx].tolist()),
+                column,
+                device,
+                f"fold {fold + 1}/{self.folds}",
+            )
+            y, proba, img_s = self._predict(model, Subset(plain, labelled[test_idx].tolist()), column, device)
+            throughput.append(img_s)
+            folds.append(self._score(y, proba, task.num_classes))
+        metrics = {"finetune_task": task.name, "finetune_folds": folds}
+        for name in METRICS:
+            values = [f[name] for f in folds]
+            metrics[f"finetune_{name}_mean"] = float(np.nanmean(values))
+            metrics[f"finetune_{name}_std"] = float(np.nanstd(values))
+        embedding = {
+            "dim": int(backbone.num_features),
+            "dtype": "float32",
+            "bytes_per_image": int(backbone.num_features * 4),
+            "pooling": "global average",
+            "throughput_img_s": float(np.mean(throughput)),
+            "throughput_method": f"classifier forward on the scored folds (no data loading), {device.type}",
+        }
+        return {"metrics": metrics, "embedding": embedding}
+
+    def _autocast(self, device):
+        return (
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if self.bf16 and device.type == "cuda"
+            else nullcontext()
+        )
+
+    def _train(self, model: nn.Module, dataset, column: int, device, desc: str) -> None:
+        loader = DataLoader(
+            dataset,
+            self.batch_size,
+            shuffle=True,
+            num_workers=self.num_workers,
+            drop_last=len(dataset) > self.batch_size,
+        )
+        optimizer = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        total = max(1, self.epochs * len(loader))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total))
+        )
+        model.train()
+        for _ in tqdm(range(self.epochs), desc=f"fine-tuning {desc}", unit="epoch"):
+            for images, labels in loader:
+                images, labels = images.to(device), labels[:, column].to(device)
+                with self._autocast(device):
+                    loss = F.cross_entropy(model(images).float(), labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+
+    @torch.no_grad()
+    def _predict(self, model: nn.Module, dataset, column: int, device) -> tuple[np.ndarray, np.ndarray, float]:
+        model.eval()
+        ys, probas, seconds = [], [], 0.0
+        for images, labels in DataLoader(dataset, self.batch_size, num_workers=self.num_workers):
+            start = time.perf_counter()
+            with self._autocast(device):
+                logits = model(images.to(device)).float()
+            seconds += time.perf_counter() - start
+            probas.append(logits.softmax(-1).cpu().numpy())
+            ys.append(labels[:, column].numpy())
+        y, proba = np.concatenate(ys), np.concatenate(probas)
+        return y, proba, len(y) / seconds if seconds else float("nan")
+
+    def _score(self, y: np.ndarray, proba: np.ndarray, num_classes: int) -> dict:
+        predicted = proba.argmax(1)
+        weights = "quadratic" if self.ordinal and num_classes > 2 else None
+        return {
+            "n_test": int(len(y)),
+            "accuracy": float(accuracy_score(y, predicted)),
+            "auroc": auroc(y, proba, np.arange(num_classes)),
+            "kappa": float(cohen_kappa_score(y, predicted, weights=weights)),
+            "f1_weighted": float(f1_score(y, predicted, average="weighted")),
+        }
+
+
+def _with_transform(dataset: ItemDataset, transform) -> ItemDataset:
+    return ItemDataset(dataset.ids, dataset.load, dataset.labels, transform)

@@ -1,0 +1,260 @@
+"""SparK: BERT-style masked image modelling for CNNs through sparse convolution (Tian et al., ICLR 2023),
+applied to nn-MobileNet as in "BERT-style sparse CNN pre-training" for retinal images.
+
+Per image, a random 60 % of the cells of the input/32 grid are masked. The encoder (the dense CNN
+sparsified: ``sparse_backend`` masked_dense or minkowski) sees only the visible cells and returns five
+feature maps f_s, s = 2..32, zero at masked positions. Deepest first, each is *densified*:
+
+    d_s = P_s( fill_s( BN_active(f_s) ) )    fill_s: masked positions <- learned mask token m_s (C_s,)
+                                             P_s: 1x1 conv at /32, 3x3 conv elsewhere -> decoder width w_s
+
+and a UNet-style decoder upsamples (one block per scale: ConvTranspose k4 s2, then two 3x3 conv + BN),
+adding d_s at each level, to a (B, 3, H, W) prediction x̂. With p = 32x32x3 patches of the image,
+normalised per patch (mean 0, std 1 over the patch), the loss is the MSE of masked patches only:
+
+    L = Σ_{patches j masked} mean_pixels (x̂_j - norm(x_j))²  /  #masked
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from greenlab.objectives.optim import decay_param_groups, warmup_cosine_factor
+from greenlab.sparse import masked_dense
+
+DOWNSAMPLE = 32  # patch size = mask cell = the encoder's total stride
+
+
+def random_visible_mask(batch: int, grid: tuple[int, int], mask_ratio: float, device) -> torch.Tensor:
+    """(B, 1, h, w) bool, True = visible: exactly round(h*w*(1-ratio)) visible cells per image."""
+    cells = grid[0] * grid[1]
+    keep = max(1, round(cells * (1 - mask_ratio)))
+    order = torch.rand(batch, cells, device=device).argsort(dim=1)
+    visible = torch.zeros(batch, cells, dtype=torch.bool, device=device)
+    visible.scatter_(1, order[:, :keep], True)
+    return visible.view(batch, 1, *grid)
+
+
+def patchify(images: torch.Tensor, patch: int = DOWNSAMPLE) -> torch.Tensor:
+    """(B, C, H, W) -> (B, L, patch*patch*C), patches in row-major grid order."""
+    b, c, h, w = images.shape
+    x = images.reshape(b, c, h // patch, patch, w // patch, patch)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // patch) * (w // patch), patch * patch * c)
+
+
+def unpatchify(
+    patches: torch.Tensor, channels: int, height: int, width: int, patch: int = DOWNSAMPLE
+) -> torch.Tensor:
+    b = patches.shape[0]
+    x = patches.reshape(b, height // patch, width // patch, patch, patch, channels)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(b, channels, height, width)
+
+
+def masked_patch_loss(prediction: torch.Tensor, images: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """MSE to per-patch-normalised pixels, averaged over each patch, mean over masked patches only.
+
+    prediction, images (B, 3, H, W); visible (B, 1, H/32, W/32) bool.
+    """
+    target = patchify(images)
+    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+    per_patch = (patchify(prediction.float()) - target.float()).pow(2).mean(-1)  # (B, L)
+    masked = (~visible).flatten(1).to(per_patch.dtype)
+    return (per_patch * masked).sum() / masked.sum()
+
+
+class UpsampleBlock(nn.Module):
+    """x2 upsampling: ConvTranspose(k4, s2) then two 3x3 conv + BN (ReLU6 between)."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(cin, cin, kernel_size=4, stride=2, padding=1)
+        self.conv = nn.Sequential(
+            nn.Conv2d(cin, cin, 3, padding=1, bias=False), nn.BatchNorm2d(cin), nn.ReLU6(inplace=True),
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.up(x))
+
+
+class Densify(nn.Module):
+    """BN over visible positions, learned mask token at masked ones, projection to the decoder width."""
+
+    def __init__(self, channels: int, width: int, kernel: int):
+        super().__init__()
+        self.norm = masked_dense.sparsify(nn.BatchNorm2d(channels))
+        self.mask_token = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.proj = nn.Conv2d(channels, width, kernel, padding=kernel // 2)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        visible = masked_dense.mask_at(features)
+        return self.proj(torch.where(visible, self.norm(features), self.mask_token.to(features.dtype)))
+
+
+class SparKPretraining(L.LightningModule):
+    """Args:
+    backbone: a CNN with ``forward_hierarchy``, ``channels`` and ``strides`` (e.g. ``NNMobileNet``).
+    sparse_backend: ``masked_dense`` or ``minkowski`` (same semantics; see greenlab/sparse).
+    mask_ratio: masked fraction of the input/32 cells. decoder_width: width after the deepest level
+    (halved at each upsampling). base_lr: lr = base_lr x batch / 256 (AdamW). weight_decay ->
+    weight_decay_end: cosine weight-decay schedule. figure_dir / figure_every_n_epochs: reconstruction
+    figures (input / masked / prediction), also logged to W&B.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        sparse_backend: str = "masked_dense",
+        mask_ratio: float = 0.6,
+        decoder_width: int = 512,
+        base_lr: float = 2e-4,
+        batch_size: int = 128,
+        betas: tuple[float, float] = (0.9, 0.95),
+        weight_decay: float = 0.04,
+        weight_decay_end: float = 0.2,
+        warmup_epochs: int = 10,
+        cosine_epochs: int = 200,
+        start_lr: float = 1e-6,
+        min_lr: float = 1e-6,
+        figure_dir: str | None = None,
+        figure_every_n_epochs: int = 5,
+    ):
+        super().__init__()
+        if sparse_backend not in ("masked_dense", "minkowski"):
+            raise ValueError(f"sparse_backend must be masked_dense or minkowski, not {sparse_backend!r}")
+        if list(backbone.strides) != [2, 4, 8, 16, 32]:
+            raise ValueError(f"the backbone must give strides 2..32, gives {backbone.strides}")
+        self.save_hyperparameters(ignore=["backbone"])
+        self.encoder = backbone
+        if sparse_backend == "minkowski":
+            from greenlab.sparse import minkowski
+
+            minkowski.sparsify(self.encoder)
+        else:
+            masked_dense.sparsify(self.encoder)
+        channels = list(reversed(backbone.channels))  # deepest first
+        widths = [decoder_width // 2**i for i in range(len(channels) + 1)]
+        self.densify = nn.ModuleList(
+            Densify(c, w, 1 if i == 0 else 3) for i, (c, w) in enumerate(zip(channels, widths))
+        )
+        self.decoder = nn.ModuleList(UpsampleBlock(widths[i], widths[i + 1]) for i in range(len(channels)))
+        self.to_pixels = nn.Conv2d(widths[-1], 3, kernel_size=1)
+
+    def encode(self, images: torch.Tensor, visible: torch.Tensor) -> list[torch.Tensor]:
+        """Hierarchical features of the visible cells, dense (B, C_s, H/s, W/s), zero where masked."""
+        if self.hparams.sparse_backend == "minkowski":
+            from greenlab.sparse import minkowski
+
+            maps = self.encoder.forward_hierarchy(minkowski.to_sparse(images, visible))
+            b, _, h, w = images.shape
+            return [minkowski.to_dense(m, b, h // s, w // s) for m, s in zip(maps, self.encoder.strides)]
+        return self.encoder.forward_hierarchy(images * masked_dense.mask_at(images))
+
+    def forward(self, images: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (B, 3, H, W), visible (B, 1, H/32, W/32) -> (loss, prediction (B, 3, H, W))."""
+        with masked_dense.active_mask(visible):
+            features = self.encode(images, visible)
+            levels = [d(f) for d, f in zip(self.densify, reversed(features))]
+        x = levels[0]
+        for i, block in enumerate(self.decoder):
+            x = block(x)
+            if i + 1 < len(levels):
+                x = x + levels[i + 1]
+        prediction = self.to_pixels(x)
+        return masked_patch_loss(prediction, images, visible), prediction
+
+    def training_step(self, batch, batch_idx):
+        images = batch[0]
+        grid = (images.shape[-2] // DOWNSAMPLE, images.shape[-1] // DOWNSAMPLE)
+        visible = random_visible_mask(images.shape[0], grid, self.hparams.mask_ratio, images.device)
+        loss, prediction = self(images, visible)
+        self.log(
+            "train/loss",
+            loss,
+            prog_bar=True,
+            on_step=True,
+            on_epoch=True,
+            batch_size=images.shape[0],
+            sync_dist=True,
+        )
+        if batch_idx == 0 and self._figure_due():
+            self.save_reconstruction(images, visible, prediction)
+        return loss
+
+    def on_train_epoch_start(self) -> None:
+        hp = self.hparams
+        progress = min(1.0, self.current_epoch / max(1, hp.cosine_epochs))
+        wd = hp.weight_decay_end + 0.5 * (hp.weight_decay - hp.weight_decay_end) * (
+            1 + math.cos(math.pi * progress)
+        )
+        for group in self.trainer.optimizers[0].param_groups:
+            if group["weight_decay"] > 0:
+                group["weight_decay"] = wd
+        self.log("train/weight_decay", wd, on_step=False, on_epoch=True)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        lr = hp.base_lr * hp.batch_size / 256
+        groups = decay_param_groups(
+            [self.encoder, self.densify, self.decoder, self.to_pixels], hp.weight_decay
+        )
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(hp.betas))
+        schedule = LambdaLR(
+            optimizer,
+            lambda e: warmup_cosine_factor(e, lr, hp.start_lr, hp.min_lr, hp.warmup_epochs, hp.cosine_epochs),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}
+
+    def trained_backbone(self) -> nn.Module:
+        """A dense copy of the encoder: the plain nn-MobileNet with the pre-trained weights."""
+        return masked_dense.densify(copy.deepcopy(self.encoder))
+
+    # --- reconstruction figures
+    def _figure_due(self) -> bool:
+        every = self.hparams.figure_every_n_epochs
+        last = self.trainer is not None and self.current_epoch == self.trainer.max_epochs - 1
+        return bool(every) and (self.current_epoch % every == 0 or last)
+
+    @torch.no_grad()
+    def save_reconstruction(self, images, visible, prediction, rows: int = 4) -> Path | None:
+        """PNG of input / masked input / prediction (visible cells pasted back, as SparK shows it)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        n = min(rows, images.shape[0])
+        images, visible, prediction = images[:n].float(), visible[:n], prediction[:n].float()
+        target = patchify(images)
+        mean, std = target.mean(-1, keepdim=True), (target.var(-1, keepdim=True) + 1e-6).sqrt()
+        restored = unpatchify(patchify(prediction) * std + mean, 3, *images.shape[-2:])
+        full = visible.repeat_interleave(DOWNSAMPLE, -2).repeat_interleave(DOWNSAMPLE, -1)
+        panels = [images, images * full, torch.where(full, images, restored)]
+        fig, axes = plt.subplots(n, 3, figsize=(6, 2 * n), squeeze=False)
+        for r in range(n):
+            for c, (title, panel) in enumerate(zip(("input", "masked", "prediction"), panels)):
+                picture = panel[r].permute(1, 2, 0).cpu()
+                picture = (picture - picture.min()) / (picture.max() - picture.min() + 1e-8)
+                axes[r][c].imshow(picture.numpy())
+                axes[r][c].axis("off")
+                if r == 0:
+                    axes[r][c].set_title(title)
+        fig.tight_layout()
+        path = None
+        if self.hparams.figure_dir:
+            path = Path(self.hparams.figure_dir) / f"reconstruction_epoch{self.current_epoch:03d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(path, dpi=80)
+        for logger in self.loggers:
+            if hasattr(logger, "log_image") and path is not None:
+                logger.log_image(key="train/reconstruction", images=[str(path)], step=self.global_step)
+        plt.close(fig)
+        return path

@@ -1,0 +1,105 @@
+"""The two sparse backends compute the same function: forward and gradients, float64, same weights."""
+
+import copy
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from greenlab.backbones.nn_mobilenet import NNMobileNet
+from greenlab.objectives.spark import (
+    SparKPretraining,
+    masked_patch_loss,
+    patchify,
+    random_visible_mask,
+    unpatchify,
+)
+from greenlab.sparse import masked_dense, minkowski
+
+TOL = {"rtol": 1e-9, "atol": 1e-9}  # float64: the backends differ by round-off only (~1e-13 measured)
+
+
+def small_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, 1, 1, groups=8), nn.BatchNorm2d(8), nn.SiLU(),
+        nn.Conv2d(8, 16, 3, 2, 1), nn.Conv2d(16, 16, 1), nn.BatchNorm2d(16), nn.ReLU6(),
+    ).double()  # fmt: skip
+
+
+def both_backends(model: nn.Module):
+    return masked_dense.sparsify(copy.deepcopy(model)), minkowski.sparsify(copy.deepcopy(model))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_small_cnn_forward_and_gradients_match(training):
+    torch.manual_seed(0)
+    dense_masked, sparse = both_backends(small_cnn())
+    dense_masked.train(training), sparse.train(training)
+    images = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    visible = random_visible_mask(3, (4, 4), 0.6, "cpu")  # mask cells of 8 px on this 32 px input
+    with masked_dense.active_mask(visible):
+        out_a = dense_masked(images * masked_dense.mask_at(images))
+    out_b = minkowski.to_dense(sparse(minkowski.to_sparse(images, visible)), 3, 8, 8)
+    torch.testing.assert_close(out_a, out_b, **TOL)
+    hidden = ~visible.repeat_interleave(2, -2).repeat_interleave(2, -1).expand_as(out_a)
+    assert out_a[hidden].abs().max() == 0, "masked positions stay exactly zero"
+    weights = torch.randn_like(out_a)
+    (out_a * weights).sum().backward(), (out_b * weights).sum().backward()
+    for (name, a), (_, b) in zip(dense_masked.named_parameters(), sparse.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, **TOL, msg=name)
+
+
+def test_spark_on_nn_mobilenet_backends_match_loss_and_every_gradient():
+    objectives = []
+    for backend in ("masked_dense", "minkowski"):
+        torch.manual_seed(0)
+        backbone = NNMobileNet("rexnet_100", spatial_dropout=0.0)  # the ReXNet-V1 trunk at width 1.0
+        objectives.append(
+            SparKPretraining(backbone, sparse_backend=backend, decoder_width=32).double().train()
+        )
+    torch.manual_seed(1)
+    images = torch.randn(4, 3, 96, 96, dtype=torch.float64)
+    visible = random_visible_mask(4, (3, 3), 0.6, "cpu")
+    losses = []
+    for objective in objectives:
+        loss, _ = objective(images, visible)
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[0], losses[1], **TOL)
+    grads = [{n: p.grad for n, p in o.named_parameters()} for o in objectives]
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], **TOL, msg=name)
+
+
+def test_sparsified_weights_keep_dense_names_and_load_into_timm():
+    backbone = NNMobileNet("rexnet_100")
+    names = list(backbone.state_dict())
+    objective = SparKPretraining(backbone, sparse_backend="minkowski", decoder_width=32)
+    dense = objective.trained_backbone()
+    assert list(dense.state_dict()) == names
+    assert not any(hasattr(type(m), "dense_class") for m in dense.modules()), "a plain dense network again"
+    timm.create_model("rexnet_100", num_classes=0).load_state_dict(dense.state_dict())  # strict
+    out = dense.eval().forward_features(torch.randn(1, 3, 64, 64))
+    assert out.shape == (1, 1280, 2, 2)
+
+
+def test_mask_has_exact_visible_count_and_loss_ignores_visible_patches():
+    visible = random_visible_mask(8, (7, 7), 0.6, "cpu")
+    assert visible.shape == (8, 1, 7, 7) and (visible.flatten(1).sum(1) == 20).all()  # round(49 * 0.4)
+    images = torch.randn(8, 3, 224, 224)
+    prediction = torch.randn(8, 3, 224, 224)
+    full = visible.repeat_interleave(32, -2).repeat_interleave(32, -1)
+    changed = torch.where(full, prediction + 100.0, prediction)  # change only visible patches
+    assert masked_patch_loss(changed, images, visible) == masked_patch_loss(prediction, images, visible)
+    assert torch.equal(unpatchify(patchify(images), 3, 224, 224), images)
+
+
+def test_perfect_prediction_of_normalised_patches_has_zero_loss():
+    images = torch.rand(2, 3, 64, 64)
+    target = patchify(images)
+    normed = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+    visible = torch.tensor([True, False, False, True]).view(1, 1, 2, 2).repeat(2, 1, 1, 1)
+    assert masked_patch_loss(unpatchify(normed, 3, 64, 64), images, visible).item() < 1e-10
