@@ -17,3 +17,6 @@ lint:
 format:
 	$(PYTHON) -m ruff format greenlab tests scripts
 	$(PYTHON) -m ruff check --fix greenlab tests scripts
+
+bench:  ## benchmarks; each writes benchmarks/results/<name>.json with the machine description
+	$(PYTHON) -m benchmarks.sparse_backends

@@ -72,7 +72,7 @@ def depthwise_benchmark(channels: int = 696, size: int = 28, batch: int = 8, rep
     stock = ME.MinkowskiChannelwiseConvolution(channels, kernel_size=3, dimension=2)
     scale = size // 7  # the feature map's cells per mask cell
     full = visible.repeat_interleave(scale, -2).repeat_interleave(scale, -1)[:, 0]
-    coords = full.nonzero().int()
+    coords = full.nonzero().int().contiguous()
     sparse_x = ME.SparseTensor(x.permute(0, 2, 3, 1)[full], coordinates=coords)
 
     def timed(fn) -> float:

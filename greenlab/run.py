@@ -61,15 +61,13 @@ def run(cfg: DictConfig) -> dict:
     meter = EnergyMeter(cfg.compute.cpu_watts_per_core)
     meter.start()
     datamodule.setup("fit")
-    probe = instantiate(cfg.evaluation)
-    evaluation = probe(backbone, datamodule, trainer.strategy.root_device)
+    evaluate = instantiate(cfg.evaluation)
+    evaluation = evaluate(backbone, datamodule, trainer.strategy.root_device)
     if (
         initial_backbone is not None
     ):  # the same protocol before pre-training: the gain is measured, not claimed
-        before = probe(initial_backbone, datamodule, trainer.strategy.root_device)["metrics"]
-        evaluation["metrics"]["initial_backbone"] = {
-            k: v for k, v in before.items() if k.startswith("probe_")
-        }
+        before = evaluate(initial_backbone, datamodule, trainer.strategy.root_device)
+        evaluation["metrics"]["initial_backbone"] = before["metrics"]
     eval_kwh = meter.read() / JOULES_PER_KWH
 
     energy = budget["energy"]
@@ -86,6 +84,7 @@ def run(cfg: DictConfig) -> dict:
         "greenlab_version": greenlab.__version__,
         "run_dir": str(output_dir.resolve()),
         "init": getattr(backbone, "greenlab_init", {"used": "unknown"}),
+        "objective": getattr(objective, "run_notes", {}),
         "data": datamodule.describe(),
         "metrics": {**evaluation["metrics"], "final_train_loss": _final_loss(trainer)},
         "compute": budget["compute"],

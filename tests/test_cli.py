@@ -125,13 +125,14 @@ def test_multirun_gives_separate_runs(tmp_path, data_dir):
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-@pytest.mark.parametrize("scale", ["demo", "paper"])
+@pytest.mark.parametrize("scale", [None, "paper"])
 def test_experiment_config_composes(experiment, scale):
+    overrides = [f"+experiment={experiment}", "paths.output_dir=/tmp/x"] + (
+        [f"scale={scale}"] if scale else []
+    )
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(
-            "config", overrides=[f"+experiment={experiment}", f"scale={scale}", "paths.output_dir=/tmp/x"]
-        )
-    assert cfg.name == experiment and cfg.scale_name == scale
+        cfg = compose("config", overrides=overrides)
+    assert cfg.name == experiment and cfg.scale_name == (scale or "demo")
     assert cfg.data.img_size == cfg.img_size
     assert cfg.objective.backbone.get("img_size", cfg.img_size) == cfg.img_size
 

@@ -51,11 +51,12 @@ def test_small_cnn_forward_and_gradients_match(training):
         torch.testing.assert_close(a.grad, b.grad, **TOL, msg=name)
 
 
-def test_spark_on_nn_mobilenet_backends_match_loss_and_every_gradient():
+@pytest.mark.parametrize("model_name", ["rexnet_100", "rexnet_300"])  # width 1.0, and nn-MobileNet's 3.0
+def test_spark_on_nn_mobilenet_backends_match_loss_and_every_gradient(model_name):
     objectives = []
     for backend in ("masked_dense", "minkowski"):
         torch.manual_seed(0)
-        backbone = NNMobileNet("rexnet_100", spatial_dropout=0.0)  # the ReXNet-V1 trunk at width 1.0
+        backbone = NNMobileNet(model_name, spatial_dropout=0.0)
         objectives.append(
             SparKPretraining(backbone, sparse_backend=backend, decoder_width=32).double().train()
         )

@@ -4,9 +4,10 @@ Nothing is downloaded and no real patient data ships with greenlab. ``generate``
 fixed seed: a circular field of view on a black, non-square canvas; an orange-red background with
 vignetting; an optic disc, a darker macula, a tree of vessels from the disc; then lesions:
 
+- ``grade`` (0/1/2, ordinal; the first column, so the default fine-tuning task): how many of the two
+  lesion types below are present;
 - ``haemorrhages`` (0/1): dark red blots;
-- ``hard_exudates`` (0/1): small bright yellow spots;
-- ``grade`` (0/1/2, ordinal): how many of the two lesion types are present.
+- ``hard_exudates`` (0/1): small bright yellow spots.
 
 These are synthetic stand-ins that exercise every step of the pipeline (FOV crop, augmentations,
 pre-training, probes) on a fresh offline machine; numbers measured on them say nothing about real eyes.
@@ -24,7 +25,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from greenlab.data.fundus_folder import FundusFolderDataModule
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 
 
 def generate(root: Path, num_images: int = 320, width: int = 288, height: int = 256, seed: int = 0) -> Path:
@@ -54,10 +55,10 @@ def generate(root: Path, num_images: int = 320, width: int = 288, height: int = 
         image = _draw_fundus(rng, width, height, haemorrhages, exudates)
         name = f"fundus_{index:04d}"
         image.save(folder / "images" / f"{name}.png")
-        rows.append((name, haemorrhages, exudates, haemorrhages + exudates))
+        rows.append((name, haemorrhages + exudates, haemorrhages, exudates))
     with (folder / "labels.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["image_id", "haemorrhages", "hard_exudates", "grade"])
+        writer.writerow(["image_id", "grade", "haemorrhages", "hard_exudates"])
         writer.writerows(rows)
     manifest.write_text(json.dumps(params))  # written last: marks the folder complete
     return folder

@@ -142,7 +142,9 @@ class KFoldFineTune:
                 schedule.step()
 
     @torch.no_grad()
-    def _predict(self, model: nn.Module, dataset, column: int, device) -> tuple[np.ndarray, np.ndarray, float]:
+    def _predict(
+        self, model: nn.Module, dataset, column: int, device
+    ) -> tuple[np.ndarray, np.ndarray, float]:
         model.eval()
         ys, probas, seconds = [], [], 0.0
         for images, labels in DataLoader(dataset, self.batch_size, num_workers=self.num_workers):

@@ -27,7 +27,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from greenlab.objectives.optim import decay_param_groups, warmup_cosine_factor
-from greenlab.sparse import masked_dense
+from greenlab.sparse import BACKENDS, fastest_backend, masked_dense
 
 DOWNSAMPLE = 32  # patch size = mask cell = the encoder's total stride
 
@@ -102,7 +102,8 @@ class Densify(nn.Module):
 class SparKPretraining(L.LightningModule):
     """Args:
     backbone: a CNN with ``forward_hierarchy``, ``channels`` and ``strides`` (e.g. ``NNMobileNet``).
-    sparse_backend: ``masked_dense`` or ``minkowski`` (same semantics; see greenlab/sparse).
+    sparse_backend: ``masked_dense`` or ``minkowski`` (same semantics; see greenlab/sparse), or ``auto``:
+    the faster one on this device type according to ``make bench`` (``greenlab.sparse.fastest_backend``).
     mask_ratio: masked fraction of the input/32 cells. decoder_width: width after the deepest level
     (halved at each upsampling). base_lr: lr = base_lr x batch / 256 (AdamW). weight_decay ->
     weight_decay_end: cosine weight-decay schedule. figure_dir / figure_every_n_epochs: reconstruction
@@ -112,7 +113,7 @@ class SparKPretraining(L.LightningModule):
     def __init__(
         self,
         backbone: nn.Module,
-        sparse_backend: str = "masked_dense",
+        sparse_backend: str = "auto",
         mask_ratio: float = 0.6,
         decoder_width: int = 512,
         base_lr: float = 2e-4,
@@ -128,11 +129,19 @@ class SparKPretraining(L.LightningModule):
         figure_every_n_epochs: int = 5,
     ):
         super().__init__()
-        if sparse_backend not in ("masked_dense", "minkowski"):
-            raise ValueError(f"sparse_backend must be masked_dense or minkowski, not {sparse_backend!r}")
+        if sparse_backend == "auto":
+            sparse_backend, why = fastest_backend("gpu" if torch.cuda.is_available() else "cpu")
+        else:
+            why = "set in the config"
+        if sparse_backend not in BACKENDS:
+            raise ValueError(
+                f"sparse_backend must be auto, masked_dense or minkowski, not {sparse_backend!r}"
+            )
+        self.run_notes = {"sparse_backend": sparse_backend, "sparse_backend_reason": why}
         if list(backbone.strides) != [2, 4, 8, 16, 32]:
             raise ValueError(f"the backbone must give strides 2..32, gives {backbone.strides}")
         self.save_hyperparameters(ignore=["backbone"])
+        self.hparams.sparse_backend = sparse_backend
         self.encoder = backbone
         if sparse_backend == "minkowski":
             from greenlab.sparse import minkowski

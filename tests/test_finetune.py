@@ -1,0 +1,64 @@
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from greenlab.data.base import ItemDataset, Task
+from greenlab.evaluation.finetune import KFoldFineTune
+
+
+class TinyCNN(nn.Module):
+    num_features = 8
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward_features(self, x):
+        return self.conv(x)
+
+
+class FakeData:
+    """60 images whose class (0, 1, 2) sets their brightness: learnable in a few epochs."""
+
+    img_size, mean, std = 16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+    def __init__(self):
+        rng = np.random.default_rng(0)
+        self.labels = torch.tensor(np.repeat([0, 1, 2], 20)).unsqueeze(1)
+        self.pixels = [
+            np.clip(rng.normal(60 + 70 * int(y), 10, (16, 16, 3)), 0, 255).astype(np.uint8)
+            for y in self.labels
+        ]
+        self.tasks = [Task("grade", 3)]
+        self.probe_train_set, self.probe_test_set = self.half(range(0, 60, 2)), self.half(range(1, 60, 2))
+
+    def half(self, indices) -> ItemDataset:
+        indices = list(indices)
+        return ItemDataset(
+            [str(i) for i in indices],
+            lambda k: Image.fromarray(self.pixels[indices[k]]),
+            self.labels[indices],
+            None,
+        )
+
+
+def test_kfold_finetune_learns_and_reports_every_fold():
+    torch.manual_seed(0)
+    evaluation = KFoldFineTune(
+        folds=3, epochs=15, batch_size=8, lr=3e-2, weight_decay=0.0, num_workers=0, head_dropout=0.0
+    )
+    backbone = TinyCNN()
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    result = evaluation(backbone, FakeData(), torch.device("cpu"))
+    metrics = result["metrics"]
+    assert len(metrics["finetune_folds"]) == 3
+    assert sum(f["n_test"] for f in metrics["finetune_folds"]) == 60, "every labelled image is scored once"
+    assert metrics["finetune_accuracy_mean"] > 0.8 and metrics["finetune_auroc_mean"] > 0.9
+    assert metrics["finetune_kappa_mean"] > 0.7  # quadratic-weighted: the task is ordinal
+    assert 0 <= metrics["finetune_accuracy_std"] < 0.3
+    for key, value in backbone.state_dict().items():
+        assert torch.equal(value, before[key]), (
+            "each fold fine-tunes a copy; the backbone itself is untouched"
+        )
+    assert result["embedding"]["dim"] == 8
