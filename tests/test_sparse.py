@@ -63,6 +63,11 @@ def test_spark_on_nn_mobilenet_backends_match_loss_and_every_gradient(model_name
     torch.manual_seed(1)
     images = torch.randn(4, 3, 96, 96, dtype=torch.float64)
     visible = random_visible_mask(4, (3, 3), 0.6, "cpu")
+    with masked_dense.active_mask(visible):  # the five encoder maps, dense, zero where masked
+        maps = [objective.encode(images, visible) for objective in objectives]
+    assert [m.shape[1] for m in maps[0]] == list(objectives[0].encoder.channels)
+    for map_a, map_b in zip(*maps):
+        torch.testing.assert_close(map_a, map_b, **TOL)
     losses = []
     for objective in objectives:
         loss, _ = objective(images, visible)

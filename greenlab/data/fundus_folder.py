@@ -82,7 +82,8 @@ class FundusFolderDataModule(ImageDataModule):
                 "skipped %d of the images under %s; the list is in %s", len(skipped), self.root, listed
             )
         self.skipped = skipped
-        test = [held_out(i, self.held_out_fraction, self.split_seed) for i in ids]
+        # the held-out split only serves evaluation: without labels every image is for pre-training
+        test = [bool(self.tasks) and held_out(i, self.held_out_fraction, self.split_seed) for i in ids]
         train_idx = [i for i, t in enumerate(test) if not t]
         test_idx = [i for i, t in enumerate(test) if t]
         train_tf = PRETRAIN_TRANSFORMS[self.augmentation](self.img_size, self.mean, self.std)

@@ -54,29 +54,28 @@ class MaskedOutput:
         return out * mask_at(out)
 
 
+def batch_norm_rows(bn: nn.modules.batchnorm._BatchNorm, rows: torch.Tensor) -> torch.Tensor:
+    """``bn`` applied to (N, C) rows, one row per active position: statistics over active positions only.
+
+    Same running-statistics update as ``nn.BatchNorm2d`` (momentum, or a cumulative mean when None).
+    """
+    factor = 0.0
+    if bn.training and bn.track_running_stats:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    use_batch_stats = bn.training or bn.running_mean is None
+    return F.batch_norm(
+        rows, bn.running_mean, bn.running_var, bn.weight, bn.bias, use_batch_stats, factor, bn.eps
+    )
+
+
 class MaskedBatchNorm:
     """BatchNorm over active positions only (+ timm BatchNormAct2d's drop and activation), zero elsewhere."""
 
     def forward(self, x):
         mask = mask_at(x)[:, 0]  # (B, H, W)
-        active = x.permute(0, 2, 3, 1)[mask]  # (N_active, C)
-        factor = 0.0
-        if self.training and self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        use_batch_stats = self.training or self.running_mean is None
-        normed = F.batch_norm(
-            active,
-            self.running_mean,
-            self.running_var,
-            self.weight,
-            self.bias,
-            use_batch_stats,
-            factor,
-            self.eps,
-        )
         out = x.new_zeros(x.shape[0], x.shape[2], x.shape[3], x.shape[1])
-        out[mask] = normed.to(out.dtype)
+        out[mask] = batch_norm_rows(self, x.permute(0, 2, 3, 1)[mask]).to(out.dtype)
         out = out.permute(0, 3, 1, 2)
         if isinstance(self, BatchNormAct2d):
             out = self.act(self.drop(out)) * mask.unsqueeze(1)

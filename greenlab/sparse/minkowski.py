@@ -18,13 +18,13 @@ weights serve both backends and the trained encoder loads straight into the dens
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from timm.layers import BatchNormAct2d
 from timm.layers.squeeze_excite import SEModule
 from timm.models.rexnet import LinearBottleneck
 from torch import nn
 
 from greenlab.compat import import_minkowski
+from greenlab.sparse.masked_dense import batch_norm_rows
 
 ME = import_minkowski()
 from MinkowskiEngineBackend._C import ConvolutionMode  # noqa: E402  (after the import shim)
@@ -108,24 +108,7 @@ class MinkowskiConv:
 
 class MinkowskiBatchNorm:
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
-        factor = 0.0
-        if self.training and self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        use_batch_stats = self.training or self.running_mean is None
-        out = _like(
-            x,
-            F.batch_norm(
-                x.F,
-                self.running_mean,
-                self.running_var,
-                self.weight,
-                self.bias,
-                use_batch_stats,
-                factor,
-                self.eps,
-            ),
-        )
+        out = _like(x, batch_norm_rows(self, x.F))  # the rows are the active positions
         if isinstance(self, BatchNormAct2d):  # its drop and act were swapped for row-wise forms
             out = self.act(self.drop(out))
         return out
