@@ -31,7 +31,9 @@ def test_drive_folder_loads_cropped_square_images():
     drive = shared_data("drive")
     dm = FundusFolderDataModule(str(drive), img_size=56, num_workers=0)
     dm.setup()
-    assert len(dm.pretrain_set) == 40  # 20 training + 20 test photographs (no labels: none held out); .gif masks are not images
+    assert (
+        len(dm.pretrain_set) == 40
+    )  # 20 training + 20 test photographs (no labels: none held out); .gif masks are not images
     square = dm.load(drive / "training" / "images" / "21_training.tif")
     assert square.width == square.height and square.width < 584  # black border cropped
     image, labels = dm.pretrain_set[0]

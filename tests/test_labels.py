@@ -19,12 +19,18 @@ def chexpert():
     [
         ("No pleural effusion or pneumothorax.", {"pleural_effusion": 0, "pneumothorax": 0}),
         ("Small right pleural effusion.", {"pleural_effusion": 1}),
-        ("There is a small right pleural effusion, but no pneumothorax.", {"pleural_effusion": 1, "pneumothorax": 0}),
+        (
+            "There is a small right pleural effusion, but no pneumothorax.",
+            {"pleural_effusion": 1, "pneumothorax": 0},
+        ),
         ("Possible left basilar atelectasis.", {"atelectasis": -1}),
         ("Pneumonia cannot be excluded.", {"pneumonia": -1}),
         ("The previously seen pneumothorax has resolved.", {"pneumothorax": 0}),
         ("Heart size is normal.", {"cardiomegaly": 0}),
-        ("No pneumothorax. Large pneumothorax on the left on the lateral view.", {"pneumothorax": 1}),  # any 1 wins
+        (
+            "No pneumothorax. Large pneumothorax on the left on the lateral view.",
+            {"pneumothorax": 1},
+        ),  # any 1 wins
         ("Lungs are clear.", {"pneumothorax": None, "no_finding": 1}),
         ("Mild cardiomegaly.", {"cardiomegaly": 1, "no_finding": 0}),
         ("Right IJ catheter in place.", {"support_devices": 1, "no_finding": 1}),  # devices are no pathology
@@ -45,7 +51,11 @@ def test_shipped_vocabularies():
 
 def test_user_vocabulary_and_its_errors(tmp_path):
     good = tmp_path / "mine.yaml"
-    good.write_text(yaml.safe_dump({"name": "mine", "findings": [{"name": "hiatal_hernia", "mentions": ["hiatal hernia"]}]}))
+    good.write_text(
+        yaml.safe_dump(
+            {"name": "mine", "findings": [{"name": "hiatal_hernia", "mentions": ["hiatal hernia"]}]}
+        )
+    )
     assert RuleLabeller(load_vocabulary(str(good)))("Small hiatal hernia.") == {"hiatal_hernia": 1}
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"findings": [{"name": "Hiatal Hernia"}]}))
@@ -57,9 +67,28 @@ def test_user_vocabulary_and_its_errors(tmp_path):
 
 def test_cli_writes_labels_and_never_overwrites(tmp_path, capsys):
     reports = tmp_path / "reports.csv"
-    pd.DataFrame({"uid": ["a", "b"], "findings": ["Small left pleural effusion.", "No effusion."], "impression": ["", "Normal."]}).to_csv(reports, index=False)
+    pd.DataFrame(
+        {
+            "uid": ["a", "b"],
+            "findings": ["Small left pleural effusion.", "No effusion."],
+            "impression": ["", "Normal."],
+        }
+    ).to_csv(reports, index=False)
     out = tmp_path / "labels.csv"
-    args = ["--input", str(reports), "--id-column", "uid", "--text-columns", "findings,impression", "--findings", "chexpert14", "--backend", "rules", "--output", str(out)]
+    args = [
+        "--input",
+        str(reports),
+        "--id-column",
+        "uid",
+        "--text-columns",
+        "findings,impression",
+        "--findings",
+        "chexpert14",
+        "--backend",
+        "rules",
+        "--output",
+        str(out),
+    ]
     assert labels_main(args) == 0
     table = pd.read_csv(out, dtype={"uid": str})
     assert list(table.columns) == ["uid", *load_vocabulary("chexpert14").names]
@@ -78,7 +107,9 @@ def test_rules_against_manual_codes_on_real_reports():
     texts = (reports["findings"] + " \n" + reports["impression"]).tolist()
     labels = pd.DataFrame([labeller(t) for t in texts]).astype("Int64")
     labels.insert(0, "uid", reports["uid"])
-    mapping = yaml.safe_load((REPO / "experiments" / "report_labels" / "indiana_problems_to_chexpert.yaml").read_text())
+    mapping = yaml.safe_load(
+        (REPO / "experiments" / "report_labels" / "indiana_problems_to_chexpert.yaml").read_text()
+    )
     table = score(labels, reports, "uid", "Problems", mapping).set_index("finding")
     assert table["f1"].mean() > 0.78  # measured 0.819
     for finding in ("pleural_effusion", "atelectasis", "lung_opacity", "cardiomegaly"):

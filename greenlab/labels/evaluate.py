@@ -17,13 +17,17 @@ import pandas as pd
 import yaml
 
 
-def score(labels: pd.DataFrame, reference: pd.DataFrame, id_column: str, codes_column: str, mapping: dict) -> pd.DataFrame:
+def score(
+    labels: pd.DataFrame, reference: pd.DataFrame, id_column: str, codes_column: str, mapping: dict
+) -> pd.DataFrame:
     merged = labels.merge(reference[[id_column, codes_column]], on=id_column, how="inner")
-    codes = merged[codes_column].fillna("").map(lambda v: {c.strip().lower() for c in v.split(";") if c.strip()})
+    codes = (
+        merged[codes_column].fillna("").map(lambda v: {c.strip().lower() for c in v.split(";") if c.strip()})
+    )
     rows = []
     for finding, manual in mapping.items():
         wanted = {m.lower() for m in manual}
-        truth = codes.map(lambda c: bool(c & wanted))
+        truth = codes.map(lambda c, wanted=wanted: bool(c & wanted))
         predicted = merged[finding] == 1
         tp, fp = int((truth & predicted).sum()), int((~truth & predicted).sum())
         fn = int((truth & ~predicted).sum())
@@ -44,7 +48,9 @@ def markdown_table(table: pd.DataFrame) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--labels", type=Path, required=True)
     parser.add_argument("--reference", type=Path, required=True)
     parser.add_argument("--id-column", required=True)
@@ -54,12 +60,17 @@ def main() -> None:
     args = parser.parse_args()
     labels = pd.read_csv(args.labels, dtype={args.id_column: str})
     reference = pd.read_csv(args.reference, dtype={args.id_column: str})
-    table = score(labels, reference, args.id_column, args.codes_column, yaml.safe_load(args.mapping.read_text()))
+    table = score(
+        labels, reference, args.id_column, args.codes_column, yaml.safe_load(args.mapping.read_text())
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out / "label_scores.csv", index=False)
     macro = table[["precision", "recall", "f1"]].mean()
     md = markdown_table(table)
-    (args.out / "label_scores.md").write_text(md + f"\n\nmacro: precision {macro['precision']:.3f}, recall {macro['recall']:.3f}, F1 {macro['f1']:.3f}\n")
+    (args.out / "label_scores.md").write_text(
+        md
+        + f"\n\nmacro: precision {macro['precision']:.3f}, recall {macro['recall']:.3f}, F1 {macro['f1']:.3f}\n"
+    )
     print(md)
     print(f"macro precision {macro['precision']:.3f} recall {macro['recall']:.3f} F1 {macro['f1']:.3f}")
 

@@ -38,7 +38,9 @@ POST_NEGATION = [
     r"(?:is|are|was|were) (?:not (?:seen|identified|present|visualized|evident)|absent|resolved|removed|gone|negative)",
     r"(?:has|have) (?:resolved|cleared|been removed)", r"not (?:seen|identified|present|appreciated)", r"resolved",
 ]  # fmt: skip
-CLAUSE_BREAK = re.compile(r",\s*(?:but|however|although|which|though)\b|\b(?:but|however|although|though|except)\b|;")
+CLAUSE_BREAK = re.compile(
+    r",\s*(?:but|however|although|which|though)\b|\b(?:but|however|although|though|except)\b|;"
+)
 SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
 
 

@@ -42,7 +42,9 @@ def load_vocabulary(name_or_path: str) -> Vocabulary:
         path = Path(name_or_path).expanduser()
     if not path.is_file():
         shipped = ", ".join(sorted(p.stem for p in SHIPPED.glob("*.yaml")))
-        raise FileNotFoundError(f"no vocabulary {name_or_path!r}: not a shipped one ({shipped}) nor a YAML file")
+        raise FileNotFoundError(
+            f"no vocabulary {name_or_path!r}: not a shipped one ({shipped}) nor a YAML file"
+        )
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
@@ -58,4 +60,6 @@ def load_vocabulary(name_or_path: str) -> Vocabulary:
     names = [f.name for f in findings]
     if len(set(names)) != len(names):
         raise ValueError(f"{path}: duplicate finding names")
-    return Vocabulary(data.get("name", path.stem), tuple(findings), bool(data.get("derived_no_finding")), str(path))
+    return Vocabulary(
+        data.get("name", path.stem), tuple(findings), bool(data.get("derived_no_finding")), str(path)
+    )
