@@ -147,3 +147,14 @@ def test_experiment_runs_fast_dev_run(experiment, tmp_path, data_dir):
         f"hydra.run.dir={tmp_path / 'run'}",
     )
     assert (tmp_path / "run" / "results.json").is_file()
+
+
+def test_same_seed_same_config_same_results(tmp_path, data_dir):
+    """Determinism on CPU: two runs of the same config give the same loss and the same probe metrics."""
+    results = []
+    for name in ("a", "b"):
+        run_cli("+experiment=retfound_green", *TINY_RUN, "trainer.max_epochs=1", f"paths.data_dir={data_dir}",
+                f"hydra.run.dir={tmp_path / name}")  # fmt: skip
+        results.append(json.loads((tmp_path / name / "results.json").read_text()))
+    assert results[0]["metrics"]["final_train_loss"] == results[1]["metrics"]["final_train_loss"]
+    assert results[0]["metrics"]["probe_tasks"] == results[1]["metrics"]["probe_tasks"]

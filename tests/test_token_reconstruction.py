@@ -99,3 +99,8 @@ def test_warmup_cosine_schedule_matches_paper_shape():
     assert f(55) == pytest.approx((5e-5 + 5e-9) / 2, rel=1e-6)
     assert f(100) == f(119) == pytest.approx(5e-9)
     assert all(f(e) >= f(e + 1) for e in range(10, 119))
+
+
+def test_volumes_are_refused_with_a_clear_error():
+    with pytest.raises(ValueError, match="2D images"):
+        tiny_objective()(torch.randn(2, 1, 8, 28, 28))

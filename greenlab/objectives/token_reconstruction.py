@@ -147,6 +147,11 @@ class TokenReconstruction(L.LightningModule):
     # --- the objective
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Token Reconstruction loss (scalar) of a batch of clean, augmented images (B, 3, H, W)."""
+        if images.ndim != 4:
+            raise ValueError(
+                f"Token Reconstruction takes 2D images (B, C, H, W); the data gives {tuple(images.shape)} "
+                "(a 3D MedMNIST file? use a 2D one, or a 3D experiment)"
+            )
         with torch.no_grad():
             target = self.teacher.forward_features(images)
         num_patches = self.student.patch_embed.num_patches
