@@ -43,6 +43,8 @@ class EnergyMeter:
         parts = []
         if self._gpus:
             parts.append(f"nvml: measured, {len(self._gpus)} GPU(s)")
+        elif torch.cuda.is_available():
+            parts.append("GPU energy NOT measured (NVML energy counter unavailable)")
         if self._rapl:
             parts.append(f"rapl: measured, {len(self._rapl)} CPU package(s)")
         else:
