@@ -37,6 +37,15 @@ def run(cfg: DictConfig) -> dict:
         raise FileExistsError(
             f"{output_dir} already holds a finished run (results.json); choose a new output directory"
         )
+    earlier = [
+        p
+        for p in (output_dir / "checkpoints", output_dir / "backbone.pth")
+        if p.exists() and any(p.iterdir() if p.is_dir() else [p])
+    ]
+    if earlier:  # an interrupted run: its checkpoints must not be overwritten (resuming is not supported yet)
+        raise FileExistsError(
+            f"{output_dir} holds an earlier run's {earlier[0].name}; choose a new output directory"
+        )
     output_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
 

@@ -103,6 +103,21 @@ def test_rerun_into_same_directory_never_overwrites(main_run, data_dir):
     assert (run_dir / "results.json").read_bytes() == before
 
 
+def test_interrupted_run_directory_is_not_reused(tmp_path, data_dir):
+    checkpoint = tmp_path / "run" / "checkpoints" / "epoch000.ckpt"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"an earlier run's checkpoint")
+    proc = run_cli(
+        "+experiment=retfound_green",
+        *TINY_RUN,
+        f"paths.data_dir={data_dir}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        check=False,
+    )
+    assert proc.returncode != 0 and "holds an earlier run's checkpoints" in proc.stderr
+    assert checkpoint.read_bytes() == b"an earlier run's checkpoint"
+
+
 def test_multirun_gives_separate_runs(tmp_path, data_dir):
     sweep = tmp_path / "sweep"
     run_cli(
