@@ -194,7 +194,7 @@ class SparKPretraining(L.LightningModule):
             batch_size=images.shape[0],
             sync_dist=True,
         )
-        if batch_idx == 0 and self._figure_due():
+        if batch_idx == 0 and self._figure_due() and self.trainer.is_global_zero:
             self.save_reconstruction(images, visible, prediction)
         return loss
 
