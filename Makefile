@@ -11,12 +11,12 @@ test:
 	$(PYTHON) -m pytest -q tests
 
 lint:
-	$(PYTHON) -m ruff check greenlab tests scripts
-	$(PYTHON) -m ruff format --check greenlab tests scripts
+	$(PYTHON) -m ruff check greenlab tests scripts benchmarks
+	$(PYTHON) -m ruff format --check greenlab tests scripts benchmarks
 
 format:
-	$(PYTHON) -m ruff format greenlab tests scripts
-	$(PYTHON) -m ruff check --fix greenlab tests scripts
+	$(PYTHON) -m ruff format greenlab tests scripts benchmarks
+	$(PYTHON) -m ruff check --fix greenlab tests scripts benchmarks
 
 bench:  ## benchmarks; each writes benchmarks/results/<name>.json with the machine description
 	$(PYTHON) -m benchmarks.sparse_backends
