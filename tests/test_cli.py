@@ -21,12 +21,22 @@ RESULT_KEYS = {
 }
 
 
+def run_tiny(run_dir, data_dir, *extra, check=True):
+    """The main command at tiny size into ``run_dir``."""
+    return run_cli(
+        "+experiment=retfound_green",
+        *TINY_RUN,
+        *extra,
+        f"paths.data_dir={data_dir}",
+        f"hydra.run.dir={run_dir}",
+        check=check,
+    )
+
+
 @pytest.fixture(scope="module")
 def main_run(tmp_path_factory, data_dir):
     run_dir = tmp_path_factory.mktemp("cli") / "run"
-    proc = run_cli(
-        "+experiment=retfound_green", *TINY_RUN, f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}"
-    )
+    proc = run_tiny(run_dir, data_dir)
     return run_dir, proc
 
 
@@ -92,13 +102,7 @@ def test_metrics_logged_to_csv_and_wandb_offline(main_run):
 def test_rerun_into_same_directory_never_overwrites(main_run, data_dir):
     run_dir, _ = main_run
     before = (run_dir / "results.json").read_bytes()
-    proc = run_cli(
-        "+experiment=retfound_green",
-        *TINY_RUN,
-        f"paths.data_dir={data_dir}",
-        f"hydra.run.dir={run_dir}",
-        check=False,
-    )
+    proc = run_tiny(run_dir, data_dir, check=False)
     assert proc.returncode != 0 and "already holds a finished run" in proc.stderr
     assert (run_dir / "results.json").read_bytes() == before
 
@@ -107,13 +111,7 @@ def test_interrupted_run_directory_is_not_reused(tmp_path, data_dir):
     checkpoint = tmp_path / "run" / "checkpoints" / "epoch000.ckpt"
     checkpoint.parent.mkdir(parents=True)
     checkpoint.write_bytes(b"an earlier run's checkpoint")
-    proc = run_cli(
-        "+experiment=retfound_green",
-        *TINY_RUN,
-        f"paths.data_dir={data_dir}",
-        f"hydra.run.dir={tmp_path / 'run'}",
-        check=False,
-    )
+    proc = run_tiny(tmp_path / "run", data_dir, check=False)
     assert proc.returncode != 0 and "holds an earlier run's checkpoints" in proc.stderr
     assert checkpoint.read_bytes() == b"an earlier run's checkpoint"
 
@@ -168,8 +166,7 @@ def test_same_seed_same_config_same_results(tmp_path, data_dir):
     """Determinism on CPU: two runs of the same config give the same loss and the same probe metrics."""
     results = []
     for name in ("a", "b"):
-        run_cli("+experiment=retfound_green", *TINY_RUN, "trainer.max_epochs=1", f"paths.data_dir={data_dir}",
-                f"hydra.run.dir={tmp_path / name}")  # fmt: skip
+        run_tiny(tmp_path / name, data_dir, "trainer.max_epochs=1")
         results.append(json.loads((tmp_path / name / "results.json").read_text()))
     assert results[0]["metrics"]["final_train_loss"] == results[1]["metrics"]["final_train_loss"]
     assert results[0]["metrics"]["probe_tasks"] == results[1]["metrics"]["probe_tasks"]
