@@ -40,7 +40,29 @@ TINY_SPARSE_CNN = [  # sparse_cnn_mae: ReXNet width 1.0, 64 px (a 2x2 mask grid)
     "evaluation.batch_size=8",
     "evaluation.num_workers=0",
 ]
-TINY = {"retfound_green": TINY_RUN, "sparse_cnn_mae": TINY_SPARSE_CNN}
+TINY_3D = [  # greenrfm_stage1_medmnist3d: ResNet-10 on 16^3 volumes, {npz_3d} is filled in by the test
+    "data.path={npz_3d}",
+    "backbone.depth=10",
+    "data.batch_size=4",
+    "data.num_workers=0",
+    "trainer.max_epochs=1",
+    "evaluation.bootstrap=10",
+]
+TINY = {"retfound_green": TINY_RUN, "sparse_cnn_mae": TINY_SPARSE_CNN, "greenrfm_stage1_medmnist3d": TINY_3D}
+
+
+def write_npz_3d(path, size: int = 16) -> None:
+    """A tiny 3D MedMNIST-like file: bright cube = class 1."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 12), ("val", 8)):
+        labels = np.arange(n) % 2
+        volumes = rng.integers(0, 60, (n, size, size, size), dtype=np.uint8)
+        volumes[labels == 1, 4:12, 4:12, 4:12] += 150
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = volumes, labels[:, None]
+    np.savez(path, **arrays)
 
 
 def shared_data(*parts: str) -> Path:

@@ -8,7 +8,7 @@ import timm
 import torch
 from hydra import compose, initialize_config_dir
 
-from tests.conftest import REPO, TINY, TINY_RUN, run_cli
+from tests.conftest import REPO, TINY, TINY_RUN, run_cli, write_npz_3d
 
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
 RESULT_KEYS = {
@@ -145,20 +145,19 @@ def test_experiment_config_composes(experiment, scale):
     )
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
-    assert cfg.name == experiment and cfg.scale_name == (scale or "demo")
+    assert cfg.name == experiment and (
+        cfg.scale_name == scale if scale else cfg.scale_name in ("demo", "paper")
+    )
     assert cfg.data.img_size == cfg.img_size
     assert cfg.objective.backbone.get("img_size", cfg.img_size) == cfg.img_size
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_runs_fast_dev_run(experiment, tmp_path, data_dir):
-    run_cli(
-        f"+experiment={experiment}",
-        *TINY[experiment],
-        "trainer.fast_dev_run=true",
-        f"paths.data_dir={data_dir}",
-        f"hydra.run.dir={tmp_path / 'run'}",
-    )
+    write_npz_3d(tmp_path / "tiny3d.npz")
+    overrides = [o.format(npz_3d=tmp_path / "tiny3d.npz") for o in TINY[experiment]]
+    run_cli(f"+experiment={experiment}", *overrides, "trainer.fast_dev_run=true", f"paths.data_dir={data_dir}",
+            f"hydra.run.dir={tmp_path / 'run'}")  # fmt: skip
     assert (tmp_path / "run" / "results.json").is_file()
 
 

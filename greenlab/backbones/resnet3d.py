@@ -1,0 +1,41 @@
+"""3D ResNet from MONAI with GreenRFM's 1-channel stem: Conv3d(k, stride k) (k = 2; the lite model k = 4).
+
+``forward_features``: (B, 1, D, H, W) -> (B, 512, d, h, w); ``forward``: global average pool -> (B, 512).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from monai.networks import nets
+from torch import nn
+
+from greenlab.backbones.vit import read_state_dict
+
+
+class ResNet3D(nn.Module):
+    """Args: depth (10/18/34/50), stem_kernel (= stem stride), no_max_pool, weights (random or a path)."""
+
+    def __init__(
+        self, depth: int = 18, stem_kernel: int = 2, no_max_pool: bool = False, weights: str = "random"
+    ):
+        super().__init__()
+        factory = {10: nets.resnet10, 18: nets.resnet18, 34: nets.resnet34, 50: nets.resnet50}[depth]
+        self.net = factory(spatial_dims=3, n_input_channels=1, conv1_t_size=stem_kernel, conv1_t_stride=stem_kernel,
+                           no_max_pool=no_max_pool, feed_forward=False)  # fmt: skip
+        norms = [m for m in self.net.layer4.modules() if isinstance(m, nn.BatchNorm3d)]
+        self.num_features = norms[-1].num_features  # 512 (basic blocks) or 2048 (bottlenecks)
+        self.greenlab_init = {"requested": str(weights), "used": "random", "source": None, "note": None}
+        if weights not in ("random", None):
+            path = Path(weights).expanduser()
+            self.load_state_dict(read_state_dict(path))
+            self.greenlab_init.update(used="file", source=str(path.resolve()))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        net = self.net
+        x = net.maxpool(net.act(net.bn1(net.conv1(x))))
+        return net.layer4(net.layer3(net.layer2(net.layer1(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x).mean(dim=(2, 3, 4))
