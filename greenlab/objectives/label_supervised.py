@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from greenlab.objectives.optim import decay_param_groups, warmup_cosine_factor
+from greenlab.objectives.optim import decay_param_groups, log_train_loss, warmup_cosine_factor
 
 
 def masked_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -51,15 +51,7 @@ class LabelSupervised(L.LightningModule):
     def training_step(self, batch, batch_idx):
         images, labels = batch
         loss = masked_bce(self(images), labels)
-        self.log(
-            "train/loss",
-            loss,
-            prog_bar=True,
-            on_step=True,
-            on_epoch=True,
-            batch_size=len(images),
-            sync_dist=True,
-        )
+        log_train_loss(self, loss, len(images))
         return loss
 
     def configure_optimizers(self):

@@ -1,4 +1,4 @@
-"""Optimiser pieces shared by the objectives: weight-decay groups and the warm-up + cosine schedule."""
+"""Pieces shared by the objectives: weight-decay groups, the warm-up + cosine schedule, loss logging."""
 
 from __future__ import annotations
 
@@ -36,3 +36,10 @@ def warmup_cosine_factor(
     else:
         lr = min_lr
     return lr / base_lr
+
+
+def log_train_loss(module, loss, batch_size: int) -> None:
+    """Log ``train/loss`` per step and per epoch (progress bar; averaged across DDP ranks)."""
+    module.log(
+        "train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch_size, sync_dist=True
+    )

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from greenlab.objectives.optim import decay_param_groups, warmup_cosine_factor
+from greenlab.objectives.optim import decay_param_groups, log_train_loss, warmup_cosine_factor
 from greenlab.sparse import BACKENDS, fastest_backend, masked_dense
 
 DOWNSAMPLE = 32  # patch size = mask cell = the encoder's total stride
@@ -185,15 +185,7 @@ class SparKPretraining(L.LightningModule):
         grid = (images.shape[-2] // DOWNSAMPLE, images.shape[-1] // DOWNSAMPLE)
         visible = random_visible_mask(images.shape[0], grid, self.hparams.mask_ratio, images.device)
         loss, prediction = self(images, visible)
-        self.log(
-            "train/loss",
-            loss,
-            prog_bar=True,
-            on_step=True,
-            on_epoch=True,
-            batch_size=images.shape[0],
-            sync_dist=True,
-        )
+        log_train_loss(self, loss, images.shape[0])
         if batch_idx == 0 and self._figure_due() and self.trainer.is_global_zero:
             self.save_reconstruction(images, visible, prediction)
         return loss

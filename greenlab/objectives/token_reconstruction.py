@@ -26,7 +26,7 @@ from timm.layers import LayerScale
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from greenlab.objectives.optim import decay_param_groups, warmup_cosine_factor
+from greenlab.objectives.optim import decay_param_groups, log_train_loss, warmup_cosine_factor
 
 
 class ResidualPredictionHead(nn.Module):
@@ -164,15 +164,7 @@ class TokenReconstruction(L.LightningModule):
     def training_step(self, batch, batch_idx):
         images = batch[0]
         loss = self(images)
-        self.log(
-            "train/loss",
-            loss,
-            prog_bar=True,
-            on_step=True,
-            on_epoch=True,
-            batch_size=images.shape[0],
-            sync_dist=True,
-        )
+        log_train_loss(self, loss, images.shape[0])
         return loss
 
     def configure_optimizers(self):
