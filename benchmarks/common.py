@@ -6,8 +6,10 @@ import datetime
 import json
 import os
 import platform
+import time
 from pathlib import Path
 
+import lightning as L
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -38,3 +40,32 @@ def write(name: str, payload: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({"machine": machine(), **payload}, indent=2))
     return path
+
+
+class SameBatch:
+    """A loader that yields one device-resident batch ``steps`` times (no data loading in the timing)."""
+
+    def __init__(self, batch, steps: int):
+        self.batch, self.steps = batch, steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        return iter([self.batch] * self.steps)
+
+
+class StepClock(L.Callback):
+    """Wall-clock stamps at the end of every training batch (synchronised on CUDA)."""
+
+    def __init__(self):
+        self.stamps: list[float] = []
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.stamps.append(time.perf_counter())
+
+    def seconds_per_step(self, warmup: int) -> float:
+        """Mean step time after ``warmup`` steps."""
+        return (self.stamps[-1] - self.stamps[warmup]) / (len(self.stamps) - 1 - warmup)

@@ -11,6 +11,7 @@ import copy
 import datetime
 import json
 import logging
+import sys
 import warnings
 from pathlib import Path
 
@@ -124,13 +125,18 @@ def save_backbone(backbone: torch.nn.Module, cfg: DictConfig, output_dir: Path) 
         raise FileExistsError(f"{path} already exists; refusing to overwrite trained weights")
     torch.save(backbone.state_dict(), path)
     recipe = {
-        k: v
-        for k, v in OmegaConf.to_container(cfg.backbone, resolve=True).items()
-        if k not in ("_target_", "weights")
+        "factory": cfg.backbone._target_,
+        **{
+            k: v
+            for k, v in OmegaConf.to_container(cfg.backbone, resolve=True).items()
+            if k not in ("_target_", "weights")
+        },
     }
-    (output_dir / "backbone.json").write_text(
-        json.dumps({"factory": cfg.backbone._target_, **recipe}, indent=2)
-    )
+    if "text_encoder" in cfg:  # an image-text model (GreenRFM): both encoders, projections, classifier
+        factory = f"{type(backbone).__module__}.{type(backbone).__name__}"
+        recipe = {"factory": factory, "image_encoder": recipe, "num_features": backbone.num_features,
+                  "text_encoder": OmegaConf.to_container(cfg.get("text_encoder", {}), resolve=True)}  # fmt: skip
+    (output_dir / "backbone.json").write_text(json.dumps(recipe, indent=2))
     return path
 
 
@@ -151,9 +157,8 @@ def _log_final(trainer, results: dict) -> None:
 
 
 def _finish_wandb() -> None:
-    import wandb
-
-    if wandb.run is not None:
+    wandb = sys.modules.get("wandb")  # imported only when a W&B logger was configured
+    if wandb is not None and wandb.run is not None:
         wandb.finish()
 
 

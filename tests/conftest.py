@@ -48,7 +48,31 @@ TINY_3D = [  # greenrfm_stage1_medmnist3d: ResNet-10 on 16^3 volumes, {npz_3d} i
     "trainer.max_epochs=1",
     "evaluation.bootstrap=10",
 ]
-TINY = {"retfound_green": TINY_RUN, "sparse_cnn_mae": TINY_SPARSE_CNN, "greenrfm_stage1_medmnist3d": TINY_3D}
+TINY_GREENRFM = [  # greenrfm(_lite): 24 generated studies at 20 x 20 x 30 mm, ResNet-10, a 1-layer BERT
+    "data.num_volumes=24",
+    "data.spacing=[20,20,30]",
+    "data.pad_size=[16,16,10]",
+    "data.crop_size=[16,16,8]",
+    "data.batch_size=6",
+    "data.eval_batch_size=6",
+    "data.num_workers=0",
+    "backbone.depth=10",
+    "text_encoder.vocab_size=200",
+    "text_encoder.hidden_size=32",
+    "text_encoder.num_layers=1",
+    "text_encoder.num_heads=2",
+    "objective.latent_dim=16",
+    "objective.stage1_epochs=1",
+    "trainer.max_epochs=2",
+    "evaluation.linear_probe.bootstrap=10",
+]
+TINY = {
+    "retfound_green": TINY_RUN,
+    "sparse_cnn_mae": TINY_SPARSE_CNN,
+    "greenrfm_stage1_medmnist3d": TINY_3D,
+    "greenrfm": TINY_GREENRFM,
+    "greenrfm_lite": TINY_GREENRFM,
+}
 
 
 def write_npz_3d(path, size: int = 16) -> None:

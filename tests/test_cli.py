@@ -148,7 +148,7 @@ def test_experiment_config_composes(experiment, scale):
     assert cfg.name == experiment and (
         cfg.scale_name == scale if scale else cfg.scale_name in ("demo", "paper")
     )
-    assert cfg.data.img_size == cfg.img_size
+    assert cfg.data.get("img_size", cfg.img_size) == cfg.img_size
     assert cfg.objective.backbone.get("img_size", cfg.img_size) == cfg.img_size
 
 

@@ -91,10 +91,88 @@ def test_bad_volumes_are_named_or_listed(tmp_path):
         str(manifest), skip_bad=True, held_out_fraction=0.0, output_dir=str(tmp_path / "run"), **small
     )
     data.setup()
-    assert len(data.pretrain_set) == 1 and data.reports == ["Small effusion."]
+    assert len(data.pretrain_set) == 1 and data.train_reports == ["Small effusion."]
     image, labels = data.pretrain_set[0]
     assert image.shape == (1, 8, 8, 4) and labels.tolist() == [1]
     listed = (tmp_path / "run" / "skipped_inputs.csv").read_text()
     assert (
         "nan.nii.gz" in listed and "flat.nii" in listed and "spacing" in listed and "broken.nii.gz" in listed
     )
+
+
+def test_labels_distilled_from_reports_cached_and_checked(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = ["volume,report"]
+    reports = ["Small right pleural effusion. No nodule.", "No pleural effusion. Possible nodule.",
+               "No pleural effusion.", "There is a 5 mm nodule; no pleural effusion."]  # fmt: skip
+    for i, report in enumerate(reports):
+        write_nifti(tmp_path / f"v{i}.nii.gz", rng.normal(0, 300, (20, 20, 10)))
+        rows.append(f'v{i}.nii.gz,"{report}"')
+    (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
+    small = {"pad_size": (16, 16, 8), "crop_size": (8, 8, 4), "num_workers": 0, "held_out_fraction": 0.0}
+    run = tmp_path / "run"
+    make = lambda: CTDataModule(str(tmp_path / "manifest.csv"), labeller={"backend": "rules", "findings": "ctrate18"},  # noqa: E731
+                                pair_reports=True, output_dir=str(run), **small)  # fmt: skip
+    data = make()
+    data.setup()
+    assert [t.name for t in data.tasks] == ["lung_nodule", "pleural_effusion"]  # the others: never labelled
+    assert "medical_material" in data.dropped_findings
+    by_report = {data.pretrain_set[i][1]: data.pretrain_set[i][2].tolist() for i in range(4)}
+    assert by_report[reports[0]] == [0, 1] and by_report[reports[1]] == [-2, 0]  # -2: uncertain
+    image, report, labels = data.pretrain_set[0]
+    assert image.shape == (1, 8, 8, 4) and isinstance(report, str)
+    cached = (run / "report_labels.csv").read_text()
+    again = make()  # a second setup reuses the cached labels file, unchanged
+    again.setup()
+    assert (run / "report_labels.csv").read_text() == cached
+    (tmp_path / "manifest.csv").write_text((tmp_path / "manifest.csv").read_text().replace("5 mm", "6 mm"))
+    with pytest.raises(ValueError, match="report_labels.csv was made from other reports"):
+        make().setup()
+
+
+def test_label_columns_with_bad_values_are_named(tmp_path):
+    write_nifti(tmp_path / "v.nii.gz", np.zeros((20, 20, 10)))
+    (tmp_path / "m.csv").write_text("volume,report,effusion\nv.nii.gz,,2\n")
+    with pytest.raises(ValueError, match=r"m\.csv.*'effusion'.*other than 1, 0, -1"):
+        CTDataModule(
+            str(tmp_path / "m.csv"), pad_size=(16, 16, 8), crop_size=(8, 8, 4), num_workers=0
+        ).setup()
+
+
+def test_mri_study_gives_one_tensor_per_plane(tmp_path):
+    from greenlab.data.mri import MRIDataModule
+
+    mr = shared_data("totalsegmentator", "example_mr_sm.nii.gz")
+    (tmp_path / "mri.csv").write_text(f"sagittal,coronal,axial,report,lesion\n{mr},{mr},{mr},Lesion.,1\n")
+    data = MRIDataModule(str(tmp_path / "mri.csv"), series_size=(24, 24, 8), held_out_fraction=0.0,
+                         num_workers=0, pair_reports=True)  # fmt: skip
+    data.setup()
+    planes, report, labels = data.pretrain_set[0]
+    assert planes.shape == (3, 1, 24, 24, 8) and report == "Lesion." and labels.tolist() == [1]
+    assert planes.min() >= -1 and planes.max() <= 1
+    assert not torch.equal(planes[0], planes[2])  # the same volume resliced three ways
+    from greenlab.backbones.resnet3d import ThreePlaneEncoder
+
+    assert ThreePlaneEncoder(depth=10, stem_kernel=2).eval()(planes[None]).shape == (1, 512)
+
+
+def test_embedded_ct_is_deterministic_and_its_reports_label_as_drawn(tmp_path):
+    import pandas as pd
+
+    from greenlab.data.embedded_ct import FINDINGS, generate
+    from greenlab.labels.rules import RuleLabeller
+    from greenlab.labels.vocabulary import load_vocabulary
+
+    a, b = generate(tmp_path / "a", num_volumes=30), generate(tmp_path / "b", num_volumes=30)
+    assert (a / "manifest.csv").read_text() == (b / "manifest.csv").read_text()
+    assert np.array_equal(
+        nib.load(a / "volumes/ct_0003.nii.gz").get_fdata(), nib.load(b / "volumes/ct_0003.nii.gz").get_fdata()
+    )
+    manifest, truth = pd.read_csv(a / "manifest.csv"), pd.read_csv(a / "truth.csv")
+    labeller = RuleLabeller(load_vocabulary("ctrate18"))
+    expected = {"present": 1, "negated": 0, "hedged": -1, "unmentioned": None}
+    for i, report in enumerate(manifest["report"]):
+        labels = labeller(report)
+        assert {n: labels[n] for n in FINDINGS} == {n: expected[truth[f"{n}_statement"][i]] for n in FINDINGS}
+    volume = nib.load(a / "volumes/ct_0000.nii.gz")
+    assert volume.header.get_zooms() == (5.0, 5.0, 7.5) and nib.aff2axcodes(volume.affine) == ("R", "A", "S")

@@ -39,3 +39,30 @@ class ResNet3D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x).mean(dim=(2, 3, 4))
+
+
+class ThreePlaneEncoder(nn.Module):
+    """GreenRFM's MRI encoder: one 3D ResNet per plane (sagittal, coronal, axial), features averaged.
+
+    ``forward``: (B, 3, 1, H, W, S) -> (B, num_features); ``forward_features`` is the same vector.
+    Args: those of ``ResNet3D`` (each branch gets its own weights; ``weights``: random or a file of the
+    whole three-branch encoder).
+    """
+
+    def __init__(
+        self, depth: int = 18, stem_kernel: int = 2, no_max_pool: bool = False, weights: str = "random"
+    ):
+        super().__init__()
+        self.branches = nn.ModuleList(ResNet3D(depth, stem_kernel, no_max_pool) for _ in range(3))
+        self.num_features = self.branches[0].num_features
+        self.greenlab_init = {"requested": str(weights), "used": "random", "source": None, "note": None}
+        if weights not in ("random", None):
+            path = Path(weights).expanduser()
+            self.load_state_dict(read_state_dict(path))
+            self.greenlab_init.update(used="file", source=str(path.resolve()))
+
+    def forward(self, planes: torch.Tensor) -> torch.Tensor:
+        return torch.stack([branch(planes[:, i]) for i, branch in enumerate(self.branches)]).mean(0)
+
+    def forward_features(self, planes: torch.Tensor) -> torch.Tensor:
+        return self(planes)

@@ -1,7 +1,8 @@
 """What every image DataModule offers the pipeline: a pre-training set and labelled probe sets.
 
 A sample is ``(image, labels)``: image (C, H, W) float tensor (or (1, D, H, W) for volumes), labels
-(T,) int64 with one entry per task, -1 where that image has no label for that task.
+(T,) int64 with one entry per task, -1 (MISSING) where that image has no label for that task, -2
+(UNCERTAIN) where its report is uncertain (report-derived labels).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pathlib import Path
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+MISSING, UNCERTAIN = -1, -2
 
 
 @dataclass(frozen=True)

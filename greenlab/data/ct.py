@@ -12,6 +12,8 @@ without a usable spacing is an error naming the file, or, with ``skip_bad``, a r
 from __future__ import annotations
 
 import gzip
+import hashlib
+import json
 import logging
 import struct
 from pathlib import Path
@@ -23,7 +25,7 @@ from monai import transforms as mt
 from monai.data import PersistentDataset
 from tqdm.auto import tqdm
 
-from greenlab.data.base import ImageDataModule, Task, held_out
+from greenlab.data.base import MISSING, UNCERTAIN, ImageDataModule, Task, held_out
 
 log = logging.getLogger(__name__)
 
@@ -98,75 +100,154 @@ def _raw_nifti_spacing(path: str) -> np.ndarray:
 
 class CTDataModule(ImageDataModule):
     """Args: manifest (CSV), volume_column (paths relative to the manifest's folder: a NIfTI file or a
-    DICOM series folder), report_column (optional free text), label_columns (1/0, -1 uncertain, blank
-    missing: uncertain counts as missing here), spacing / hu_window / pad_size / crop_size (see module
-    doc), cache_dir (persistent cache of the deterministic part), held_out_fraction / split_seed,
-    skip_bad (list bad volumes in skipped_inputs.csv instead of failing)."""
+    DICOM series folder), report_column (optional free text), label_columns (1 present, 0 absent,
+    -1 uncertain, blank missing; default every other column), labeller (distil the labels from the
+    reports instead: {backend: rules | llm, findings: vocabulary, llm: {...}}; written to
+    report_labels.csv in the run folder and reused from there), pair_reports (training samples are
+    (volume, report, labels), for image-text objectives), spacing / hu_window / pad_size / crop_size (see
+    module doc), cache_dir (persistent cache of the deterministic part), held_out_fraction / split_seed,
+    skip_bad (list bad volumes in skipped_inputs.csv instead of failing).
+
+    Label tensors: 1 present, 0 absent, -2 uncertain, -1 missing. Findings with no present / absent label
+    in the training split are dropped (logged)."""
 
     def __init__(self, manifest: str, volume_column: str = "volume", report_column: str | None = "report",
-                 label_columns: list[str] | None = None, spacing=(1.5, 1.5, 3.0), hu_window=(-1000.0, 200.0),
-                 pad_size=(240, 240, 120), crop_size=(192, 192, 96), cache_dir: str | None = None,
-                 held_out_fraction: float = 0.2, split_seed: int = 42, skip_bad: bool = False, **loader_kwargs):  # fmt: skip
+                 label_columns: list[str] | None = None, labeller: dict | None = None, pair_reports: bool = False,
+                 spacing=(1.5, 1.5, 3.0), hu_window=(-1000.0, 200.0), pad_size=(240, 240, 120),
+                 crop_size=(192, 192, 96), cache_dir: str | None = None, held_out_fraction: float = 0.2,
+                 split_seed: int = 42, skip_bad: bool = False, **loader_kwargs):  # fmt: skip
         super().__init__(**loader_kwargs)
         self.manifest = Path(manifest).expanduser()
-        self.volume_column, self.report_column, self.label_columns = (
-            volume_column,
-            report_column,
-            label_columns,
-        )
-        self.preprocess = ct_preprocessing(spacing, hu_window, pad_size)
-        self.crop_size, self.cache_dir, self.skip_bad = tuple(crop_size), cache_dir, skip_bad
+        self.volume_column, self.report_column = volume_column, report_column
+        self.label_columns, self.labeller, self.pair_reports = label_columns, labeller, pair_reports
+        geometry = {"spacing": spacing, "hu_window": hu_window, "pad_size": pad_size}
+        self.preprocess = self.preprocessing(**geometry)
+        self.crop_size, self.skip_bad = tuple(crop_size), skip_bad
+        self.cache_dir = cache_dir and Path(cache_dir) / self.cache_key(geometry)
         self.held_out_fraction, self.split_seed = held_out_fraction, split_seed
-        self.reports: list[str] = []
+        self.train_reports: list[str] = []
+        self.test_reports: list[str] = []
+        self.dropped_findings: list[str] = []
+
+    preprocessing = staticmethod(ct_preprocessing)
+
+    def cache_key(self, geometry: dict) -> str:
+        """A cache sub-folder per preprocessing: changing spacing, window or size never reuses stale tensors."""
+        text = json.dumps([type(self).__name__, {k: list(map(float, v)) for k, v in geometry.items()}])
+        return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+    def volume_sources(self, row) -> dict[str, str]:
+        """The files of one manifest row, as the preprocessing's input dict."""
+        return {"image": str((self.manifest.parent / row[self.volume_column]).resolve())}
+
+    def crop(self, train: bool) -> mt.Compose:
+        return ct_crop(self.crop_size, train)
 
     def setup(self, stage: str | None = None) -> None:
         if self.pretrain_set is not None:
             return
         table = self._read_manifest()
-        paths = [str((self.manifest.parent / p).resolve()) for p in table[self.volume_column]]
+        sources = [self.volume_sources(row) for _, row in table.iterrows()]
         skipped, keep = [], []
-        for row, path in enumerate(tqdm(paths, desc="checking + caching volumes", unit="vol")):
+        for row, source in enumerate(tqdm(sources, desc="checking + caching volumes", unit="vol")):
             try:
-                self.preprocess({"image": path})
+                self.preprocess(dict(source))
                 keep.append(row)
             except Exception as err:
                 root = err
                 while root.__cause__ is not None:  # MONAI wraps the reason in "applying transform ..."
                     root = root.__cause__
-                reason = str(root).splitlines()[0].replace(f"{path}: ", "")
+                where = ", ".join(source.values())
+                reason = str(root).splitlines()[0]
+                for path in source.values():
+                    reason = reason.replace(f"{path}: ", "")
                 if not self.skip_bad:
                     raise ValueError(
-                        f"{path}: {reason} (set data.skip_bad=true to skip and list such volumes)"
+                        f"{where}: {reason} (set data.skip_bad=true to skip and list such volumes)"
                     ) from err
-                skipped.append((path, reason))
+                skipped.append((where, reason))
         if skipped:
             log.warning("skipped %d volumes; the list is in %s", len(skipped), self.write_skip_list(skipped))
         table = table.iloc[keep].reset_index(drop=True)
-        paths = [paths[i] for i in keep]
-        columns = self.label_columns or [
-            c for c in table.columns if c not in (self.volume_column, self.report_column)
-        ]
-        self.tasks = [Task(c, 2) for c in columns]
-        labels = torch.tensor(
-            table[columns].fillna(-1).astype(int).clip(lower=-1).values.reshape(len(table), -1)
-        )
-        labels[labels == -1] = -1
-        self.reports = (
-            table[self.report_column].fillna("").tolist()
+        sources = [sources[i] for i in keep]
+        reports = (
+            table[self.report_column].fillna("").astype(str).tolist()
             if self.report_column in table
             else [""] * len(table)
         )
-        items = [{"image": p, "labels": labels[i]} for i, p in enumerate(paths)]
-        test = [held_out(p, self.held_out_fraction, self.split_seed) for p in paths]
+        names, labels = self._labels(table, reports)
+        test = [held_out(next(iter(s.values())), self.held_out_fraction, self.split_seed) for s in sources]
+        train = torch.tensor([not t for t in test])
+        labelled = ((labels[train] == 0) | (labels[train] == 1)).any(0)
+        self.dropped_findings = [n for n, ok in zip(names, labelled.tolist()) if not ok]
+        if self.dropped_findings:
+            log.warning("findings with no present/absent label in the training split, dropped: %s",
+                        self.dropped_findings)  # fmt: skip
+        self.tasks = [Task(n, 2) for n, ok in zip(names, labelled.tolist()) if ok]
+        labels = labels[:, labelled]
+        items = [{**s, "labels": labels[i], "report": reports[i]} for i, s in enumerate(sources)]
         train_items = [it for it, t in zip(items, test) if not t]
         test_items = [it for it, t in zip(items, test) if t]
-        self.pretrain_set = self._dataset(train_items, train=True)
+        self.train_reports = [it["report"] for it in train_items]
+        self.test_reports = [it["report"] for it in test_items]
+        self.pretrain_set = self._dataset(train_items, train=True, with_report=self.pair_reports)
         self.probe_train_set = self._dataset(train_items, train=False)
         self.probe_test_set = self._dataset(test_items, train=False)
 
-    def _dataset(self, items: list[dict], train: bool):
-        crop = ct_crop(self.crop_size, train)
-        transform = mt.Compose([self.preprocess, crop, mt.Lambda(lambda d: (d["image"], d["labels"]))])
+    def _labels(self, table: pd.DataFrame, reports: list[str]) -> tuple[list[str], torch.Tensor]:
+        """(finding names, (N, C) int64: 1, 0, UNCERTAIN -2, MISSING -1) from columns or the labeller."""
+        if self.labeller:
+            frame = self._distilled_labels(table, reports)
+        else:
+            columns = self.label_columns or [c for c in table.columns if c not in self._non_label_columns()]
+            missing = [c for c in columns if c not in table.columns]
+            if missing:
+                raise ValueError(f"{self.manifest}: label columns {missing} not found")
+            frame = table[columns]
+        values = frame.apply(pd.to_numeric, errors="coerce")
+        bad = values.notna() & ~values.isin([1, 0, -1])
+        if bad.any().any():
+            column = bad.any().idxmax()
+            raise ValueError(f"{self.manifest}: column {column!r} holds values other than 1, 0, -1 or blank")
+        array = values.to_numpy(dtype=float).reshape(len(table), -1)
+        array = np.where(np.isnan(array), MISSING, np.where(array == -1, UNCERTAIN, array))
+        return list(frame.columns), torch.from_numpy(array.astype(np.int64))
+
+    def _non_label_columns(self) -> set:
+        return {self.volume_column, self.report_column}
+
+    def _distilled_labels(self, table: pd.DataFrame, reports: list[str]) -> pd.DataFrame:
+        """Labels from the report text (greenlab.labels), cached in the run folder: never recomputed."""
+        from greenlab.labels.__main__ import label_reports
+        from greenlab.labels.vocabulary import load_vocabulary
+
+        vocabulary = load_vocabulary(self.labeller.get("findings", "ctrate18"))
+        directory = self.output_dir or Path.cwd()
+        path = directory / "report_labels.csv"
+        ids = [str(i) for i in range(len(table))]
+        if path.is_file():
+            frame = pd.read_csv(path, dtype={"report": str}, keep_default_na=False)
+            if frame["report"].tolist() != reports or list(frame.columns[2:]) != vocabulary.names:
+                raise ValueError(f"{path} was made from other reports or findings; use a new run folder")
+            log.info("report labels reused from %s", path)
+            return frame[vocabulary.names]
+        frame = label_reports(ids, reports, vocabulary, self.labeller.get("backend", "rules"),
+                              self.labeller.get("llm"))  # fmt: skip
+        frame.insert(1, "report", reports)
+        directory.mkdir(parents=True, exist_ok=True)
+        frame.to_csv(path, index=False)
+        log.info("labels distilled from %d reports (%s) -> %s", len(reports), self.labeller, path)
+        return frame[vocabulary.names]
+
+    def describe(self) -> dict:
+        return {**super().describe(), "dropped_findings": self.dropped_findings,
+                "labels_from": f"reports ({self.labeller})" if self.labeller else "manifest columns"}  # fmt: skip
+
+    def _dataset(self, items: list[dict], train: bool, with_report: bool = False):
+        keys = ("image", "report", "labels") if with_report else ("image", "labels")
+        transform = mt.Compose(
+            [self.preprocess, self.crop(train), mt.Lambda(lambda d: tuple(d[k] for k in keys))]
+        )
         if self.cache_dir:
             return PersistentDataset(items, transform=transform, cache_dir=self.cache_dir)
         from monai.data import Dataset
@@ -175,10 +256,12 @@ class CTDataModule(ImageDataModule):
 
     def _read_manifest(self) -> pd.DataFrame:
         if not self.manifest.is_file():
-            raise FileNotFoundError(f"CT manifest not found: {self.manifest}")
+            raise FileNotFoundError(f"manifest not found: {self.manifest}")
         table = pd.read_csv(self.manifest)
-        if self.volume_column not in table.columns:
-            raise ValueError(
-                f"{self.manifest}: no column {self.volume_column!r} (columns: {list(table.columns)})"
-            )
+        needed = [c for c in self._non_label_columns() if c]
+        absent = [c for c in needed if c not in table.columns and c != self.report_column]
+        if absent:
+            raise ValueError(f"{self.manifest}: no column {absent[0]!r} (columns: {list(table.columns)})")
+        if self.labeller and self.report_column not in table.columns:
+            raise ValueError(f"{self.manifest}: labels from reports need the column {self.report_column!r}")
         return table

@@ -17,10 +17,13 @@ POOLINGS = ("mean_all", "mean_patch", "cls", "cls_mean_patch")
 def pool(features: torch.Tensor, pooling: str, num_prefix_tokens: int) -> torch.Tensor:
     """One vector per image from backbone features.
 
-    features: (B, T, D) tokens ([CLS], registers, then patches) or (B, C, H, W[, D]) CNN maps (averaged).
+    features: (B, T, D) tokens ([CLS], registers, then patches), (B, C, H, W[, D]) CNN maps (averaged),
+    or (B, E) vectors (kept).
     pooling: ``mean_all`` mean of all T tokens (RETFound-Green's code); ``mean_patch`` mean of patch tokens
     (timm ``global_pool='avg'``); ``cls`` the [CLS] token; ``cls_mean_patch`` both, concatenated (2D).
     """
+    if features.ndim == 2:  # already one vector per image (e.g. an image-text model's latent)
+        return features
     if features.ndim >= 4:  # CNN maps, 2D or 3D
         return features.flatten(2).mean(-1)
     if pooling == "mean_all":

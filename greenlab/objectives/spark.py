@@ -221,8 +221,9 @@ class SparKPretraining(L.LightningModule):
     # --- reconstruction figures
     def _figure_due(self) -> bool:
         every = self.hparams.figure_every_n_epochs
-        last = self.trainer is not None and self.current_epoch == self.trainer.max_epochs - 1
-        return bool(every) and (self.current_epoch % every == 0 or last)
+        if not every:
+            return False
+        return self.current_epoch % every == 0 or self.current_epoch == self.trainer.max_epochs - 1
 
     @torch.no_grad()
     def save_reconstruction(self, images, visible, prediction, rows: int = 4) -> Path | None:

@@ -1,0 +1,110 @@
+"""Report text encoder: a transformers encoder whose [CLS] vector represents a report.
+
+``forward(texts)``: list of B strings -> (B, num_features) float, tokenised here (max ``max_length`` tokens).
+
+``weights``:
+- ``random`` (the default; nothing is downloaded): a BERT of the configured size, randomly initialised, with a
+  WordPiece vocabulary fitted on the training reports by ``fit_vocabulary`` (GreenRFM trains its text encoder
+  with labels, so a small random BERT learns; a radiology BERT starts better).
+- a local folder (``save_pretrained`` layout) or a hub name, e.g. ``microsoft/BiomedVLP-CXR-BERT-general``:
+  read from disk / the local Hugging Face cache; fetched only with ``download=true``. When that fails, a
+  loud warning, the random BERT, and ``greenlab_init`` says so (results.json records it).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from greenlab.warnings_banner import loud_warning
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+class TextEncoder(nn.Module):
+    """Args: weights (see module doc), download (allow hub downloads), max_length (tokens), and for
+    ``random``: vocab_size, hidden_size, num_layers, num_heads."""
+
+    def __init__(self, weights: str = "random", download: bool = False, max_length: int = 128,
+                 vocab_size: int = 4000, hidden_size: int = 256, num_layers: int = 4, num_heads: int = 4):  # fmt: skip
+        super().__init__()
+        self.max_length = max_length
+        self.greenlab_init = {"requested": str(weights), "used": "random", "source": None, "note": None}
+        self.tokenizer = None
+        if weights not in ("random", None):
+            try:
+                self.model, self.tokenizer = _load_pretrained(str(weights), download)
+                self.greenlab_init.update(used="pretrained", source=str(weights))
+            except (OSError, ValueError) as err:
+                self.greenlab_init["note"] = f"{type(err).__name__}: {str(err).splitlines()[0]}"
+                loud_warning(
+                    f"text encoder {weights!r} could not be loaded ({self.greenlab_init['note']}).\n"
+                    "Falling back to a RANDOMLY INITIALISED BERT with a vocabulary fitted on the training\n"
+                    "reports. Give a local folder, or text_encoder.download=true when online.\n"
+                    "results.json records init=random."
+                )
+        if self.tokenizer is None:
+            from transformers import BertConfig, BertModel
+
+            config = BertConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
+                                num_attention_heads=num_heads, intermediate_size=4 * hidden_size,
+                                max_position_embeddings=max(512, max_length))  # fmt: skip
+            self.model = BertModel(config, add_pooling_layer=False)
+            self.vocab_size = vocab_size
+        self.num_features = self.model.config.hidden_size
+
+    @property
+    def needs_vocabulary(self) -> bool:
+        return self.tokenizer is None
+
+    def fit_vocabulary(self, texts: list[str]) -> None:
+        """Fit the random BERT's lower-cased WordPiece vocabulary (at most ``vocab_size``) on ``texts``."""
+        from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+        from transformers import PreTrainedTokenizerFast
+
+        wordpiece = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        wordpiece.normalizer = normalizers.BertNormalizer(lowercase=True)
+        wordpiece.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        wordpiece.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(vocab_size=self.vocab_size, special_tokens=SPECIAL_TOKENS)
+        wordpiece.train_from_iterator(texts, trainer=trainer)
+        cls, sep = wordpiece.token_to_id("[CLS]"), wordpiece.token_to_id("[SEP]")
+        wordpiece.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+        )
+        self.tokenizer = PreTrainedTokenizerFast(tokenizer_object=wordpiece, pad_token="[PAD]",
+                                                 unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]")  # fmt: skip
+        self.greenlab_init["note"] = (
+            (self.greenlab_init["note"] or "") + f" WordPiece vocabulary of {len(self.tokenizer)} fitted"
+            f" on {len(texts)} training reports"
+        ).strip()
+
+    def save_tokenizer(self, directory: Path) -> None:
+        self.tokenizer.save_pretrained(str(directory))
+
+    def forward(self, texts: list[str]) -> torch.Tensor:
+        """B report strings -> (B, num_features) [CLS] vectors."""
+        if self.tokenizer is None:
+            raise RuntimeError("TextEncoder(weights=random) needs fit_vocabulary(training reports) first")
+        device = next(self.model.parameters()).device
+        tokens = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
+                                return_tensors="pt", return_token_type_ids=False).to(device)  # fmt: skip
+        return self.model(**tokens).last_hidden_state[:, 0]
+
+
+def _load_pretrained(name: str, download: bool):
+    from transformers import AutoModel, AutoTokenizer
+
+    local = Path(name).expanduser()
+    source = str(local) if local.exists() else name
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=not download)
+    try:  # BERT-family models: drop the unused pooler (its parameters would get no gradient)
+        model = AutoModel.from_pretrained(source, local_files_only=not download, add_pooling_layer=False)
+    except TypeError:
+        model = AutoModel.from_pretrained(source, local_files_only=not download)
+    return model, tokenizer

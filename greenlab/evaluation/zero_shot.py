@@ -1,0 +1,106 @@
+"""Zero-shot diagnosis and report-to-volume retrieval with an image-text model (GreenRFM protocol).
+
+Per finding c, each template k gives a positive and a negative prompt ("There is {finding}." / "There is no
+{finding}."); their text latents are averaged over the templates (prompt ensembling), and
+
+    p_c(x) = softmax(u·v⁺_c, u·v⁻_c)[0],   u = the volume's latent,
+
+scored by AUROC on the held-out volumes labelled present / absent for c (uncertain and missing left out);
+macro = mean over findings with both classes. Retrieval: each held-out report ranks all held-out volumes
+by u·v; Recall@K = fraction whose own volume is in the top K.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+from tqdm.auto import tqdm
+
+from greenlab.evaluation.linear_probe import LinearProbe
+
+DEFAULT_TEMPLATES = (
+    ("There is {finding}.", "There is no {finding}."),
+    ("{Finding} is present.", "{Finding} is not present."),
+    ("Findings consistent with {finding}.", "No evidence of {finding}."),
+)
+
+
+def prompts(finding: str, templates) -> tuple[list[str], list[str]]:
+    """(positive prompts, negative prompts) for a snake_case finding name."""
+    words = finding.replace("_", " ")
+    fill = lambda t: t.format(finding=words, Finding=words[:1].upper() + words[1:])  # noqa: E731
+    return [fill(pos) for pos, _ in templates], [fill(neg) for _, neg in templates]
+
+
+def recall_at(similarity: np.ndarray, ks=(1, 5, 10)) -> dict[str, float]:
+    """similarity (N reports, N volumes), report i belongs to volume i -> {"recall@K": fraction}."""
+    own = np.diag(similarity)[:, None]
+    rank = (similarity > own).sum(axis=1)  # 0 = the own volume ranks first
+    return {f"recall@{k}": float((rank < k).mean()) for k in ks}
+
+
+class ZeroShot:
+    """Args: templates (pairs of format strings with {finding} / {Finding}), linear_probe (also probe the
+    frozen image latents with labels, as a supervised reference), bf16 (autocast on GPU)."""
+
+    def __init__(
+        self, templates=DEFAULT_TEMPLATES, linear_probe: LinearProbe | None = None, bf16: bool = True
+    ):
+        self.templates = [tuple(pair) for pair in templates]
+        self.linear_probe, self.bf16 = linear_probe, bf16
+
+    @torch.no_grad()
+    def __call__(self, model, datamodule, device: torch.device) -> dict:
+        """model: an ``AlignedEncoders``; datamodule: its probe-test set and ``test_reports``."""
+        probed = self.linear_probe(model, datamodule, device) if self.linear_probe else {"metrics": {}}
+        was_training = model.training
+        model.eval().to(device)
+        autocast = torch.autocast(
+            device.type, dtype=torch.bfloat16, enabled=self.bf16 and device.type == "cuda"
+        )
+        _, test_loader = datamodule.probe_dataloaders()
+        latents, labels, seconds = [], [], 0.0
+        with autocast:
+            for volumes, batch_labels in tqdm(test_loader, desc="zero-shot: volumes", unit="batch"):
+                start = time.perf_counter()
+                latents.append(model(volumes.to(device)).float().cpu())
+                seconds += time.perf_counter() - start
+                labels.append(batch_labels)
+            image = torch.cat(latents).numpy()
+            labels = torch.cat(labels).numpy()
+            reports = model.encode_text(datamodule.test_reports).float().cpu().numpy()
+            scores = {}
+            for k, task in enumerate(datamodule.tasks):
+                positive, negative = prompts(task.name, self.templates)
+                v_pos = model.encode_text(positive).float().mean(0).cpu().numpy()
+                v_neg = model.encode_text(negative).float().mean(0).cpu().numpy()
+                logits = np.stack([image @ v_pos, image @ v_neg], axis=1)
+                probability = torch.softmax(torch.from_numpy(logits), dim=1)[:, 0].numpy()
+                known = labels[:, k] >= 0
+                y = labels[known, k]
+                scores[task.name] = (
+                    float(roc_auc_score(y, probability[known])) if len(np.unique(y)) == 2 else float("nan")
+                )
+        model.train(was_training)
+        valid = [v for v in scores.values() if not np.isnan(v)]
+        metrics = {
+            **probed["metrics"],
+            "zero_shot_auroc_macro": float(np.mean(valid)) if valid else float("nan"),
+            "zero_shot_findings_scored": len(valid),
+            **{f"zero_shot_auroc/{name}": value for name, value in scores.items()},
+            **{f"report_to_volume_{k}": v for k, v in recall_at(reports @ image.T).items()},
+            "retrieval_pool_size": len(image),
+            "prompt_templates": [list(t) for t in self.templates],
+        }
+        embedding = {
+            "dim": int(image.shape[1]),
+            "dtype": "float32",
+            "bytes_per_image": int(image.shape[1]) * 4,
+            "pooling": "image latent (projection of the pooled 3D features)",
+            "throughput_img_s": len(image) / seconds if seconds else float("nan"),
+            "throughput_method": f"image encoder + projection (no data loading), {device.type}",
+        }
+        return {"metrics": metrics, "embedding": embedding}

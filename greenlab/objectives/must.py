@@ -1,0 +1,208 @@
+"""GreenRFM / MUST: label-supervised encoders, then a label-anchored image-text alignment.
+
+A batch is (volumes, reports, labels): volumes (B, 1, X, Y, Z) (MRI: (B, 3, 1, X, Y, S), one per plane),
+B report strings, labels (B, C) with 1 present, 0 absent, UNCERTAIN (-2), MISSING (-1).
+
+Stage 1, each encoder alone (they share no parameter, so one step trains both independently):
+
+    L1 = BCE_m(h_img(f(x)), y) + BCE_m(h_txt(g(t)), y)
+
+with f the 3D image encoder (512-d), g the text encoder ([CLS]), h_* linear heads and BCE_m the mean
+BCE over labelled entries (uncertain: masked, or read as present / absent, ``uncertain``).
+
+Stage 2, alignment: projections without bias, u = P_i f(x), v = P_t g(t) (latent_dim), ONE classifier W:
+
+    S = u vᵀ (B, B), un-normalised dot products, temperature 1
+    L2 = ½ [CE(S, diag) + CE(Sᵀ, diag)] + ½ [BCE_m(W u, y) + BCE_m(W v, y)]
+
+Stage 1 (AdamW lr 1e-4, wd 1e-4, cosine to 1e-6) runs for ``stage1_epochs``, stage 2 (AdamW lr 1e-5,
+grad clip 0.5) for the rest of the Trainer's ``max_epochs``; batch 10, 5 + 5 epochs in the paper
+(shared/REFERENCE.md §3). At the switch the optimiser state is cleared (a fresh AdamW, as the paper's
+separate runs have) and the stage-1 encoders are saved to the run folder. Stage 2 starts from those
+encoders, or, with ``stage1_weights`` (a folder an earlier run saved them to), from that run's (stage 1
+is then skipped).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from greenlab.data.base import MISSING, UNCERTAIN
+from greenlab.objectives.label_supervised import masked_bce
+from greenlab.objectives.optim import decay_param_groups, log_train_loss, warmup_cosine_factor
+
+STAGE1_FILES = {"image_encoder": "stage1_image_encoder.pth", "text_encoder": "stage1_text_encoder.pth"}
+
+
+class AlignedEncoders(nn.Module):
+    """The stage-2 model: image and report latents in one space, and the shared classifier.
+
+    ``forward(volumes)`` -> (B, latent_dim) image latents (so linear probes work on it);
+    ``encode_text(texts)`` -> (B, latent_dim); ``classifier(latent)`` -> (B, C) logits.
+    """
+
+    def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, latent_dim: int, num_findings: int):
+        super().__init__()
+        self.image_encoder, self.text_encoder = image_encoder, text_encoder
+        self.image_projection = nn.Linear(image_encoder.num_features, latent_dim, bias=False)
+        self.text_projection = nn.Linear(text_encoder.num_features, latent_dim, bias=False)
+        self.classifier = nn.Linear(latent_dim, num_findings)
+        self.num_features = latent_dim
+        self.greenlab_init = {"image": image_encoder.greenlab_init, "text": text_encoder.greenlab_init}
+
+    def forward(self, volumes) -> torch.Tensor:
+        return self.image_projection(self.image_encoder(volumes))
+
+    def forward_features(self, volumes) -> torch.Tensor:
+        return self(volumes)
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        return self.text_projection(self.text_encoder(texts))
+
+
+def symmetric_contrastive_loss(image_latents: torch.Tensor, text_latents: torch.Tensor) -> torch.Tensor:
+    """½ [CE(S, diag) + CE(Sᵀ, diag)], S = image_latents @ text_latentsᵀ (B, B), no normalisation."""
+    similarity = image_latents.float() @ text_latents.float().t()
+    targets = torch.arange(len(similarity), device=similarity.device)
+    return 0.5 * (F.cross_entropy(similarity, targets) + F.cross_entropy(similarity.t(), targets))
+
+
+class MUST(L.LightningModule):
+    """Args: image_encoder, text_encoder, latent_dim (768), stage1_epochs, stage1 / stage2 (lr,
+    weight_decay, min_lr; stage 2 also gradient_clip_val), uncertain (mask | positive | negative),
+    stage1_weights (folder)."""
+
+    def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, latent_dim: int = 768,
+                 stage1_epochs: int = 5, stage1: dict | None = None, stage2: dict | None = None,
+                 uncertain: str = "mask", stage1_weights: str | None = None):  # fmt: skip
+        super().__init__()
+        self.save_hyperparameters(ignore=["image_encoder", "text_encoder"])
+        if uncertain not in ("mask", "positive", "negative"):
+            raise ValueError(f"uncertain must be mask, positive or negative, not {uncertain!r}")
+        self.image_encoder, self.text_encoder = image_encoder, text_encoder
+        self.stage1_epochs = 0 if stage1_weights else stage1_epochs
+        self.settings = {
+            "stage1": {"lr": 1e-4, "weight_decay": 1e-4, "min_lr": 1e-6, **(stage1 or {})},
+            "stage2": {"lr": 1e-5, "weight_decay": 1e-4, "min_lr": 1e-5, "gradient_clip_val": 0.5, **(stage2 or {})},
+        }  # fmt: skip
+        self.image_head = self.text_head = self.aligned = None
+        self.run_notes = {"stage1_epochs": self.stage1_epochs, "uncertain_labels": uncertain,
+                          "stage1_weights": stage1_weights, "stage_settings": self.settings}  # fmt: skip
+
+    @property
+    def stage(self) -> str:
+        return "stage1" if self.current_epoch < self.stage1_epochs else "stage2"
+
+    def setup(self, stage: str) -> None:
+        if self.aligned is None:
+            if self.trainer.max_epochs <= self.stage1_epochs:
+                raise ValueError(
+                    f"trainer.max_epochs ({self.trainer.max_epochs}) leaves no epoch for stage 2 after"
+                    f" stage1_epochs ({self.stage1_epochs})"
+                )
+            self.build(self.trainer.datamodule.tasks, self.trainer.datamodule.train_reports)
+
+    def build(self, tasks, train_reports: list[str]) -> None:
+        """Heads, projections and classifier for the findings ``tasks``; the stage-1 weights or (random
+        BERT) the vocabulary fitted on ``train_reports``."""
+        if not tasks or any(t.num_classes != 2 for t in tasks):
+            raise ValueError(f"MUST needs binary findings; the data has {tasks}")
+        if self.hparams.stage1_weights:
+            self._load_stage1(Path(self.hparams.stage1_weights))
+        elif self.text_encoder.needs_vocabulary:
+            self.text_encoder.fit_vocabulary(train_reports)
+        self.image_head = nn.Linear(self.image_encoder.num_features, len(tasks))
+        self.text_head = nn.Linear(self.text_encoder.num_features, len(tasks))
+        self.aligned = AlignedEncoders(
+            self.image_encoder, self.text_encoder, self.hparams.latent_dim, len(tasks)
+        )
+
+    def _load_stage1(self, directory: Path) -> None:
+        from transformers import AutoTokenizer
+
+        for name, file in STAGE1_FILES.items():
+            if not (directory / file).is_file():
+                raise FileNotFoundError(f"stage1_weights: {directory / file} not found")
+            getattr(self, name).load_state_dict(torch.load(directory / file, map_location="cpu"))
+        if (directory / "text_tokenizer").is_dir():
+            self.text_encoder.tokenizer = AutoTokenizer.from_pretrained(str(directory / "text_tokenizer"))
+
+    def on_train_epoch_start(self) -> None:
+        if self.current_epoch == self.stage1_epochs > 0:  # the switch to stage 2
+            if self.trainer.is_global_zero:
+                self.save_stage1(Path(self.trainer.default_root_dir))
+            for optimizer in self.trainer.optimizers:
+                optimizer.state.clear()
+
+    def save_stage1(self, directory: Path) -> None:
+        """Both encoders' weights (and a fitted vocabulary) as stage 1 left them; never overwrites."""
+        for name, file in STAGE1_FILES.items():
+            path = directory / file
+            if path.exists():
+                raise FileExistsError(f"{path} already exists; refusing to overwrite stage-1 weights")
+            torch.save(getattr(self, name).state_dict(), path)
+        self.text_encoder.save_tokenizer(directory / "text_tokenizer")
+
+    # --- the maths -------------------------------------------------------------------------------------
+    def targets(self, labels: torch.Tensor) -> torch.Tensor:
+        """Labels for BCE_m: uncertain -> masked (-1), or 1 / 0 per ``uncertain``."""
+        value = {"mask": MISSING, "positive": 1, "negative": 0}[self.hparams.uncertain]
+        return torch.where(labels == UNCERTAIN, torch.full_like(labels, value), labels)
+
+    def training_step(self, batch, batch_idx):
+        volumes, reports, labels = batch
+        y = self.targets(labels)
+        image_features, text_features = self.image_encoder(volumes), self.text_encoder(reports)
+        if self.stage == "stage1":
+            image_loss = masked_bce(self.image_head(image_features), y)
+            text_loss = masked_bce(self.text_head(text_features), y)
+            loss = image_loss + text_loss
+            parts = {"train/image_bce": image_loss, "train/text_bce": text_loss}
+        else:
+            u = self.aligned.image_projection(image_features)
+            v = self.aligned.text_projection(text_features)
+            contrastive = symmetric_contrastive_loss(u, v)
+            bce = 0.5 * (
+                masked_bce(self.aligned.classifier(u), y) + masked_bce(self.aligned.classifier(v), y)
+            )
+            loss = contrastive + bce
+            parts = {"train/contrastive": contrastive, "train/shared_bce": bce}
+        self.log_dict(parts, on_step=False, on_epoch=True, batch_size=len(labels), sync_dist=True)
+        log_train_loss(self, loss, len(labels))
+        return loss
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        clip = gradient_clip_val if self.stage == "stage1" else self.settings["stage2"]["gradient_clip_val"]
+        if clip:
+            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+
+    def configure_optimizers(self):
+        """One AdamW over every part; a part without gradients in a stage (the stage-1 heads in stage 2,
+        the projections and classifier in stage 1) is left untouched by it. lr per epoch below."""
+        wd = self.settings["stage1"]["weight_decay"], self.settings["stage2"]["weight_decay"]
+        if wd[0] != wd[1]:
+            raise ValueError("stage1.weight_decay and stage2.weight_decay must match (one optimiser)")
+        parts = [self.image_encoder, self.text_encoder, self.image_head, self.text_head, self.aligned.image_projection,
+                 self.aligned.text_projection, self.aligned.classifier]  # fmt: skip
+        optimizer = torch.optim.AdamW(decay_param_groups(parts, wd[0]), lr=1.0)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": LambdaLR(optimizer, self.lr_at_epoch), "interval": "epoch"}}  # fmt: skip
+
+    def lr_at_epoch(self, epoch: int) -> float:
+        """Stage 1: cosine lr -> min_lr over stage1_epochs; stage 2: cosine lr -> min_lr over the rest."""
+        if epoch < self.stage1_epochs:
+            s, first, length = self.settings["stage1"], 0, self.stage1_epochs
+        else:
+            s, first = self.settings["stage2"], self.stage1_epochs
+            last = self.trainer.max_epochs if self._trainer else epoch + 1  # outside a Trainer: no schedule
+            length = last - self.stage1_epochs
+        return s["lr"] * warmup_cosine_factor(epoch - first, s["lr"], s["lr"], s["min_lr"], 0, length)
+
+    def trained_backbone(self) -> AlignedEncoders:
+        return self.aligned

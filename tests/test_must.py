@@ -1,0 +1,193 @@
+"""GreenRFM / MUST: the stage-2 loss, the stage switch (stage 2 starts from stage 1's encoders), loading
+stage-1 weights from an earlier run, the text encoder's initialisations, zero-shot and retrieval metrics."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from greenlab.backbones.resnet3d import ResNet3D
+from greenlab.backbones.text import TextEncoder
+from greenlab.data.base import Task
+from greenlab.data.embedded_ct import EmbeddedCTDataModule
+from greenlab.evaluation.zero_shot import ZeroShot, prompts, recall_at
+from greenlab.objectives.must import MUST, STAGE1_FILES, symmetric_contrastive_loss
+from tests.conftest import TINY_GREENRFM, run_cli
+
+TINY_TEXT = {"vocab_size": 200, "hidden_size": 32, "num_layers": 1, "num_heads": 2, "max_length": 64}
+TINY_CT = {"spacing": (20.0, 20.0, 30.0), "pad_size": (16, 16, 10), "crop_size": (16, 16, 8)}
+
+
+def tiny_must(**kwargs) -> MUST:
+    torch.manual_seed(0)
+    return MUST(ResNet3D(10, 4), TextEncoder(**TINY_TEXT), latent_dim=16, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def ct_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("embedded_ct")
+    data = EmbeddedCTDataModule(str(root / "gen"), num_volumes=24, labeller={"backend": "rules"}, pair_reports=True,
+                                batch_size=6, eval_batch_size=6, num_workers=0, output_dir=str(root / "run"),
+                                **TINY_CT)  # fmt: skip
+    data.setup("fit")
+    return data
+
+
+def test_symmetric_contrastive_loss_is_the_mean_of_both_cross_entropies():
+    torch.manual_seed(0)
+    u, v = torch.randn(5, 8), torch.randn(5, 8)
+    s = u @ v.t()
+    expected = (F.cross_entropy(s, torch.arange(5)) + F.cross_entropy(s.t(), torch.arange(5))) / 2
+    assert torch.allclose(symmetric_contrastive_loss(u, v), expected)
+    aligned = torch.eye(5) * 20  # un-normalised: large matching dot products -> loss near 0
+    assert symmetric_contrastive_loss(aligned, aligned) < 1e-6
+
+
+def test_uncertain_labels_are_masked_or_mapped():
+    labels = torch.tensor([[1, 0, -2, -1]])
+    assert tiny_must().targets(labels).tolist() == [[1, 0, -1, -1]]
+    assert tiny_must(uncertain="positive").targets(labels).tolist() == [[1, 0, 1, -1]]
+    assert tiny_must(uncertain="negative").targets(labels).tolist() == [[1, 0, 0, -1]]
+
+
+class StageProbe(L.Callback):
+    """Copies of the weights (and optimiser state size) when each epoch's first batch starts."""
+
+    def __init__(self):
+        self.seen = {}
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if batch_idx == 0:
+            self.seen[trainer.current_epoch] = {
+                "image_encoder": {k: v.clone() for k, v in module.image_encoder.state_dict().items()},
+                "image_head": module.image_head.weight.clone(),
+                "projection": module.aligned.image_projection.weight.clone(),
+                "optimizer_state": len(trainer.optimizers[0].state),
+            }
+
+
+def test_stage_two_starts_from_the_saved_stage_one_encoders(ct_data, tmp_path):
+    objective, probe = tiny_must(stage1_epochs=1), StageProbe()
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, default_root_dir=str(tmp_path), callbacks=[probe])  # fmt: skip
+    trainer.fit(objective, datamodule=ct_data)
+    saved = torch.load(tmp_path / STAGE1_FILES["image_encoder"])
+    stage1, stage2 = probe.seen[0], probe.seen[1]
+    for key, value in saved.items():  # stage 2's first step sees exactly the saved stage-1 encoder
+        assert torch.equal(stage2["image_encoder"][key], value), key
+    assert any(not torch.equal(stage1["image_encoder"][k], saved[k]) for k in saved)  # stage 1 trained it
+    assert torch.equal(stage1["projection"], stage2["projection"])  # projections wait for stage 2
+    assert not torch.equal(stage2["projection"], objective.aligned.image_projection.weight)
+    assert torch.equal(stage2["image_head"], objective.image_head.weight)  # stage-1 heads left alone
+    assert stage2["optimizer_state"] == 0  # a fresh AdamW for stage 2
+    assert (tmp_path / STAGE1_FILES["text_encoder"]).is_file() and (tmp_path / "text_tokenizer").is_dir()
+    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+        objective.save_stage1(tmp_path)
+
+
+def test_stage1_weights_of_an_earlier_run_are_loaded(ct_data, tmp_path):
+    first = tiny_must()
+    first.build(ct_data.tasks, ct_data.train_reports)
+    with torch.no_grad():
+        for p in first.image_encoder.parameters():
+            p.add_(1.0)
+    first.save_stage1(tmp_path)
+    second = tiny_must(stage1_weights=str(tmp_path))
+    second.build(ct_data.tasks, ct_data.train_reports)
+    assert second.stage1_epochs == 0 and second.stage == "stage2"
+    for (name, a), b in zip(
+        first.image_encoder.state_dict().items(), second.image_encoder.state_dict().values()
+    ):
+        assert torch.equal(a, b), name
+    texts = ["No pleural effusion.", "Cardiomegaly."]
+    assert (
+        first.text_encoder.tokenizer(texts)["input_ids"] == second.text_encoder.tokenizer(texts)["input_ids"]
+    )
+    with pytest.raises(FileNotFoundError, match="stage1_image_encoder.pth"):
+        tiny_must(stage1_weights=str(tmp_path / "nowhere")).build(ct_data.tasks, ct_data.train_reports)
+
+
+def test_text_encoder_from_a_local_folder_and_loud_fallback(tmp_path, capsys):
+    fitted = TextEncoder(**TINY_TEXT)
+    fitted.fit_vocabulary(["no pleural effusion", "there is a small nodule"] * 5)
+    fitted.model.save_pretrained(tmp_path / "bert")
+    fitted.save_tokenizer(tmp_path / "bert")
+    local = TextEncoder(weights=str(tmp_path / "bert"))
+    assert local.greenlab_init["used"] == "pretrained" and not local.needs_vocabulary
+    assert torch.allclose(local.eval()(["no nodule"]), fitted.eval()(["no nodule"]), atol=1e-6)
+    missing = TextEncoder(weights="no-such-org/no-such-bert", **TINY_TEXT)
+    assert missing.greenlab_init["used"] == "random" and missing.needs_vocabulary
+    assert "RANDOMLY INITIALISED" in capsys.readouterr().err
+
+
+def test_prompts_and_recall():
+    positive, negative = prompts("pleural_effusion", [("There is {finding}.", "{Finding} is absent.")])
+    assert positive == ["There is pleural effusion."] and negative == ["Pleural effusion is absent."]
+    similarity = np.array([[3.0, 1.0, 2.0], [0.0, 1.0, 2.0], [0.0, 0.0, 1.0]])  # ranks of own: 1, 2, 1
+    assert recall_at(similarity, (1, 2)) == {"recall@1": 2 / 3, "recall@2": 1.0}
+
+
+class OracleModel(torch.nn.Module):
+    """Image latent = the volume's labels; a prompt's latent = +/- the one-hot of its finding."""
+
+    def __init__(self, names):
+        super().__init__()
+        self.names = names
+
+    def forward(self, volumes):
+        return volumes
+
+    def encode_text(self, texts):
+        out = torch.zeros(len(texts), len(self.names))
+        for i, text in enumerate(texts):
+            for k, name in enumerate(self.names):
+                if name.replace("_", " ") in text.lower():
+                    out[i, k] = -1.0 if " no " in f" {text.lower()}" or "not" in text else 1.0
+            if text.startswith("report"):
+                out[i] = self.reports[int(text.split()[1])]
+        return out
+
+
+def test_zero_shot_scores_an_oracle_perfectly():
+    names = ["pleural_effusion", "lung_nodule"]
+    labels = torch.tensor([[1, 0], [0, 1], [1, 1], [0, 0], [1, -2]])
+    volumes = labels.float().clamp(min=0) * 2 - 1  # +1 present, -1 absent
+    model = OracleModel(names)
+    model.reports = volumes + torch.eye(5, 2) * 0.1  # each report is closest to its own volume
+    loader = torch.utils.data.DataLoader(list(zip(volumes, labels)), batch_size=2)
+
+    class Data:
+        tasks = [Task(n, 2) for n in names]
+        test_reports = [f"report {i}" for i in range(5)]
+
+        def probe_dataloaders(self):
+            return None, loader
+
+    metrics = ZeroShot()(model, Data(), torch.device("cpu"))["metrics"]
+    assert metrics["zero_shot_auroc/pleural_effusion"] == 1.0 and metrics["zero_shot_auroc_macro"] == 1.0
+    assert metrics["zero_shot_findings_scored"] == 2 and metrics["report_to_volume_recall@5"] == 1.0
+
+
+def test_greenrfm_main_command_end_to_end(tmp_path, data_dir):
+    """reports -> labels -> stage 1 -> stage 2 -> zero-shot, from the main command at a tiny size."""
+    run = tmp_path / "run"
+    run_cli("+experiment=greenrfm", *TINY_GREENRFM, f"paths.data_dir={data_dir}", f"hydra.run.dir={run}")
+    results = json.loads((run / "results.json").read_text())
+    metrics = results["metrics"]
+    for key in (
+        "zero_shot_auroc_macro",
+        "report_to_volume_recall@1",
+        "report_to_volume_recall@10",
+        "probe_auroc_macro",
+    ):
+        assert key in metrics, key
+    assert results["data"]["labels_from"].startswith("reports") and results["objective"]["stage1_epochs"] == 1
+    assert results["init"]["text"]["used"] == "random" and "WordPiece" in results["init"]["text"]["note"]
+    assert json.loads((run / "backbone.json").read_text())["factory"].endswith("AlignedEncoders")
+    for name in ("report_labels.csv", *STAGE1_FILES.values(), "text_tokenizer"):
+        assert (run / name).exists(), name
