@@ -20,3 +20,5 @@ format:
 
 bench:  ## benchmarks; each writes benchmarks/results/<name>.json with the machine description
 	$(PYTHON) -m benchmarks.sparse_backends
+	$(PYTHON) -m benchmarks.training_steps
+	$(PYTHON) -m benchmarks.data_pipeline

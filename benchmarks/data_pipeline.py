@@ -3,7 +3,7 @@
 - loader alone: samples/s of its training DataLoader (its num_workers, decoding and augmentation);
 - training through greenlab with that loader, and with one batch repeated (no loading at all).
 
-    python -m benchmarks.data_pipeline [--steps 12] [--only retfound_green ...]
+    python -m benchmarks.data_pipeline [--steps 12] [--only retfound_green ...] [hydra overrides, e.g. data.num_workers=8]
 
 ratio = training throughput with the real loader / with the repeated batch: 1.0 = loading costs
 nothing, below 1 = the loader holds training back. On a 2-core CPU the workers compete with training
@@ -28,11 +28,12 @@ from greenlab.run import CONFIG_DIR
 EXPERIMENTS = ("retfound_green", "sparse_cnn_mae", "greenrfm")
 
 
-def measure(experiment: str, steps: int, warmup: int, data_dir: str) -> dict:
+def measure(experiment: str, steps: int, warmup: int, data_dir: str, extra: list[str]) -> dict:
     overrides = [
         f"+experiment={experiment}",
         "paths.output_dir=/tmp/greenlab_bench",
         f"paths.data_dir={data_dir}",
+        *extra,
     ]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("config", overrides=overrides)
@@ -46,7 +47,8 @@ def measure(experiment: str, steps: int, warmup: int, data_dir: str) -> dict:
             datamodule.setup("fit")
             batch = next(iter(datamodule.train_dataloader()))
             datamodule.train_dataloader = lambda: SameBatch(batch, steps)
-        trainer = L.Trainer(accelerator=accelerator, devices=1, max_steps=steps, precision=precision, logger=False,
+        trainer = L.Trainer(accelerator=accelerator, devices=1, max_steps=steps, max_epochs=cfg.trainer.max_epochs,
+                            precision=precision, logger=False,
                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                             callbacks=[clock])  # fmt: skip
         trainer.fit(objective, datamodule=datamodule)
@@ -55,7 +57,7 @@ def measure(experiment: str, steps: int, warmup: int, data_dir: str) -> dict:
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
     loader = datamodule.train_dataloader()
-    iterator = iter(itertools.cycle(loader))
+    iterator = (batch for _ in itertools.count() for batch in loader)  # epoch after epoch, nothing cached
     for _ in range(warmup):
         next(iterator)
     start = time.perf_counter()
@@ -84,13 +86,20 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--only", nargs="*", default=list(EXPERIMENTS))
     parser.add_argument("--data-dir", default="data")
+    parser.add_argument(
+        "overrides", nargs="*", help="Hydra overrides for every experiment, e.g. data.num_workers=8"
+    )
     args = parser.parse_args()
     results = []
     for experiment in args.only:
-        results.append(measure(experiment, args.steps, args.warmup, args.data_dir))
+        results.append({**measure(experiment, args.steps, args.warmup, args.data_dir, args.overrides),
+                        "overrides": args.overrides})  # fmt: skip
         print(results[-1], flush=True)
     kind = "gpu" if torch.cuda.is_available() else "cpu"
-    print("wrote", write(f"data_pipeline_{kind}", {"command": " ".join(sys.argv), "results": results}))
+    suffix = "".join(f"_{o.split('.')[-1].replace('=', '')}" for o in args.overrides)
+    print(
+        "wrote", write(f"data_pipeline_{kind}{suffix}", {"command": " ".join(sys.argv), "results": results})
+    )
 
 
 if __name__ == "__main__":

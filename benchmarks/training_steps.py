@@ -1,7 +1,7 @@
 """Training steps of every objective: greenlab (Lightning Trainer + greenlab callbacks) versus a plain
 PyTorch loop doing the same maths on the same batch; peak memory; on a GPU, bf16 throughput and MFU.
 
-    python -m benchmarks.training_steps [--size paper|tiny] [--steps 20] [--only NAME ...]
+    python -m benchmarks.training_steps [--size paper|tiny] [--steps 20] [--only NAME ...]   (make bench)
 
 Both paths run ``objective.training_step`` (the loop with logging switched off) with the objective's own
 optimiser, on one batch already on the device (data loading excluded: see benchmarks.data_pipeline), under
@@ -169,12 +169,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--size", choices=["paper", "tiny"], default="tiny")
+    parser.add_argument("--size", choices=["paper", "tiny"], help="default: paper on a GPU, tiny on a CPU")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--only", nargs="*", default=list(CASES))
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
     args = parser.parse_args()
+    args.size = args.size or ("paper" if torch.cuda.is_available() else "tiny")
     if args.case:
         print(json.dumps(run_case(args.case, args.size, args.steps, args.warmup)))
         return

@@ -11,6 +11,8 @@ import copy
 import datetime
 import json
 import logging
+import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -38,15 +40,7 @@ def run(cfg: DictConfig) -> dict:
         raise FileExistsError(
             f"{output_dir} already holds a finished run (results.json); choose a new output directory"
         )
-    earlier = [
-        p
-        for p in (output_dir / "checkpoints", output_dir / "backbone.pth")
-        if p.exists() and any(p.iterdir() if p.is_dir() else [p])
-    ]
-    if earlier:  # an interrupted run: its checkpoints must not be overwritten (resuming is not supported yet)
-        raise FileExistsError(
-            f"{output_dir} holds an earlier run's {earlier[0].name}; choose a new output directory"
-        )
+    resume_from = resume_checkpoint(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
 
@@ -63,10 +57,13 @@ def run(cfg: DictConfig) -> dict:
     warnings.filterwarnings(
         "ignore", message=".*module\\(s\\) in eval mode.*"
     )  # the frozen teacher, on purpose
-    trainer.fit(objective, datamodule=datamodule)
-    budget = monitor.summary(trainer)
+    # weights_only=False: the checkpoint is this run's own (its hparams hold OmegaConf containers)
+    trainer.fit(objective, datamodule=datamodule, ckpt_path=resume_from, weights_only=False)
+    budget = monitor.summary(trainer)  # reduced over all ranks; from here on rank 0 alone works
+    if not trainer.is_global_zero:
+        return {"metrics": {}}
     backbone = objective.trained_backbone()
-    weights_path = save_backbone(backbone, cfg, output_dir) if trainer.is_global_zero else None
+    weights_path = save_backbone(backbone, cfg, output_dir)
 
     meter = EnergyMeter(cfg.compute.cpu_watts_per_core)
     meter.start()
@@ -101,21 +98,54 @@ def run(cfg: DictConfig) -> dict:
         "energy": energy,
         "embedding": evaluation["embedding"],
         "artifacts": {
-            "backbone_weights": str(weights_path) if weights_path else None,
+            "backbone_weights": str(weights_path),
             "checkpoints": str(output_dir / "checkpoints"),
             "csv_metrics": str(output_dir / "csv" / "metrics.csv"),
             "wandb_dir": str(output_dir / "wandb"),
         },
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    if trainer.is_global_zero:
-        json_path, md_path = write_results(results, output_dir)
-        _log_final(trainer, results)
-        print(
-            f"\ngreenlab: {cfg.name} finished\n  results: {json_path}\n  report:  {md_path}\n  weights: {weights_path}"
-        )
+    json_path, md_path = write_results(results, output_dir)
+    _log_final(trainer, results)
+    print(
+        f"\ngreenlab: {cfg.name} finished\n  results: {json_path}\n  report:  {md_path}\n  weights: {weights_path}"
+    )
     _finish_wandb()
     return results
+
+
+def resume_checkpoint(output_dir: Path) -> Path | None:
+    """The checkpoint to continue an interrupted run in ``output_dir`` from, or None for a new run.
+
+    A finished run (results.json) or one that finished training (backbone.pth) is never touched. An
+    interrupted one continues from ``checkpoints/last.ckpt``: that file is first copied to
+    ``checkpoints/resumed-from-<n>.ckpt`` (the training loop replaces last.ckpt as it goes), and the
+    earlier CSV log is moved to ``csv/metrics.attempt-<n>.csv``; nothing is deleted.
+    """
+    for done, what in (("results.json", "a finished run"), ("backbone.pth", "a run that finished training")):
+        if (output_dir / done).exists():
+            raise FileExistsError(f"{output_dir} holds {what} ({done}); choose a new output directory")
+    checkpoints = output_dir / "checkpoints"
+    last = checkpoints / "last.ckpt"
+    if not last.is_file():
+        if checkpoints.is_dir() and any(checkpoints.iterdir()):
+            raise FileExistsError(f"{checkpoints} holds checkpoints but no last.ckpt to resume from")
+        return None
+    if not _primary_process():  # DDP / SLURM workers: the same state, bookkeeping left to rank 0
+        return last
+    attempt = 1 + len(list(checkpoints.glob("resumed-from-*.ckpt")))
+    kept = checkpoints / f"resumed-from-{attempt}.ckpt"
+    shutil.copy2(last, kept)
+    metrics = output_dir / "csv" / "metrics.csv"
+    if metrics.is_file():
+        metrics.rename(metrics.with_name(f"metrics.attempt-{attempt}.csv"))
+    log.warning("resuming the interrupted run in %s from %s (kept as %s)", output_dir, last, kept.name)
+    return kept
+
+
+def _primary_process() -> bool:
+    """False in the worker processes a DDP launcher or SLURM starts (before Lightning knows its rank)."""
+    return all(os.environ.get(v, "0") == "0" for v in ("LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "RANK"))
 
 
 def save_backbone(backbone: torch.nn.Module, cfg: DictConfig, output_dir: Path) -> Path:

@@ -75,18 +75,22 @@ TINY = {
 }
 
 
-def write_npz_3d(path, size: int = 16) -> None:
-    """A tiny 3D MedMNIST-like file: bright cube = class 1."""
+def write_tiny_npz(path, spatial: tuple[int, ...], counts: tuple[int, int] = (12, 8)) -> None:
+    """A tiny MedMNIST-like file, 2D or 3D, (train, val) counts: a bright square / cube = class 1."""
     import numpy as np
 
     rng = np.random.default_rng(0)
     arrays = {}
-    for split, n in (("train", 12), ("val", 8)):
+    for split, n in zip(("train", "val"), counts):
         labels = np.arange(n) % 2
-        volumes = rng.integers(0, 60, (n, size, size, size), dtype=np.uint8)
-        volumes[labels == 1, 4:12, 4:12, 4:12] += 150
-        arrays[f"{split}_images"], arrays[f"{split}_labels"] = volumes, labels[:, None]
+        images = rng.integers(0, 60, (n, *spatial), dtype=np.uint8)
+        images[(labels == 1, *(slice(4, 12) for _ in spatial))] += 150
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels[:, None]
     np.savez(path, **arrays)
+
+
+def write_npz_3d(path, size: int = 16) -> None:
+    write_tiny_npz(path, (size, size, size))
 
 
 def shared_data(*parts: str) -> Path:

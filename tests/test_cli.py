@@ -8,7 +8,7 @@ import timm
 import torch
 from hydra import compose, initialize_config_dir
 
-from tests.conftest import REPO, TINY, TINY_RUN, run_cli, write_npz_3d
+from tests.conftest import REPO, TINY, TINY_RUN, run_cli, write_npz_3d, write_tiny_npz
 
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
 RESULT_KEYS = {
@@ -107,13 +107,38 @@ def test_rerun_into_same_directory_never_overwrites(main_run, data_dir):
     assert (run_dir / "results.json").read_bytes() == before
 
 
-def test_interrupted_run_directory_is_not_reused(tmp_path, data_dir):
+def test_checkpoints_without_last_ckpt_are_left_alone(tmp_path, data_dir):
     checkpoint = tmp_path / "run" / "checkpoints" / "epoch000.ckpt"
     checkpoint.parent.mkdir(parents=True)
     checkpoint.write_bytes(b"an earlier run's checkpoint")
     proc = run_tiny(tmp_path / "run", data_dir, check=False)
-    assert proc.returncode != 0 and "holds an earlier run's checkpoints" in proc.stderr
+    assert proc.returncode != 0 and "no last.ckpt to resume from" in proc.stderr
     assert checkpoint.read_bytes() == b"an earlier run's checkpoint"
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, data_dir):
+    """Kill -9 mid-epoch, run the same command into the same folder: it continues from last.ckpt, makes
+    the same number of optimizer steps as an uninterrupted run, and keeps every earlier checkpoint."""
+    epochs = "trainer.max_epochs=3"
+    run_tiny(tmp_path / "whole", data_dir, epochs)
+    total = json.loads((tmp_path / "whole" / "results.json").read_text())["compute"]["optimizer_steps"]
+    run = tmp_path / "run"
+    killed = run_tiny(run, data_dir, epochs, "+callbacks.kill._target_=tests.helpers.KillAtStep",
+                      f"+callbacks.kill.step={total - 1}", check=False)  # fmt: skip
+    assert killed.returncode != 0 and not (run / "results.json").exists()
+    before = {p.name: p.read_bytes() for p in (run / "checkpoints").glob("epoch*.ckpt")}
+    assert {"epoch000.ckpt", "epoch001.ckpt"} <= set(before)
+    run_tiny(run, data_dir, epochs)
+    results = json.loads((run / "results.json").read_text())
+    assert results["compute"]["optimizer_steps"] == total and results["compute"]["resumed_attempts"] == 1
+    assert (
+        results["compute"]["train_images_seen"]
+        == json.loads((tmp_path / "whole" / "results.json").read_text())["compute"]["train_images_seen"]
+    )
+    for name, content in before.items():
+        assert (run / "checkpoints" / name).read_bytes() == content, name
+    assert (run / "checkpoints" / "resumed-from-1.ckpt").is_file()
+    assert (run / "csv" / "metrics.attempt-1.csv").is_file() and (run / "csv" / "metrics.csv").is_file()
 
 
 def test_multirun_gives_separate_runs(tmp_path, data_dir):
@@ -128,11 +153,10 @@ def test_multirun_gives_separate_runs(tmp_path, data_dir):
         f"hydra.sweep.dir={sweep}",
         "objective.noise_std=0.1,0.3",
     )
-    noise = [
-        json.loads((sweep / str(i) / "results.json").read_text())["config"]["objective"]["noise_std"]
-        for i in (0, 1)
-    ]
-    assert noise == [0.1, 0.3]
+    configs = [json.loads((sweep / str(i) / "results.json").read_text())["config"] for i in (0, 1)]
+    assert [c["objective"]["noise_std"] for c in configs] == [0.1, 0.3]
+    groups = {c["logger"]["wandb"]["group"] for c in configs}  # one W&B group for the whole sweep
+    assert groups == {"retfound_green-sweep-sweep"}
     wandb_runs = [next((sweep / str(i) / "wandb").glob("offline-run-*")).name.split("-")[-1] for i in (0, 1)]
     assert wandb_runs[0] != wandb_runs[1]
 
@@ -149,7 +173,8 @@ def test_experiment_config_composes(experiment, scale):
         cfg.scale_name == scale if scale else cfg.scale_name in ("demo", "paper")
     )
     assert cfg.data.get("img_size", cfg.img_size) == cfg.img_size
-    assert cfg.objective.backbone.get("img_size", cfg.img_size) == cfg.img_size
+    backbone = cfg.objective.get("backbone") or cfg.objective.image_encoder
+    assert backbone.get("img_size", cfg.img_size) == cfg.img_size
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -169,3 +194,40 @@ def test_same_seed_same_config_same_results(tmp_path, data_dir):
         results.append(json.loads((tmp_path / name / "results.json").read_text()))
     assert results[0]["metrics"]["final_train_loss"] == results[1]["metrics"]["final_train_loss"]
     assert results[0]["metrics"]["probe_tasks"] == results[1]["metrics"]["probe_tasks"]
+
+
+def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path, data_dir):
+    """trainer=ddp with 2 gloo processes x 16 = one process x 32 (the global batch: the whole training set,
+    so the sampling order cannot matter): same losses, same metrics, images and FLOPs counted once, and
+    results.json / the W&B run written by rank 0 alone."""
+    write_tiny_npz(tmp_path / "tiny2d.npz", (16, 16), counts=(32, 16))  # binary, 32 train
+    common = [
+        "objective=label_supervised", "data=medmnist", f"data.path={tmp_path / 'tiny2d.npz'}", "data.augmentation=none",
+        "data.num_workers=0", "img_size=28", "backbone.weights=random", "+backbone.model_kwargs.embed_dim=48",
+        "+backbone.model_kwargs.depth=2", "+backbone.model_kwargs.num_heads=2", "evaluation.bootstrap=10",
+        "trainer.max_epochs=3", f"paths.data_dir={data_dir}",
+    ]  # fmt: skip
+    ddp, single = tmp_path / "ddp", tmp_path / "single"
+    run_cli(*common, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "data.batch_size=16",
+            f"hydra.run.dir={ddp}")  # fmt: skip
+    run_cli(*common, "data.batch_size=32", f"hydra.run.dir={single}")
+    a, b = (json.loads((d / "results.json").read_text()) for d in (ddp, single))
+    assert a["compute"]["world_size"] == 2 and b["compute"]["world_size"] == 1
+    assert a["metrics"]["final_train_loss"] == pytest.approx(b["metrics"]["final_train_loss"], abs=1e-6)
+    assert a["metrics"]["probe_tasks"]["label"]["auroc"] == pytest.approx(
+        b["metrics"]["probe_tasks"]["label"]["auroc"]
+    )
+    for key in ("train_images_seen", "optimizer_steps", "train_flops"):
+        assert a["compute"][key] == b["compute"][key], key
+    assert len(list((ddp / "wandb").glob("offline-run-*"))) == 1
+
+
+def test_slurm_launcher_config_composes():
+    """hydra/launcher=slurm: one SLURM task per device, nodes from the trainer."""
+    overrides = ["+experiment=retfound_green", "hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4",
+                 "trainer.num_nodes=2", "paths.output_dir=/tmp/x"]  # fmt: skip
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 4, 4)

@@ -14,6 +14,16 @@ from torch import nn
 from greenlab.backbones.vit import read_state_dict
 
 
+def load_weights(module: nn.Module, weights: str | None) -> dict:
+    """Load ``weights`` (a state-dict file) into ``module`` unless ``random``; the init record for results.json."""
+    init = {"requested": str(weights), "used": "random", "source": None, "note": None}
+    if weights not in ("random", None):
+        path = Path(weights).expanduser()
+        module.load_state_dict(read_state_dict(path))
+        init.update(used="file", source=str(path.resolve()))
+    return init
+
+
 class ResNet3D(nn.Module):
     """Args: depth (10/18/34/50), stem_kernel (= stem stride), no_max_pool, weights (random or a path)."""
 
@@ -26,11 +36,7 @@ class ResNet3D(nn.Module):
                            no_max_pool=no_max_pool, feed_forward=False)  # fmt: skip
         norms = [m for m in self.net.layer4.modules() if isinstance(m, nn.BatchNorm3d)]
         self.num_features = norms[-1].num_features  # 512 (basic blocks) or 2048 (bottlenecks)
-        self.greenlab_init = {"requested": str(weights), "used": "random", "source": None, "note": None}
-        if weights not in ("random", None):
-            path = Path(weights).expanduser()
-            self.load_state_dict(read_state_dict(path))
-            self.greenlab_init.update(used="file", source=str(path.resolve()))
+        self.greenlab_init = load_weights(self, weights)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         net = self.net
@@ -55,11 +61,7 @@ class ThreePlaneEncoder(nn.Module):
         super().__init__()
         self.branches = nn.ModuleList(ResNet3D(depth, stem_kernel, no_max_pool) for _ in range(3))
         self.num_features = self.branches[0].num_features
-        self.greenlab_init = {"requested": str(weights), "used": "random", "source": None, "note": None}
-        if weights not in ("random", None):
-            path = Path(weights).expanduser()
-            self.load_state_dict(read_state_dict(path))
-            self.greenlab_init.update(used="file", source=str(path.resolve()))
+        self.greenlab_init = load_weights(self, weights)
 
     def forward(self, planes: torch.Tensor) -> torch.Tensor:
         return torch.stack([branch(planes[:, i]) for i, branch in enumerate(self.branches)]).mean(0)

@@ -40,10 +40,15 @@ class ComputeMonitor(L.Callback):
         self.images_seen = 0
         self.train_seconds = 0.0
         self.joules = 0.0
+        self.earlier = {
+            "train_seconds": 0.0,
+            "joules": 0.0,
+            "attempts": 0,
+        }  # resumed runs: before this attempt
         self._started = None
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self.meter = EnergyMeter(self.cpu_watts_per_core)
+        self.meter = EnergyMeter(self.cpu_watts_per_core, node_wide=trainer.local_rank == 0)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         self.meter.start()
@@ -68,12 +73,29 @@ class ComputeMonitor(L.Callback):
         pl_module.log_dict(self._running(), on_step=False, on_epoch=True)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self.train_seconds = time.perf_counter() - self._started
-        self.joules = self.meter.read()
+        self.train_seconds, self.joules = self._totals()
+
+    def _totals(self) -> tuple[float, float]:
+        """(train seconds, joules) of this attempt plus the checkpointed ones before it."""
+        return (
+            self.earlier["train_seconds"] + time.perf_counter() - self._started,
+            self.earlier["joules"] + self.meter.read(),
+        )
+
+    def state_dict(self) -> dict:
+        """Saved in every checkpoint, so a resumed run's budget includes the work before the interruption
+        (up to that checkpoint: what ran after it and was lost is not counted)."""
+        seconds, joules = self._totals() if self._started is not None else (0.0, 0.0)
+        return {"images_seen": self.images_seen, "flops_per_image": self.flops_per_image, "train_seconds": seconds,
+                "joules": joules, "attempts": self.earlier["attempts"] + 1}  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        self.images_seen, self.flops_per_image = state["images_seen"], state["flops_per_image"]
+        self.earlier = {k: state[k] for k in ("train_seconds", "joules", "attempts")}
 
     def _running(self) -> dict[str, float]:
-        seconds = time.perf_counter() - self._started
-        kwh = self.meter.read() / JOULES_PER_KWH
+        seconds, joules = self._totals()
+        kwh = joules / JOULES_PER_KWH
         return {
             "compute/images_seen": float(self.images_seen),
             "compute/train_flops": float((self.flops_per_image or 0.0) * self.images_seen),
@@ -83,22 +105,36 @@ class ComputeMonitor(L.Callback):
         }
 
     def summary(self, trainer) -> dict:
-        """Totals for results.json (``compute`` and ``energy`` sections)."""
+        """Totals for results.json (``compute`` and ``energy`` sections), reduced over the processes of a
+        distributed run (every rank must call it): images and joules summed, wall time and peak memory the
+        maximum of any rank."""
         devices = trainer.num_devices * trainer.num_nodes
         on_gpu = torch.cuda.is_available() and trainer.strategy.root_device.type == "cuda"
+        peak = torch.cuda.max_memory_allocated() if on_gpu else peak_host_memory_bytes()
+        if trainer.world_size > 1:
+            local = torch.tensor([float(self.images_seen), self.joules], dtype=torch.float64,
+                                 device=trainer.strategy.root_device)  # fmt: skip
+            images, joules = trainer.strategy.reduce(local, reduce_op="sum").tolist()
+            most = torch.tensor([self.train_seconds, float(peak)], dtype=torch.float64,
+                                device=trainer.strategy.root_device)  # fmt: skip
+            seconds, peak = trainer.strategy.all_gather(most).reshape(-1, 2).max(0).values.tolist()
+            self.images_seen, self.joules, self.train_seconds = int(images), joules, seconds
         kwh = self.joules / JOULES_PER_KWH
         compute = {
             "train_flops": (self.flops_per_image or 0.0) * self.images_seen,
             "train_flops_per_image": self.flops_per_image,
             "flops_method": "torch FlopCounterMode over the first optimisation step (fwd+bwd), x images seen",
             "train_images_seen": self.images_seen,
+            "optimizer_steps": trainer.global_step,
+            "resumed_attempts": self.earlier["attempts"],
             "train_seconds": self.train_seconds,
             "train_throughput_img_s": self.images_seen / self.train_seconds if self.train_seconds else None,
             "device_hours": self.train_seconds * devices / 3600.0,
             "devices": devices,
             "device": torch.cuda.get_device_name() if on_gpu else f"cpu ({torch.get_num_threads()} threads)",
             "precision": str(trainer.precision),
-            "peak_memory_bytes": torch.cuda.max_memory_allocated() if on_gpu else peak_host_memory_bytes(),
+            "peak_memory_bytes": int(peak),
+            "world_size": trainer.world_size,
             "peak_memory_method": "torch.cuda.max_memory_allocated"
             if on_gpu
             else "peak RSS of the process (getrusage)",

@@ -34,12 +34,18 @@ def peak_host_memory_bytes() -> int:
 
 
 class EnergyMeter:
-    """``start()``, then ``read()`` (J so far) any number of times; ``method`` says how it was measured."""
+    """``start()``, then ``read()`` (J so far) any number of times; ``method`` says how it was measured.
 
-    def __init__(self, cpu_watts_per_core: float = 10.0):
+    Each process measures its own GPU and its own CPU time; RAPL counts a whole node, so with several
+    processes per node only one of them (``node_wide=True``, local rank 0) reads it: summed over the
+    processes of a DDP run, every GPU and every CPU package is counted once.
+    """
+
+    def __init__(self, cpu_watts_per_core: float = 10.0, node_wide: bool = True):
         self.cpu_watts_per_core = cpu_watts_per_core
         self._gpus = self._nvml_handles()
-        self._rapl = self._rapl_files()
+        self._rapl = self._rapl_files() if node_wide else {}
+        self._rapl_elsewhere = not node_wide and bool(self._rapl_files())
         parts = []
         if self._gpus:
             parts.append(f"nvml: measured, {len(self._gpus)} GPU(s)")
@@ -47,6 +53,8 @@ class EnergyMeter:
             parts.append("GPU energy NOT measured (NVML energy counter unavailable)")
         if self._rapl:
             parts.append(f"rapl: measured, {len(self._rapl)} CPU package(s)")
+        elif self._rapl_elsewhere:
+            parts.append("rapl: read by local rank 0 of this node")
         else:
             parts.append(
                 f"cpu estimate: process CPU-seconds x {cpu_watts_per_core} W/core (RAPL not readable)"
@@ -81,7 +89,7 @@ class EnergyMeter:
         if self._rapl:
             for key, (path, _) in self._rapl.items():
                 counters[key] = int(path.read_text()) / 1e6
-        else:
+        elif not self._rapl_elsewhere:
             counters["cpu_estimate"] = process_cpu_seconds() * self.cpu_watts_per_core
         return counters
 

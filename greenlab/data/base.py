@@ -51,9 +51,11 @@ class ImageDataModule(L.LightningDataModule):
         eval_batch_size: int = 64,
         num_workers: int = 2,
         output_dir: str | None = None,
+        shuffle: bool = True,
     ):
         super().__init__()
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.shuffle = shuffle  # the pre-training order (False: dataset order, e.g. to compare with DDP)
         self.output_dir = Path(output_dir) if output_dir else None
         self.tasks: list[Task] = []
         self.pretrain_set: Dataset | None = None
@@ -61,7 +63,7 @@ class ImageDataModule(L.LightningDataModule):
         self.probe_test_set: Dataset | None = None
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.pretrain_set, self.batch_size, shuffle=True)
+        return self._loader(self.pretrain_set, self.batch_size, shuffle=self.shuffle)
 
     def probe_dataloaders(self) -> tuple[DataLoader, DataLoader]:
         """(probe-train, held-out) loaders, in a fixed order."""

@@ -5,13 +5,15 @@ ellipse of soft tissue (40 HU) with a fat rim, two lungs (-850 HU), a heart, the
 then findings of the CT-RATE vocabulary, each with its own prevalence and look:
 
 - ``pleural_effusion``: fluid (10 HU) filling the dependent, lower part of one or both lungs;
-- ``lung_nodule``: one to three 6-11 mm soft-tissue spheres in the lungs;
+- ``lung_nodule``: one to three soft-tissue spheres of 8-14 mm radius in the lungs;
 - ``emphysema``: lung parenchyma at -950 HU with air cysts;
-- ``cardiomegaly``: a heart 35-50 % larger;
-- ``consolidation``: a 15-25 mm dense (20 HU) patch;
-- ``lung_opacity``: a 20-30 mm ground-glass (-550 HU) patch;
-- ``medical_material``: a metal-dense catheter along the superior vena cava;
-- ``arterial_wall_calcification``: calcified (600 HU) plaques on the aortic wall.
+- ``cardiomegaly``: a heart 45-60 % larger;
+- ``consolidation``: a dense (20 HU) patch of 20-30 mm radius;
+- ``lung_opacity``: a ground-glass (-500 HU) patch of 25-35 mm radius;
+- ``medical_material``: a metal-dense catheter along the superior vena cava and its port in the chest wall;
+- ``arterial_wall_calcification``: calcified (800 HU) plaques on the aortic wall.
+
+Lesions are drawn larger than life so that they remain visible at the demo's 5 mm voxels.
 
 The report (findings + impression, in shuffled order, with normal filler sentences) states each finding
 present, absent ("No pleural effusion."), hedged ("Possible ...": labelled uncertain; the volume then has
@@ -30,7 +32,7 @@ import numpy as np
 
 from greenlab.data.ct import CTDataModule
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 SHAPE, SPACING = (64, 64, 40), (5.0, 5.0, 7.5)
 FINDINGS = {  # name: (prevalence, present sentences, negated sentences, hedged sentences)
     "pleural_effusion": (0.35, ["There is a {size} right pleural effusion.", "Bilateral pleural effusions."],
@@ -152,15 +154,15 @@ def _draw_chest(rng: np.random.Generator, present: dict[str, bool], faint: dict[
     if emphysema:
         cysts = lungs & (rng.random(SHAPE) < 0.04)
         volume[cysts] = -1000.0
-    heart_scale = rng.uniform(1.35, 1.5) if present["cardiomegaly"] else rng.uniform(0.95, 1.05)
+    heart_scale = rng.uniform(1.45, 1.6) if present["cardiomegaly"] else rng.uniform(0.9, 1.0)
     if present["cardiomegaly"] and faint["cardiomegaly"]:
-        heart_scale = 1.2
+        heart_scale = 1.25
     hx, hy = cx - 3, cy + 7
     heart = (
         ((x - hx) / (7 * heart_scale)) ** 2 + ((y - hy) / (6 * heart_scale)) ** 2 + ((zc - 0.3) / 0.25) ** 2
     )
     volume[heart <= 1] = 40.0
-    aorta = ((x - (cx + 3)) / 2.5) ** 2 + ((y - (cy - 6)) / 2.5) ** 2
+    aorta = ((x - (cx + 3)) / 3) ** 2 + ((y - (cy - 6)) / 3) ** 2
     volume[(aorta <= 1) & (zc > 0.1)] = 45.0
     spine = ((x - cx) / 4) ** 2 + ((y - (cy - ay + 6)) / 4) ** 2
     volume[spine <= 1] = 700.0
@@ -173,19 +175,21 @@ def _draw_chest(rng: np.random.Generator, present: dict[str, bool], faint: dict[
             volume[lungs & half & (zc < height + 0.15) & (y < cy - 2)] = 10.0
     if present["lung_nodule"]:
         for _ in range(rng.integers(1, 4)):
-            _sphere(volume, lung_voxels[rng.integers(len(lung_voxels))], rng.uniform(0.6, 1.1), 30.0)
+            _sphere(volume, lung_voxels[rng.integers(len(lung_voxels))], rng.uniform(0.8, 1.4), 30.0)
     if present["consolidation"]:
-        _sphere(volume, lung_voxels[rng.integers(len(lung_voxels))], rng.uniform(1.5, 2.5), 20.0, lungs)
+        _sphere(volume, lung_voxels[rng.integers(len(lung_voxels))], rng.uniform(2.0, 3.0), 20.0, lungs)
     if present["lung_opacity"]:
-        hu = -700.0 if faint["lung_opacity"] else -550.0
-        _sphere(volume, lung_voxels[rng.integers(len(lung_voxels))], rng.uniform(2.0, 3.0), hu, lungs)
+        hu = -700.0 if faint["lung_opacity"] else -500.0
+        _sphere(volume, lung_voxels[rng.integers(len(lung_voxels))], rng.uniform(2.5, 3.5), hu, lungs)
     if present["medical_material"]:
-        tube = ((x - (cx + 1)) / 0.8) ** 2 + ((y - (cy + 2)) / 0.8) ** 2
+        tube = ((x - (cx + 1)) / 1.5) ** 2 + ((y - (cy + 2)) / 1.5) ** 2
         volume[(tube <= 1) & (zc > 0.4)] = 2000.0
+        port = (np.abs(x - (cx - 16)) <= 2) & (np.abs(y - (cy + ay - 5)) <= 1) & (np.abs(zc - 0.75) <= 0.06)
+        volume[port] = 2000.0
     if present["arterial_wall_calcification"]:
         wall = (aorta > 0.6) & (aorta <= 1.4) & (zc > 0.1)
-        spots = wall & (rng.random(SHAPE) < (0.15 if faint["arterial_wall_calcification"] else 0.4))
-        volume[spots] = 600.0
+        spots = wall & (rng.random(SHAPE) < (0.25 if faint["arterial_wall_calcification"] else 0.6))
+        volume[spots] = 800.0
     volume += rng.normal(0, 20, SHAPE).astype(np.float32)
     return np.clip(volume, -1024, 3000)
 

@@ -109,12 +109,13 @@ def finetune_transform(img_size: int, mean: tuple[float, ...], std: tuple[float,
     )
 
 
-PRETRAIN_TRANSFORMS = {"retfound_green": pretrain_transform, "spark": spark_transform}
-
-
 def eval_transform(img_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> v2.Compose:
     """Resize to (img_size, img_size) and normalise; what embeddings are computed from."""
     return v2.Compose([v2.Resize((img_size, img_size)), *_to_normalised_tensor(mean, std)])
+
+
+# none: no augmentation at all (ablations; exact comparisons such as single-process vs DDP)
+PRETRAIN_TRANSFORMS = {"retfound_green": pretrain_transform, "spark": spark_transform, "none": eval_transform}
 
 
 def _to_normalised_tensor(mean, std) -> list:

@@ -17,7 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from greenlab.objectives.optim import decay_param_groups, log_train_loss, warmup_cosine_factor
+from greenlab.objectives.optim import (
+    decay_param_groups,
+    layout_independent_init,
+    log_train_loss,
+    warmup_cosine_factor,
+)
 
 
 def masked_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -42,7 +47,8 @@ class LabelSupervised(L.LightningModule):
         tasks = self.trainer.datamodule.tasks
         if not tasks or any(t.num_classes != 2 for t in tasks):
             raise ValueError(f"label-supervised training needs binary findings; the data has {tasks}")
-        self.head = nn.Linear(self.encoder.num_features, len(tasks))
+        with layout_independent_init():
+            self.head = nn.Linear(self.encoder.num_features, len(tasks))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 1, D, H, W) -> (B, C) logits."""

@@ -35,7 +35,12 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from greenlab.data.base import MISSING, UNCERTAIN
 from greenlab.objectives.label_supervised import masked_bce
-from greenlab.objectives.optim import decay_param_groups, log_train_loss, warmup_cosine_factor
+from greenlab.objectives.optim import (
+    decay_param_groups,
+    layout_independent_init,
+    log_train_loss,
+    warmup_cosine_factor,
+)
 
 STAGE1_FILES = {"image_encoder": "stage1_image_encoder.pth", "text_encoder": "stage1_text_encoder.pth"}
 
@@ -101,7 +106,7 @@ class MUST(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         if self.aligned is None:
-            if self.trainer.max_epochs <= self.stage1_epochs:
+            if self.trainer.max_epochs <= self.stage1_epochs and not self.trainer.fast_dev_run:
                 raise ValueError(
                     f"trainer.max_epochs ({self.trainer.max_epochs}) leaves no epoch for stage 2 after"
                     f" stage1_epochs ({self.stage1_epochs})"
@@ -117,11 +122,12 @@ class MUST(L.LightningModule):
             self._load_stage1(Path(self.hparams.stage1_weights))
         elif self.text_encoder.needs_vocabulary:
             self.text_encoder.fit_vocabulary(train_reports)
-        self.image_head = nn.Linear(self.image_encoder.num_features, len(tasks))
-        self.text_head = nn.Linear(self.text_encoder.num_features, len(tasks))
-        self.aligned = AlignedEncoders(
-            self.image_encoder, self.text_encoder, self.hparams.latent_dim, len(tasks)
-        )
+        with layout_independent_init():
+            self.image_head = nn.Linear(self.image_encoder.num_features, len(tasks))
+            self.text_head = nn.Linear(self.text_encoder.num_features, len(tasks))
+            self.aligned = AlignedEncoders(
+                self.image_encoder, self.text_encoder, self.hparams.latent_dim, len(tasks)
+            )
 
     def _load_stage1(self, directory: Path) -> None:
         from transformers import AutoTokenizer
@@ -143,10 +149,15 @@ class MUST(L.LightningModule):
     def save_stage1(self, directory: Path) -> None:
         """Both encoders' weights (and a fitted vocabulary) as stage 1 left them; never overwrites."""
         for name, file in STAGE1_FILES.items():
-            path = directory / file
+            path, state = directory / file, getattr(self, name).state_dict()
             if path.exists():
+                saved = torch.load(path, map_location="cpu")
+                if saved.keys() == state.keys() and all(
+                    torch.equal(saved[k], v.cpu()) for k, v in state.items()
+                ):
+                    continue  # a resumed run passing the switch again: the same weights are already there
                 raise FileExistsError(f"{path} already exists; refusing to overwrite stage-1 weights")
-            torch.save(getattr(self, name).state_dict(), path)
+            torch.save(state, path)
         self.text_encoder.save_tokenizer(directory / "text_tokenizer")
 
     # --- the maths -------------------------------------------------------------------------------------

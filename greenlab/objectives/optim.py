@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 
@@ -36,6 +38,15 @@ def warmup_cosine_factor(
     else:
         lr = min_lr
     return lr / base_lr
+
+
+@contextmanager
+def layout_independent_init(seed: int = 0):
+    """Initialise modules built in ``setup`` (heads sized from the data) from a fixed seed, so the same
+    config gives the same weights whatever ran before: one process or DDP, fresh or resumed."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def log_train_loss(module, loss, batch_size: int) -> None:

@@ -1,0 +1,17 @@
+"""Callbacks the tests inject into real runs through Hydra (``+callbacks.<name>._target_=tests.helpers...``)."""
+
+import os
+import signal
+
+import lightning as L
+
+
+class KillAtStep(L.Callback):
+    """SIGKILL the process (no clean-up, like a crash or a pre-empted job) after optimizer step ``step``."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
