@@ -176,7 +176,10 @@ class CTDataModule(ImageDataModule):
             else [""] * len(table)
         )
         names, labels = self._labels(table, reports)
-        test = [held_out(next(iter(s.values())), self.held_out_fraction, self.split_seed) for s in sources]
+        # split on the manifest's own (relative) entries: the same study lands on the same side wherever the
+        # data folder lives
+        ids = table[self.volume_column].astype(str).tolist()
+        test = [held_out(i, self.held_out_fraction, self.split_seed) for i in ids]
         train = torch.tensor([not t for t in test])
         labelled = ((labels[train] == 0) | (labels[train] == 1)).any(0)
         self.dropped_findings = [n for n, ok in zip(names, labelled.tolist()) if not ok]
