@@ -36,10 +36,6 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")  # the reposit
 def run(cfg: DictConfig) -> dict:
     """Run the configured experiment; returns the results dict also written to results.json."""
     output_dir = Path(cfg.paths.output_dir)
-    if (output_dir / "results.json").exists():
-        raise FileExistsError(
-            f"{output_dir} already holds a finished run (results.json); choose a new output directory"
-        )
     resume_from = resume_checkpoint(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
@@ -124,7 +120,9 @@ def resume_checkpoint(output_dir: Path) -> Path | None:
     """
     for done, what in (("results.json", "a finished run"), ("backbone.pth", "a run that finished training")):
         if (output_dir / done).exists():
-            raise FileExistsError(f"{output_dir} holds {what} ({done}); choose a new output directory")
+            raise FileExistsError(
+                f"{output_dir} already holds {what} ({done}); choose a new output directory"
+            )
     checkpoints = output_dir / "checkpoints"
     last = checkpoints / "last.ckpt"
     if not last.is_file():
