@@ -1,7 +1,7 @@
 # greenlab: `make install`, then `python -m greenlab +experiment=retfound_green`; `make test`.
 PYTHON ?= python3
 
-.PHONY: install test lint format bench
+.PHONY: install test lint format bench efficiency
 
 install:  ## greenlab + every dependency (MinkowskiEngine built from source); safe to re-run
 	$(PYTHON) -m pip install -e ".[dev]"
@@ -22,3 +22,6 @@ bench:  ## benchmarks; each writes benchmarks/results/<name>.json with the machi
 	$(PYTHON) -m benchmarks.sparse_backends
 	$(PYTHON) -m benchmarks.training_steps
 	$(PYTHON) -m benchmarks.data_pipeline
+
+efficiency:  ## the efficiency study: 4 methods, one table + plots in experiments/efficiency (see its README)
+	PYTHON=$(PYTHON) bash experiments/efficiency/run.sh

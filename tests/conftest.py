@@ -40,6 +40,17 @@ TINY_SPARSE_CNN = [  # sparse_cnn_mae: ReXNet width 1.0, 64 px (a 2x2 mask grid)
     "evaluation.batch_size=8",
     "evaluation.num_workers=0",
 ]
+TINY_MAE = [  # mae_baseline: a 2-block ViT/16 at 32 px (4 patches, 1 visible), a 1-block decoder
+    "img_size=32",
+    "+backbone.model_kwargs.embed_dim=48",
+    "+backbone.model_kwargs.depth=2",
+    "+backbone.model_kwargs.num_heads=2",
+    "objective.decoder_dim=32",
+    "objective.decoder_depth=1",
+    "objective.decoder_heads=2",
+    *TINY_DATA,
+    "evaluation.bootstrap=10",
+]
 TINY_3D = [  # greenrfm_stage1_medmnist3d: ResNet-10 on 16^3 volumes, {npz_3d} is filled in by the test
     "data.path={npz_3d}",
     "backbone.depth=10",
@@ -50,6 +61,7 @@ TINY_3D = [  # greenrfm_stage1_medmnist3d: ResNet-10 on 16^3 volumes, {npz_3d} i
 ]
 TINY_GREENRFM = [  # greenrfm(_lite): 24 generated studies at 20 x 20 x 30 mm, ResNet-10, a 1-layer BERT
     "data.num_volumes=24",
+    "data.num_text_only_reports=40",
     "data.spacing=[20,20,30]",
     "data.pad_size=[16,16,10]",
     "data.crop_size=[16,16,8]",
@@ -69,6 +81,7 @@ TINY_GREENRFM = [  # greenrfm(_lite): 24 generated studies at 20 x 20 x 30 mm, R
 TINY = {
     "retfound_green": TINY_RUN,
     "sparse_cnn_mae": TINY_SPARSE_CNN,
+    "mae_baseline": TINY_MAE,
     "greenrfm_stage1_medmnist3d": TINY_3D,
     "greenrfm": TINY_GREENRFM,
     "greenrfm_lite": TINY_GREENRFM,

@@ -90,6 +90,29 @@ def test_stage_two_starts_from_the_saved_stage_one_encoders(ct_data, tmp_path):
         objective.save_stage1(tmp_path)
 
 
+def test_text_only_reports_join_the_text_encoders_stage1_batches(tmp_path):
+    root = tmp_path / "gen"
+    data = EmbeddedCTDataModule(str(root), num_volumes=12, num_text_only_reports=30, text_only_batch_size=4,
+                                labeller={"backend": "rules"}, pair_reports=True, batch_size=4, num_workers=0,
+                                output_dir=str(tmp_path / "run"), **TINY_CT)  # fmt: skip
+    data.setup("fit")
+    assert len(data.text_only_set) == 30 and data.describe()["text_only_reports"] == 30
+    labelled = __import__("pandas").read_csv(tmp_path / "run" / "text_only_report_labels.csv")
+    report, labels = data.text_only_set[0]
+    assert report == labelled["report"][0] and labels.shape == (len(data.tasks),)
+    batch, _, _ = next(iter(data.train_dataloader()))  # a CombinedLoader yields (batch, index, loader index)
+    assert len(batch["paired"][1]) == 4 and len(batch["text_only"][0]) == 4
+    seen = []
+    objective = tiny_must(stage1_epochs=1)
+    objective.build(data.tasks, data.train_reports)
+    original = objective.text_encoder.forward
+    objective.text_encoder.forward = lambda texts: seen.append(list(texts)) or original(texts)
+    objective.trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False)  # current_epoch 0: stage 1
+    objective.log = objective.log_dict = lambda *args, **kwargs: None  # outside a fit loop
+    objective.training_step(batch, 0)
+    assert seen[-1] == list(batch["paired"][1]) + list(batch["text_only"][0])
+
+
 def test_stage1_weights_of_an_earlier_run_are_loaded(ct_data, tmp_path):
     first = tiny_must()
     first.build(ct_data.tasks, ct_data.train_reports)
@@ -128,6 +151,10 @@ def test_text_encoder_from_a_local_folder_and_loud_fallback(tmp_path, capsys):
 def test_prompts_and_recall():
     positive, negative = prompts("pleural_effusion", [("There is {finding}.", "{Finding} is absent.")])
     assert positive == ["There is pleural effusion."] and negative == ["Pleural effusion is absent."]
+    pairs = [("There is {finding}.", "No {finding}."), ("{Finding} is present.", "{Finding} is absent.")]
+    positive, negative = prompts("lung_nodule", pairs, ("nodule", "nodules"))
+    assert positive == ["There is nodule.", "Nodule is present.", "There is nodules.", "Nodules is present."]
+    assert negative[1::2] == ["Nodule is absent.", "Nodules is absent."]
     similarity = np.array([[3.0, 1.0, 2.0], [0.0, 1.0, 2.0], [0.0, 0.0, 1.0]])  # ranks of own: 1, 2, 1
     assert recall_at(similarity, (1, 2)) == {"recall@1": 2 / 3, "recall@2": 1.0}
 

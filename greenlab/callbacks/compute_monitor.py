@@ -60,7 +60,7 @@ class ComputeMonitor(L.Callback):
             self.flop_counter.__enter__()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        batch_size = len(batch[0])
+        batch_size = len((batch["paired"] if isinstance(batch, dict) else batch)[0])
         self.images_seen += batch_size
         if self.flop_counter is not None:
             self.flop_counter.__exit__(None, None, None)

@@ -106,7 +106,10 @@ class CTDataModule(ImageDataModule):
     report_labels.csv in the run folder and reused from there), pair_reports (training samples are
     (volume, report, labels), for image-text objectives), spacing / hu_window / pad_size / crop_size (see
     module doc), cache_dir (persistent cache of the deterministic part), held_out_fraction / split_seed,
-    skip_bad (list bad volumes in skipped_inputs.csv instead of failing).
+    skip_bad (list bad volumes in skipped_inputs.csv instead of failing), text_only_reports (a CSV of more
+    reports without a volume, ``report_column``, labelled by the ``labeller``: with ``pair_reports``, each
+    training batch is then {"paired": (volumes, reports, labels), "text_only": (reports, labels)}, the
+    text-only part ``text_only_batch_size`` reports drawn at random; for training a text encoder alone).
 
     Label tensors: 1 present, 0 absent, -2 uncertain, -1 missing. Findings with no present / absent label
     in the training split are dropped (logged)."""
@@ -115,7 +118,8 @@ class CTDataModule(ImageDataModule):
                  label_columns: list[str] | None = None, labeller: dict | None = None, pair_reports: bool = False,
                  spacing=(1.5, 1.5, 3.0), hu_window=(-1000.0, 200.0), pad_size=(240, 240, 120),
                  crop_size=(192, 192, 96), cache_dir: str | None = None, held_out_fraction: float = 0.2,
-                 split_seed: int = 42, skip_bad: bool = False, **loader_kwargs):  # fmt: skip
+                 split_seed: int = 42, skip_bad: bool = False, text_only_reports: str | None = None,
+                 text_only_batch_size: int = 10, **loader_kwargs):  # fmt: skip
         super().__init__(**loader_kwargs)
         self.manifest = Path(manifest).expanduser()
         self.volume_column, self.report_column = volume_column, report_column
@@ -128,6 +132,8 @@ class CTDataModule(ImageDataModule):
         self.train_reports: list[str] = []
         self.test_reports: list[str] = []
         self.dropped_findings: list[str] = []
+        self.text_only_reports, self.text_only_batch_size = text_only_reports, text_only_batch_size
+        self.text_only_set: list[tuple[str, torch.Tensor]] = []
 
     preprocessing = staticmethod(ct_preprocessing)
 
@@ -196,11 +202,41 @@ class CTDataModule(ImageDataModule):
         self.pretrain_set = self._dataset(train_items, train=True, with_report=self.pair_reports)
         self.probe_train_set = self._dataset(train_items, train=False)
         self.probe_test_set = self._dataset(test_items, train=False)
+        if self.text_only_reports:
+            self.text_only_set = self._text_only_set([t.name for t in self.tasks])
 
-    def _labels(self, table: pd.DataFrame, reports: list[str]) -> tuple[list[str], torch.Tensor]:
-        """(finding names, (N, C) int64: 1, 0, UNCERTAIN -2, MISSING -1) from columns or the labeller."""
+    def _text_only_set(self, names: list[str]) -> list[tuple[str, torch.Tensor]]:
+        """(report, labels over ``names``) for each row of ``text_only_reports``."""
+        path = Path(self.text_only_reports).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"text_only_reports not found: {path}")
+        if not self.labeller:
+            raise ValueError(f"{path}: text-only reports need data.labeller to label them")
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+        if self.report_column not in table.columns:
+            raise ValueError(f"{path}: no column {self.report_column!r} (columns: {list(table.columns)})")
+        reports = table[self.report_column].tolist()
+        found, labels = self._labels(table, reports, "text_only_report_labels.csv")
+        labels = labels[:, [found.index(n) for n in names]]
+        return list(zip(reports, labels))
+
+    def train_dataloader(self):
+        paired = super().train_dataloader()
+        if not (self.pair_reports and self.text_only_set):
+            return paired
+        from lightning.pytorch.utilities import CombinedLoader
+        from torch.utils.data import DataLoader, RandomSampler
+
+        draws = RandomSampler(self.text_only_set, replacement=True, num_samples=2**31 - 1)
+        text_only = DataLoader(self.text_only_set, batch_size=self.text_only_batch_size, sampler=draws)
+        return CombinedLoader({"paired": paired, "text_only": text_only}, mode="min_size")
+
+    def _labels(self, table: pd.DataFrame, reports: list[str], cache: str = "report_labels.csv"
+                ) -> tuple[list[str], torch.Tensor]:  # fmt: skip
+        """(finding names, (N, C) int64: 1, 0, UNCERTAIN -2, MISSING -1) from columns or the labeller
+        (its labels kept in the run folder's ``cache`` file)."""
         if self.labeller:
-            frame = self._distilled_labels(table, reports)
+            frame = self._distilled_labels(table, reports, cache)
         else:
             columns = self.label_columns or [c for c in table.columns if c not in self._non_label_columns()]
             missing = [c for c in columns if c not in table.columns]
@@ -219,14 +255,14 @@ class CTDataModule(ImageDataModule):
     def _non_label_columns(self) -> set:
         return {self.volume_column, self.report_column}
 
-    def _distilled_labels(self, table: pd.DataFrame, reports: list[str]) -> pd.DataFrame:
+    def _distilled_labels(self, table: pd.DataFrame, reports: list[str], cache: str) -> pd.DataFrame:
         """Labels from the report text (greenlab.labels), cached in the run folder: never recomputed."""
         from greenlab.labels.__main__ import label_reports
         from greenlab.labels.vocabulary import load_vocabulary
 
         vocabulary = load_vocabulary(self.labeller.get("findings", "ctrate18"))
         directory = self.output_dir or Path.cwd()
-        path = directory / "report_labels.csv"
+        path = directory / cache
         ids = [str(i) for i in range(len(table))]
         if path.is_file():
             frame = pd.read_csv(path, dtype={"report": str}, keep_default_na=False)
@@ -244,7 +280,8 @@ class CTDataModule(ImageDataModule):
 
     def describe(self) -> dict:
         return {**super().describe(), "dropped_findings": self.dropped_findings,
-                "labels_from": f"reports ({self.labeller})" if self.labeller else "manifest columns"}  # fmt: skip
+                "labels_from": f"reports ({self.labeller})" if self.labeller else "manifest columns",
+                "text_only_reports": len(self.text_only_set)}  # fmt: skip
 
     def _dataset(self, items: list[dict], train: bool, with_report: bool = False):
         keys = ("image", "report", "labels") if with_report else ("image", "labels")

@@ -102,6 +102,24 @@ def generate(root: Path, num_volumes: int = 200, seed: int = 0) -> Path:
     return folder
 
 
+def generate_text_only_reports(folder: Path, count: int, seed: int = 1) -> Path | None:
+    """``text_only_reports_n<count>_s<seed>.csv`` (one ``report`` column) in ``folder``: reports drawn like the
+    studies' but with no volume, for training a text encoder alone; reused when present. None if count is 0."""
+    if count <= 0:
+        return None
+    path = Path(folder) / f"text_only_reports_n{count}_s{seed}.csv"
+    if not path.is_file():
+        rng = np.random.default_rng(seed)
+        rows = []
+        for _ in range(count):
+            present = {name: bool(rng.random() < spec[0]) for name, spec in FINDINGS.items()}
+            rows.append((_report(rng, {name: _statement(rng, present[name]) for name in FINDINGS}),))
+        partial = path.with_suffix(".partial")
+        _write_csv(partial, ["report"], rows)
+        partial.replace(path)
+    return path
+
+
 def _statement(rng: np.random.Generator, present: bool) -> str:
     """How the report treats a finding: present | negated | hedged | unmentioned."""
     if present:
@@ -211,16 +229,28 @@ def _write_csv(path: Path, header: list[str], rows: list[tuple]) -> None:
 
 class EmbeddedCTDataModule(CTDataModule):
     """``CTDataModule`` over the generated studies (made on first use under ``root``); labels are
-    distilled from the reports (``labeller``, rules by default)."""
+    distilled from the reports (``labeller``, rules by default). ``num_text_only_reports``: that many more
+    generated reports without a volume, as ``text_only_reports`` (0: none)."""
 
-    def __init__(self, root: str, num_volumes: int = 200, seed: int = 0, **kwargs):
+    def __init__(self, root: str, num_volumes: int = 200, seed: int = 0, num_text_only_reports: int = 0,
+                 **kwargs):  # fmt: skip
         self.generator_args = {"num_volumes": num_volumes, "seed": seed}
+        self.num_text_only_reports = num_text_only_reports
         self.generated_root = Path(root)
         super().__init__(manifest=str(self.generated_root / "pending.csv"), **kwargs)
 
     def prepare_data(self) -> None:
-        generate(self.generated_root, **self.generator_args)
+        self._generate()
 
     def setup(self, stage: str | None = None) -> None:
-        self.manifest = generate(self.generated_root, **self.generator_args) / "manifest.csv"
+        self._generate()
         super().setup(stage)
+
+    def _generate(self) -> None:
+        folder = generate(self.generated_root, **self.generator_args)
+        self.manifest = folder / "manifest.csv"
+        extra = generate_text_only_reports(
+            folder, self.num_text_only_reports, self.generator_args["seed"] + 1
+        )
+        if extra:
+            self.text_only_reports = str(extra)

@@ -1,7 +1,9 @@
 """Zero-shot diagnosis and report-to-volume retrieval with an image-text model (GreenRFM protocol).
 
 Per finding c, each template k gives a positive and a negative prompt ("There is {finding}." / "There is no
-{finding}."); their text latents are averaged over the templates (prompt ensembling), and
+{finding}."), {finding} being the finding's name in words ("pleural effusion") or, with ``vocabulary``, each
+mention phrase the labeller's vocabulary lists for it ("pleural effusion", "pleural fluid", ...); their
+text latents are averaged over templates x phrases (prompt ensembling), and
 
     p_c(x) = softmax(u·v⁺_c, u·v⁻_c)[0],   u = the volume's latent,
 
@@ -28,11 +30,15 @@ DEFAULT_TEMPLATES = (
 )
 
 
-def prompts(finding: str, templates) -> tuple[list[str], list[str]]:
-    """(positive prompts, negative prompts) for a snake_case finding name."""
-    words = finding.replace("_", " ")
-    fill = lambda t: t.format(finding=words, Finding=words[:1].upper() + words[1:])  # noqa: E731
-    return [fill(pos) for pos, _ in templates], [fill(neg) for _, neg in templates]
+def prompts(finding: str, templates, phrases: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
+    """(positive prompts, negative prompts) for a snake_case finding name, over ``phrases`` (default: the
+    name in words) x templates."""
+    fills = [
+        {"finding": words, "Finding": words[:1].upper() + words[1:]}
+        for words in (phrases or [finding.replace("_", " ")])
+    ]
+    positive = [p.format(**f) for f in fills for p, _ in templates]
+    return positive, [n.format(**f) for f in fills for _, n in templates]
 
 
 def recall_at(similarity: np.ndarray, ks=(1, 5, 10)) -> dict[str, float]:
@@ -53,13 +59,19 @@ def macro_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
 
 
 class ZeroShot:
-    """Args: templates (pairs of format strings with {finding} / {Finding}), linear_probe (also probe the
+    """Args: templates (pairs of format strings with {finding} / {Finding}), vocabulary (a labeller vocabulary,
+    name or YAML: its mention phrases fill {finding}; None: the finding names), linear_probe (also probe the
     frozen image latents with labels, as a supervised reference), bootstrap (resamples of the held-out
     volumes for a 95 % interval of the macro AUROC), seed, bf16 (autocast on GPU)."""
 
-    def __init__(self, templates=DEFAULT_TEMPLATES, linear_probe: LinearProbe | None = None, bootstrap: int = 200,
-                 seed: int = 42, bf16: bool = True):  # fmt: skip
+    def __init__(self, templates=DEFAULT_TEMPLATES, vocabulary: str | None = None,
+                 linear_probe: LinearProbe | None = None, bootstrap: int = 200, seed: int = 42, bf16: bool = True):  # fmt: skip
         self.templates = [tuple(pair) for pair in templates]
+        self.phrases = {}
+        if vocabulary:
+            from greenlab.labels.vocabulary import load_vocabulary
+
+            self.phrases = {f.name: f.mentions for f in load_vocabulary(vocabulary).findings}
         self.linear_probe, self.bootstrap, self.seed, self.bf16 = linear_probe, bootstrap, seed, bf16
 
     def bootstrap_ci(self, labels: np.ndarray, scores: np.ndarray) -> list[float] | None:
@@ -92,7 +104,7 @@ class ZeroShot:
             reports = model.encode_text(datamodule.test_reports).float().cpu().numpy()
             scores, probabilities = {}, np.zeros(labels.shape)
             for k, task in enumerate(datamodule.tasks):
-                positive, negative = prompts(task.name, self.templates)
+                positive, negative = prompts(task.name, self.templates, self.phrases.get(task.name, ()))
                 v_pos = model.encode_text(positive).float().mean(0).cpu().numpy()
                 v_neg = model.encode_text(negative).float().mean(0).cpu().numpy()
                 logits = np.stack([image @ v_pos, image @ v_neg], axis=1)
@@ -109,6 +121,9 @@ class ZeroShot:
             **{f"report_to_volume_{k}": v for k, v in recall_at(reports @ image.T).items()},
             "retrieval_pool_size": len(image),
             "prompt_templates": [list(t) for t in self.templates],
+            "prompt_phrases": {
+                t.name: list(self.phrases.get(t.name, ())) or [t.name] for t in datamodule.tasks
+            },
         }
         embedding = {
             "dim": int(image.shape[1]),

@@ -1,11 +1,13 @@
 """GreenRFM / MUST: label-supervised encoders, then a label-anchored image-text alignment.
 
 A batch is (volumes, reports, labels): volumes (B, 1, X, Y, Z) (MRI: (B, 3, 1, X, Y, S), one per plane),
-B report strings, labels (B, C) with 1 present, 0 absent, UNCERTAIN (-2), MISSING (-1).
+B report strings, labels (B, C) with 1 present, 0 absent, UNCERTAIN (-2), MISSING (-1); or, where the data
+has reports without a volume (``data.text_only_reports``), {"paired": that tuple, "text_only": (B' reports,
+(B', C) labels)}, the text-only reports joining the text encoder's stage-1 batch.
 
 Stage 1, each encoder alone (they share no parameter, so one step trains both independently):
 
-    L1 = BCE_m(h_img(f(x)), y) + BCE_m(h_txt(g(t)), y)
+    L1 = BCE_m(h_img(f(x)), y) + BCE_m(h_txt(g(t ∪ t')), y ∪ y')     (t', y': text-only reports, if any)
 
 with f the 3D image encoder (512-d), g the text encoder ([CLS]), h_* linear heads and BCE_m the mean
 BCE over labelled entries (uncertain: masked, or read as present / absent, ``uncertain``).
@@ -80,7 +82,7 @@ def symmetric_contrastive_loss(image_latents: torch.Tensor, text_latents: torch.
 
 class MUST(L.LightningModule):
     """Args: image_encoder, text_encoder, latent_dim (768), stage1_epochs, stage1 / stage2 (lr,
-    weight_decay, min_lr; stage 2 also gradient_clip_val), uncertain (mask | positive | negative),
+    weight_decay, min_lr; stage 1 also text_lr, stage 2 gradient_clip_val), uncertain (mask | positive | negative),
     stage1_weights (folder)."""
 
     def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, latent_dim: int = 768,
@@ -167,17 +169,20 @@ class MUST(L.LightningModule):
         return torch.where(labels == UNCERTAIN, torch.full_like(labels, value), labels)
 
     def training_step(self, batch, batch_idx):
-        volumes, reports, labels = batch
+        text_only = batch["text_only"] if isinstance(batch, dict) else ([], None)
+        volumes, reports, labels = batch["paired"] if isinstance(batch, dict) else batch
         y = self.targets(labels)
-        image_features, text_features = self.image_encoder(volumes), self.text_encoder(reports)
         if self.stage == "stage1":
-            image_loss = masked_bce(self.image_head(image_features), y)
-            text_loss = masked_bce(self.text_head(text_features), y)
+            image_loss = masked_bce(self.image_head(self.image_encoder(volumes)), y)
+            texts, text_y = list(reports) + list(text_only[0]), y
+            if text_only[1] is not None:
+                text_y = torch.cat([y, self.targets(text_only[1])])
+            text_loss = masked_bce(self.text_head(self.text_encoder(texts)), text_y)
             loss = image_loss + text_loss
             parts = {"train/image_bce": image_loss, "train/text_bce": text_loss}
         else:
-            u = self.aligned.image_projection(image_features)
-            v = self.aligned.text_projection(text_features)
+            u = self.aligned.image_projection(self.image_encoder(volumes))
+            v = self.aligned.text_projection(self.text_encoder(reports))
             contrastive = symmetric_contrastive_loss(u, v)
             bce = 0.5 * (
                 masked_bce(self.aligned.classifier(u), y) + masked_bce(self.aligned.classifier(v), y)
@@ -195,15 +200,19 @@ class MUST(L.LightningModule):
 
     def configure_optimizers(self):
         """One AdamW over every part; a part without gradients in a stage (the stage-1 heads in stage 2,
-        the projections and classifier in stage 1) is left untouched by it. lr per epoch below."""
+        the projections and classifier in stage 1) is left untouched by it. lr per epoch below; in stage 1
+        the text side (encoder + head) runs at ``stage1.text_lr`` (default: ``stage1.lr``), same schedule."""
         wd = self.settings["stage1"]["weight_decay"], self.settings["stage2"]["weight_decay"]
         if wd[0] != wd[1]:
             raise ValueError("stage1.weight_decay and stage2.weight_decay must match (one optimiser)")
-        parts = [self.image_encoder, self.text_encoder, self.image_head, self.text_head, self.aligned.image_projection,
-                 self.aligned.text_projection, self.aligned.classifier]  # fmt: skip
-        optimizer = torch.optim.AdamW(decay_param_groups(parts, wd[0]), lr=1.0)
+        image_side = [self.image_encoder, self.image_head, self.aligned.image_projection,
+                      self.aligned.text_projection, self.aligned.classifier]  # fmt: skip
+        image_groups = decay_param_groups(image_side, wd[0])
+        text_groups = decay_param_groups([self.text_encoder, self.text_head], wd[0])
+        optimizer = torch.optim.AdamW(image_groups + text_groups, lr=1.0)
+        schedules = [self.lr_at_epoch] * len(image_groups) + [self.text_lr_at_epoch] * len(text_groups)
         return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": LambdaLR(optimizer, self.lr_at_epoch), "interval": "epoch"}}  # fmt: skip
+                "lr_scheduler": {"scheduler": LambdaLR(optimizer, schedules), "interval": "epoch"}}  # fmt: skip
 
     def lr_at_epoch(self, epoch: int) -> float:
         """Stage 1: cosine lr -> min_lr over stage1_epochs; stage 2: cosine lr -> min_lr over the rest."""
@@ -214,6 +223,12 @@ class MUST(L.LightningModule):
             last = self.trainer.max_epochs if self._trainer else epoch + 1  # outside a Trainer: no schedule
             length = last - self.stage1_epochs
         return s["lr"] * warmup_cosine_factor(epoch - first, s["lr"], s["lr"], s["min_lr"], 0, length)
+
+    def text_lr_at_epoch(self, epoch: int) -> float:
+        """``lr_at_epoch`` scaled by text_lr / lr in stage 1; the same in stage 2."""
+        s = self.settings["stage1"]
+        scale = (s.get("text_lr") or s["lr"]) / s["lr"] if epoch < self.stage1_epochs else 1.0
+        return scale * self.lr_at_epoch(epoch)
 
     def trained_backbone(self) -> AlignedEncoders:
         return self.aligned

@@ -1,0 +1,140 @@
+"""Masked autoencoder (He et al. 2022), the objective of RETFound-MEH: the efficiency study's baseline.
+
+A random ``mask_ratio`` of the patches is dropped per image; the ViT encoder sees only the visible ones
+(position embeddings added first, [CLS] kept); a light decoder gets the encoded tokens plus a shared mask
+token at each dropped position and predicts the pixels of every patch::
+
+    P      = patchify(x)                              (B, N, p·p·C), N = (H/p)(W/p)
+    keep   = N (1 - r) random patches per image       r = mask_ratio (0.75)
+    z      = ViT([CLS] + (PatchEmbed(x) + pos)[keep])
+    ŷ      = Dec(unshuffle(Linear(z) ∪ mask tokens) + pos_dec)     (B, N, p·p·C)
+    target = (P - mean(P)) / sqrt(var(P) + 1e-6)      per patch (norm_pix_loss; else P)
+    L      = Σ_masked mean_pixels (ŷ - target)² / #masked
+
+Decoder: ``decoder_depth`` transformer blocks of ``decoder_dim`` (8 x 512, 16 heads), fixed 2D sin-cos
+position embeddings. Values: shared/REFERENCE.md §1 (DERETFound / RETFound-MEH: ViT-L/16, 224 px, mask 0.75,
+norm-pix loss, AdamW blr 1.5e-4 x batch / 256, betas (0.9, 0.95), wd 0.05).
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from timm.layers import build_sincos2d_pos_embed
+from timm.models.vision_transformer import Block
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from greenlab.objectives.optim import decay_param_groups, log_train_loss, warmup_cosine_factor
+
+
+class MaskedAutoencoder(L.LightningModule):
+    """MAE pre-training of a timm ViT with a [CLS] token and learned absolute position embeddings.
+
+    Args:
+        backbone: timm ``VisionTransformer`` (``num_classes=0``): the encoder downstream tasks keep.
+        mask_ratio: fraction of patches hidden from the encoder.
+        decoder_dim, decoder_depth, decoder_heads: the pre-training-only decoder.
+        norm_pix_loss: regress per-patch normalised pixels (MAE's best setting).
+        base_lr: lr = base_lr x batch_size / 256 (MAE's rule); betas, weight_decay: AdamW.
+        warmup_epochs, cosine_epochs, min_lr: per-epoch schedule, see ``warmup_cosine_factor``.
+        batch_size: the global batch, for the lr rule.
+    """
+
+    def __init__(self, backbone: nn.Module, mask_ratio: float = 0.75, decoder_dim: int = 512,
+                 decoder_depth: int = 8, decoder_heads: int = 16, norm_pix_loss: bool = True,
+                 base_lr: float = 1.5e-4, batch_size: int = 256, betas: tuple[float, float] = (0.9, 0.95),
+                 weight_decay: float = 0.05, warmup_epochs: int = 40, cosine_epochs: int = 200,
+                 min_lr: float = 0.0):  # fmt: skip
+        super().__init__()
+        if not 0 < mask_ratio < 1:
+            raise ValueError(f"mask_ratio must be in (0, 1), not {mask_ratio}")
+        if backbone.no_embed_class or backbone.num_prefix_tokens != 1:
+            raise ValueError("MAE needs a ViT with one [CLS] token inside its position embedding")
+        self.save_hyperparameters(ignore=["backbone"])
+        self.encoder = backbone
+        patch = backbone.patch_embed.patch_size
+        grid = backbone.patch_embed.grid_size
+        self.patch_size = patch[0]
+        self.decoder_embed = nn.Linear(backbone.embed_dim, decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        nn.init.normal_(self.mask_token, std=0.02)
+        self.register_buffer("decoder_pos_embed", build_sincos2d_pos_embed(list(grid), decoder_dim)[None],
+                             persistent=False)  # fmt: skip
+        self.decoder_blocks = nn.Sequential(
+            *(Block(decoder_dim, decoder_heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(decoder_depth))
+        )
+        self.decoder_norm = nn.LayerNorm(decoder_dim)
+        in_chans = backbone.patch_embed.proj.in_channels
+        self.decoder_pred = nn.Linear(decoder_dim, patch[0] * patch[1] * in_chans)
+
+    def patchify(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, N, p·p·C), patches in row-major order, pixels (p, p, C) within each."""
+        b, c, h, w = images.shape
+        p = self.patch_size
+        x = images.reshape(b, c, h // p, p, w // p, p)
+        return torch.einsum("bchpwq->bhwpqc", x).reshape(b, (h // p) * (w // p), p * p * c)
+
+    def random_masking(self, batch: int, num_patches: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keep (B, K) indices of the visible patches, mask (B, N) with 1 = hidden)."""
+        keep_count = int(round(num_patches * (1 - self.hparams.mask_ratio)))
+        order = torch.rand(batch, num_patches, device=device).argsort(dim=1)
+        keep = order[:, :keep_count]
+        mask = torch.ones(batch, num_patches, device=device)
+        mask.scatter_(1, keep, 0.0)
+        return keep, mask
+
+    def encode_visible(self, images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """[CLS] + the visible patch tokens through the encoder: (B, 1 + K, D)."""
+        vit = self.encoder
+        x = vit.patch_embed(images) + vit.pos_embed[:, 1:]
+        x = torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        cls = (vit.cls_token + vit.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        x = vit.norm_pre(torch.cat([cls, x], dim=1))
+        return vit.norm(vit.blocks(x))
+
+    def decode(self, latent: torch.Tensor, keep: torch.Tensor, num_patches: int) -> torch.Tensor:
+        """Encoded (B, 1 + K, D) -> pixel predictions for every patch (B, N, p·p·C)."""
+        x = self.decoder_embed(latent)
+        b, dim = x.shape[0], x.shape[-1]
+        full = self.mask_token.to(x.dtype).expand(b, num_patches, dim).clone()
+        full = full.scatter(1, keep.unsqueeze(-1).expand(-1, -1, dim), x[:, 1:])
+        x = torch.cat([x[:, :1], full + self.decoder_pos_embed.to(x.dtype)], dim=1)
+        return self.decoder_pred(self.decoder_norm(self.decoder_blocks(x)))[:, 1:]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """MAE loss (scalar) of a batch of images (B, C, H, W)."""
+        if images.ndim != 4:
+            raise ValueError(f"MAE takes 2D images (B, C, H, W); the data gives {tuple(images.shape)}")
+        target = self.patchify(images).float()
+        if self.hparams.norm_pix_loss:
+            target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+        keep, mask = self.random_masking(images.shape[0], target.shape[1], images.device)
+        prediction = self.decode(self.encode_visible(images, keep), keep, target.shape[1]).float()
+        per_patch = ((prediction - target) ** 2).mean(-1)
+        return (per_patch * mask).sum() / mask.sum()
+
+    def training_step(self, batch, batch_idx):
+        images = batch[0]
+        loss = self(images)
+        log_train_loss(self, loss, images.shape[0])
+        return loss
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        lr = hp.base_lr * hp.batch_size / 256
+        groups = decay_param_groups([self.encoder, self.decoder_embed, self.decoder_blocks, self.decoder_norm,
+                                     self.decoder_pred], hp.weight_decay)  # fmt: skip
+        groups[1]["params"].append(self.mask_token)
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(hp.betas))
+        schedule = LambdaLR(
+            optimizer,
+            lambda epoch: warmup_cosine_factor(  # linear warm-up from lr / warmup_epochs, per epoch
+                epoch, lr, lr / max(1, hp.warmup_epochs), hp.min_lr, hp.warmup_epochs, hp.cosine_epochs
+            ),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}
+
+    def trained_backbone(self) -> nn.Module:
+        """The encoder ViT alone (no decoder): what downstream tasks load."""
+        return self.encoder
