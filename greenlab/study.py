@@ -110,6 +110,7 @@ def write_study(sweep_dir: Path, out: Path, vary: list[str]) -> list[Path]:
 
 EFFICIENCY_COLUMNS = [
     ("params", lambda r: r["compute"]["params"], "{:,}"),
+    ("images seen", lambda r: r["compute"]["train_images_seen"], "{:,}"),
     ("train FLOPs / img", lambda r: r["compute"].get("train_flops_per_image"), "{:.2e}"),
     ("train img/s", lambda r: r["compute"]["train_throughput_img_s"], "{:.1f}"),
     ("device-h", lambda r: r["compute"]["device_hours"], "{:.4f}"),
@@ -177,15 +178,16 @@ def _init_used(init: dict) -> str:
     return ", ".join(f"{part} {value.get('used')}" for part, value in init.items() if isinstance(value, dict))
 
 
-def log_to_wandb(out: Path, files: list[Path], name: str) -> None:
-    """The table and the plots as one W&B run (offline unless WANDB_MODE says otherwise)."""
+def log_to_wandb(out: Path, files: list[Path], name: str, directory: Path) -> None:
+    """The table and the plots as one W&B run (offline unless WANDB_MODE says otherwise), its local files
+    under ``directory``."""
     import os
 
     import wandb
 
     os.environ.setdefault("WANDB_MODE", "offline")
     run = wandb.init(project=os.environ.get("WANDB_PROJECT", "greenlab"), group=name, name=name,
-                     job_type="study", dir=str(out.parent))  # fmt: skip
+                     job_type="study", dir=str(directory))  # fmt: skip
     with (out / "table.csv").open() as handle:
         header, *rows = list(csv.reader(handle))
     run.log({"table": wandb.Table(columns=header, data=rows)})
@@ -209,7 +211,7 @@ def main() -> None:
     else:
         files = write_study(args.sweep_dir, args.out, args.vary)
     if args.wandb:
-        log_to_wandb(args.out, files, args.out.name)
+        log_to_wandb(args.out, files, args.out.name, args.sweep_dir)
     for path in files:
         print(path)
 

@@ -14,6 +14,7 @@ def fake_results(device_hours: float, auroc: float, init: dict, noise: float) ->
         "config": {"objective": {"_target_": "greenlab.objectives.mae.MaskedAutoencoder", "noise_std": noise}},
         "metrics": {"probe_auroc_macro": auroc, "probe_tasks": {"grade": {"auroc": auroc}}},
         "compute": {"params": 1000, "train_flops": 1e12, "train_flops_per_image": 1e9, "device_hours": device_hours,
+                    "train_images_seen": 256,
                     "train_throughput_img_s": 10.0, "device": "cpu"},
         "energy": {"kwh": 0.002, "co2e_kg": 0.001},
         "embedding": {"dim": 384, "bytes_per_image": 1536, "throughput_img_s": 50.0},

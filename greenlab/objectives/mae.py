@@ -115,9 +115,8 @@ class MaskedAutoencoder(L.LightningModule):
         return (per_patch * mask).sum() / mask.sum()
 
     def training_step(self, batch, batch_idx):
-        images = batch[0]
-        loss = self(images)
-        log_train_loss(self, loss, images.shape[0])
+        loss = self(batch[0])  # (images, labels): the labels are not used
+        log_train_loss(self, loss, len(batch[0]))
         return loss
 
     def configure_optimizers(self):

@@ -82,8 +82,8 @@ def symmetric_contrastive_loss(image_latents: torch.Tensor, text_latents: torch.
 
 class MUST(L.LightningModule):
     """Args: image_encoder, text_encoder, latent_dim (768), stage1_epochs, stage1 / stage2 (lr,
-    weight_decay, min_lr; stage 1 also text_lr, stage 2 gradient_clip_val), uncertain (mask | positive | negative),
-    stage1_weights (folder)."""
+    weight_decay, min_lr; stage 1 also text_lr, stage 2 gradient_clip_val), uncertain (mask | positive |
+    negative), stage1_weights (folder)."""
 
     def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, latent_dim: int = 768,
                  stage1_epochs: int = 5, stage1: dict | None = None, stage2: dict | None = None,
@@ -169,14 +169,12 @@ class MUST(L.LightningModule):
         return torch.where(labels == UNCERTAIN, torch.full_like(labels, value), labels)
 
     def training_step(self, batch, batch_idx):
-        text_only = batch["text_only"] if isinstance(batch, dict) else ([], None)
         volumes, reports, labels = batch["paired"] if isinstance(batch, dict) else batch
+        extra_reports, extra_labels = batch["text_only"] if isinstance(batch, dict) else ([], labels[:0])
         y = self.targets(labels)
         if self.stage == "stage1":
             image_loss = masked_bce(self.image_head(self.image_encoder(volumes)), y)
-            texts, text_y = list(reports) + list(text_only[0]), y
-            if text_only[1] is not None:
-                text_y = torch.cat([y, self.targets(text_only[1])])
+            texts, text_y = list(reports) + list(extra_reports), torch.cat([y, self.targets(extra_labels)])
             text_loss = masked_bce(self.text_head(self.text_encoder(texts)), text_y)
             loss = image_loss + text_loss
             parts = {"train/image_bce": image_loss, "train/text_bce": text_loss}
