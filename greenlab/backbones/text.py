@@ -4,7 +4,7 @@
 
 ``weights``:
 - ``random`` (the default; nothing is downloaded): a BERT of the configured size, randomly initialised, with a
-  WordPiece vocabulary fitted on the training reports by ``fit_vocabulary`` (GreenRFM trains its text encoder
+  vocabulary fitted on the training reports by ``fit_vocabulary`` (frequent words + characters, WordPiece) (GreenRFM trains its text encoder
   with labels, so a small random BERT learns; a radiology BERT starts better).
 - a local folder (``save_pretrained`` layout) or a hub name, e.g. ``microsoft/BiomedVLP-CXR-BERT-general``:
   read from disk / the local Hugging Face cache; fetched only with ``download=true``. When that fails, a
@@ -63,16 +63,36 @@ class TextEncoder(nn.Module):
         return self.tokenizer is None
 
     def fit_vocabulary(self, texts: list[str]) -> None:
-        """Fit the random BERT's lower-cased WordPiece vocabulary (at most ``vocab_size``) on ``texts``."""
-        from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+        """Fit the random BERT's lower-cased vocabulary on ``texts``: every character seen (alone and as a
+        ``##`` continuation) and the most frequent whole words, at most ``vocab_size`` tokens in all, read
+        by BERT's WordPiece tokenizer (a word not in the vocabulary splits into its longest known pieces).
+
+        Built by counting, in sorted order, so the same texts always give the same token ids (the
+        ``tokenizers`` WordPiece trainer merges ties in a hash order that changes from process to process).
+        """
+        from collections import Counter
+
+        from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
         from transformers import PreTrainedTokenizerFast
 
-        wordpiece = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-        wordpiece.normalizer = normalizers.BertNormalizer(lowercase=True)
-        wordpiece.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        normalizer, pre_tokenizer = (
+            normalizers.BertNormalizer(lowercase=True),
+            pre_tokenizers.BertPreTokenizer(),
+        )
+        counts = Counter(
+            word
+            for text in texts
+            for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))
+        )
+        characters = sorted({c for word in counts for c in word})
+        pieces = [*characters, *(f"##{c}" for c in characters)]
+        room = max(0, self.vocab_size - len(SPECIAL_TOKENS) - len(pieces))
+        frequent = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+        words = [w for w, _ in frequent if len(w) > 1][:room]
+        tokens = SPECIAL_TOKENS + pieces + sorted(words)
+        wordpiece = Tokenizer(models.WordPiece({t: i for i, t in enumerate(tokens)}, unk_token="[UNK]"))
+        wordpiece.normalizer, wordpiece.pre_tokenizer = normalizer, pre_tokenizer
         wordpiece.decoder = decoders.WordPiece()
-        trainer = trainers.WordPieceTrainer(vocab_size=self.vocab_size, special_tokens=SPECIAL_TOKENS)
-        wordpiece.train_from_iterator(texts, trainer=trainer)
         cls, sep = wordpiece.token_to_id("[CLS]"), wordpiece.token_to_id("[SEP]")
         wordpiece.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
@@ -80,8 +100,9 @@ class TextEncoder(nn.Module):
         self.tokenizer = PreTrainedTokenizerFast(tokenizer_object=wordpiece, pad_token="[PAD]",
                                                  unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]")  # fmt: skip
         self.greenlab_init["note"] = (
-            (self.greenlab_init["note"] or "") + f" WordPiece vocabulary of {len(self.tokenizer)} fitted"
-            f" on {len(texts)} training reports"
+            (self.greenlab_init["note"] or "")
+            + f" vocabulary of {len(self.tokenizer)} tokens ({len(words)} words"
+            f" + characters) fitted on {len(texts)} training reports"
         ).strip()
 
     def save_tokenizer(self, directory: Path) -> None:

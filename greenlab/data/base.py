@@ -62,6 +62,8 @@ class ImageDataModule(L.LightningDataModule):
         self.probe_train_set: Dataset | None = None
         self.probe_test_set: Dataset | None = None
 
+    worker_init_fn = None  # a DataLoader worker_init_fn (None: Lightning seeds the workers)
+
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.pretrain_set, self.batch_size, shuffle=self.shuffle)
 
@@ -93,6 +95,7 @@ class ImageDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
+            worker_init_fn=self.worker_init_fn,
         )
 
     def write_skip_list(self, skipped: list[tuple[str, str]], filename: str = "skipped_inputs.csv") -> Path:

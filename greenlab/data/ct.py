@@ -23,6 +23,8 @@ import pandas as pd
 import torch
 from monai import transforms as mt
 from monai.data import PersistentDataset
+from monai.data.utils import set_rnd
+from monai.data.utils import worker_init_fn as monai_worker_init_fn
 from tqdm.auto import tqdm
 
 from greenlab.data.base import MISSING, UNCERTAIN, ImageDataModule, Task, held_out
@@ -136,6 +138,8 @@ class CTDataModule(ImageDataModule):
         self.text_only_set: list[tuple[str, torch.Tensor]] = []
 
     preprocessing = staticmethod(ct_preprocessing)
+    # MONAI's random transforms draw from their own generators: seeded per worker from the loader's seed
+    worker_init_fn = staticmethod(monai_worker_init_fn)
 
     def cache_key(self, geometry: dict) -> str:
         """A cache sub-folder per preprocessing: changing spacing, window or size never reuses stale tensors."""
@@ -289,10 +293,13 @@ class CTDataModule(ImageDataModule):
             [self.preprocess, self.crop(train), mt.Lambda(lambda d: tuple(d[k] for k in keys))]
         )
         if self.cache_dir:
-            return PersistentDataset(items, transform=transform, cache_dir=self.cache_dir)
-        from monai.data import Dataset
+            dataset = PersistentDataset(items, transform=transform, cache_dir=self.cache_dir)
+        else:
+            from monai.data import Dataset
 
-        return Dataset(items, transform=transform)
+            dataset = Dataset(items, transform=transform)
+        set_rnd(dataset, seed=torch.initial_seed() % 2**32)  # the run's seed, for loading in this process
+        return dataset
 
     def _read_manifest(self) -> pd.DataFrame:
         if not self.manifest.is_file():
