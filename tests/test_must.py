@@ -227,5 +227,10 @@ def test_greenrfm_same_seed_same_results(tmp_path, data_dir):
         run = tmp_path / name
         run_cli("+experiment=greenrfm", *TINY_GREENRFM, f"paths.data_dir={data_dir}", f"hydra.run.dir={run}")
         metrics.append(json.loads((run / "results.json").read_text())["metrics"])
-    for key in ("final_train_loss", "zero_shot_auroc_macro", "probe_auroc_macro", "report_to_volume_recall@1"):
+    for key in (
+        "final_train_loss",
+        "zero_shot_auroc_macro",
+        "probe_auroc_macro",
+        "report_to_volume_recall@1",
+    ):
         assert metrics[0][key] == metrics[1][key], key
