@@ -33,6 +33,7 @@ DENSE_BF16_PEAK = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
 CASES = {
     "token_reconstruction": {"paper": {"img": 392, "batch": 128}, "tiny": {"img": 56, "batch": 8}},
     "spark": {"paper": {"img": 224, "batch": 128}, "tiny": {"img": 64, "batch": 4}},
+    "mae": {"paper": {"img": 224, "batch": 128}, "tiny": {"img": 64, "batch": 8}},
     "greenrfm_stage1": {"paper": {"crop": (192, 192, 96), "batch": 10, "stem": 2}, "tiny": {"crop": (32, 32, 16), "batch": 4, "stem": 2}},
     "greenrfm_stage2": {"paper": {"crop": (192, 192, 96), "batch": 10, "stem": 2}, "tiny": {"crop": (32, 32, 16), "batch": 4, "stem": 2}},
     "greenrfm_lite_stage1": {"paper": {"crop": (192, 192, 96), "batch": 10, "stem": 4}, "tiny": {"crop": (32, 32, 16), "batch": 4, "stem": 4}},
@@ -52,6 +53,15 @@ def build(name: str, size: str, device: torch.device):
         objective = TokenReconstruction(create_vit(model, img_size=spec["img"], weights="random"))
         batch = (torch.randn(spec["batch"], 3, spec["img"], spec["img"]),)
         return objective, batch, f"{model} at {spec['img']} px, batch {spec['batch']}"
+    if name == "mae":
+        from greenlab.backbones.vit import create_vit
+        from greenlab.objectives.mae import MaskedAutoencoder
+
+        model = "vit_large_patch16_224.mae" if size == "paper" else "vit_tiny_patch16_224"
+        decoder = {} if size == "paper" else {"decoder_dim": 64, "decoder_depth": 2, "decoder_heads": 4}
+        objective = MaskedAutoencoder(create_vit(model, img_size=spec["img"], weights="random"), **decoder)
+        batch = (torch.randn(spec["batch"], 3, spec["img"], spec["img"]),)
+        return objective, batch, f"MAE {model} at {spec['img']} px, mask 0.75, batch {spec['batch']}"
     if name == "spark":
         from greenlab.backbones.nn_mobilenet import NNMobileNet
         from greenlab.objectives.spark import SparKPretraining
