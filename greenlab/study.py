@@ -108,32 +108,33 @@ def write_study(sweep_dir: Path, out: Path, vary: list[str]) -> list[Path]:
     return [out / n for n in ("table.md", "table.csv", "auroc_vs_energy.png", "auroc_per_task.png")]
 
 
-EFFICIENCY_COLUMNS = [
-    ("params", lambda r: r["compute"]["params"], "{:,}"),
-    ("images seen", lambda r: r["compute"]["train_images_seen"], "{:,}"),
-    ("train FLOPs / img", lambda r: r["compute"].get("train_flops_per_image"), "{:.2e}"),
-    ("train img/s", lambda r: r["compute"]["train_throughput_img_s"], "{:.1f}"),
-    ("device-h", lambda r: r["compute"]["device_hours"], "{:.4f}"),
-    ("kWh", lambda r: r["energy"]["kwh"], "{:.5f}"),
-    ("CO2e g", lambda r: r["energy"]["co2e_kg"] * 1000, "{:.2f}"),
-    ("cost $", lambda r: r["cost_usd"], "{:.4f}"),
-    ("emb dim", lambda r: r["embedding"].get("dim"), "{}"),
-    ("emb bytes", lambda r: r["embedding"].get("bytes_per_image"), "{}"),
-    ("emb img/s", lambda r: r["embedding"].get("throughput_img_s"), "{:.1f}"),
-    ("probe AUROC", lambda r: r["metrics"].get("probe_auroc_macro"), "{:.3f}"),
-]
+def efficiency_columns(price_per_device_hour: float) -> list:
+    """The efficiency table's columns: (name, value from a results dict, format)."""
+    return [
+        ("params", lambda r: r["compute"]["params"], "{:,}"),
+        ("images seen", lambda r: r["compute"]["train_images_seen"], "{:,}"),
+        ("train FLOPs / img", lambda r: r["compute"].get("train_flops_per_image"), "{:.2e}"),
+        ("train img/s", lambda r: r["compute"]["train_throughput_img_s"], "{:.1f}"),
+        ("device-h", lambda r: r["compute"]["device_hours"], "{:.4f}"),
+        ("kWh", lambda r: r["energy"]["kwh"], "{:.5f}"),
+        ("CO2e g", lambda r: r["energy"]["co2e_kg"] * 1000, "{:.2f}"),
+        ("cost $", lambda r: r["compute"]["device_hours"] * price_per_device_hour, "{:.4f}"),
+        ("emb dim", lambda r: r["embedding"].get("dim"), "{}"),
+        ("emb bytes", lambda r: r["embedding"].get("bytes_per_image"), "{}"),
+        ("emb img/s", lambda r: r["embedding"].get("throughput_img_s"), "{:.1f}"),
+        ("probe AUROC", lambda r: r["metrics"].get("probe_auroc_macro"), "{:.3f}"),
+    ]
 
 
 def write_efficiency(sweep_dir: Path, out: Path, price_per_device_hour: float) -> list[Path]:
     """The efficiency comparison: table.md, table.csv, auroc_vs_energy.png, cost.png in ``out``."""
     runs = load_runs(sweep_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for _, results in runs:
-        results["cost_usd"] = results["compute"]["device_hours"] * price_per_device_hour
-    header = ["method", "objective", "data", "init", "device", *(name for name, _, _ in EFFICIENCY_COLUMNS)]
+    columns = efficiency_columns(price_per_device_hour)
+    header = ["method", "objective", "data", "init", "device", *(name for name, _, _ in columns)]
     rows = [
         [run_dir.name, r["config"]["objective"]["_target_"].rsplit(".", 1)[-1], r["data"].get("name"),
-         _init_used(r["init"]), r["compute"]["device"], *_cells(r, EFFICIENCY_COLUMNS)]
+         _init_used(r["init"]), r["compute"]["device"], *_cells(r, columns)]
         for run_dir, r in runs
     ]  # fmt: skip
     _write_tables(out, header, rows, [

@@ -7,6 +7,7 @@ import json
 
 import lightning as L
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -97,7 +98,7 @@ def test_text_only_reports_join_the_text_encoders_stage1_batches(tmp_path):
                                 output_dir=str(tmp_path / "run"), **TINY_CT)  # fmt: skip
     data.setup("fit")
     assert len(data.text_only_set) == 30 and data.describe()["text_only_reports"] == 30
-    labelled = __import__("pandas").read_csv(tmp_path / "run" / "text_only_report_labels.csv")
+    labelled = pd.read_csv(tmp_path / "run" / "text_only_report_labels.csv")
     report, labels = data.text_only_set[0]
     assert report == labelled["report"][0] and labels.shape == (len(data.tasks),)
     batch, _, _ = next(iter(data.train_dataloader()))  # a CombinedLoader yields (batch, index, loader index)

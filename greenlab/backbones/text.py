@@ -4,8 +4,9 @@
 
 ``weights``:
 - ``random`` (the default; nothing is downloaded): a BERT of the configured size, randomly initialised, with a
-  vocabulary fitted on the training reports by ``fit_vocabulary`` (frequent words + characters, WordPiece) (GreenRFM trains its text encoder
-  with labels, so a small random BERT learns; a radiology BERT starts better).
+  vocabulary (frequent words + characters, read by WordPiece) fitted on the training reports by
+  ``fit_vocabulary`` (GreenRFM trains its text encoder with labels, so a small random BERT learns; a
+  radiology BERT starts better).
 - a local folder (``save_pretrained`` layout) or a hub name, e.g. ``microsoft/BiomedVLP-CXR-BERT-general``:
   read from disk / the local Hugging Face cache; fetched only with ``download=true``. When that fails, a
   loud warning, the random BERT, and ``greenlab_init`` says so (results.json records it).

@@ -40,11 +40,8 @@ class ComputeMonitor(L.Callback):
         self.images_seen = 0
         self.train_seconds = 0.0
         self.joules = 0.0
-        self.earlier = {
-            "train_seconds": 0.0,
-            "joules": 0.0,
-            "attempts": 0,
-        }  # resumed runs: before this attempt
+        # a resumed run: what the attempts before this one spent (from the checkpoint)
+        self.earlier = {"train_seconds": 0.0, "joules": 0.0, "attempts": 0}
         self._started = None
 
     def on_train_start(self, trainer, pl_module) -> None:
