@@ -17,7 +17,7 @@ from greenlab.backbones.text import TextEncoder
 from greenlab.data.base import Task
 from greenlab.data.embedded_ct import EmbeddedCTDataModule
 from greenlab.evaluation.zero_shot import ZeroShot, prompts, recall_at
-from greenlab.objectives.must import MUST, STAGE1_FILES, symmetric_contrastive_loss
+from greenlab.objectives.must import MUST, STAGE1_FILES, AlignedEncoders, symmetric_contrastive_loss
 from tests.conftest import TINY_GREENRFM, run_cli
 
 TINY_TEXT = {"vocab_size": 200, "hidden_size": 32, "num_layers": 1, "num_heads": 2, "max_length": 64}
@@ -89,6 +89,36 @@ def test_stage_two_starts_from_the_saved_stage_one_encoders(ct_data, tmp_path):
     assert (tmp_path / STAGE1_FILES["text_encoder"]).is_file() and (tmp_path / "text_tokenizer").is_dir()
     with pytest.raises(FileExistsError, match="refusing to overwrite"):
         objective.save_stage1(tmp_path)
+
+
+def test_learning_rates_per_part_and_stage(ct_data):
+    objective = tiny_must(stage1_epochs=2, stage1={"lr": 1e-3, "text_lr": 5e-4, "min_lr": 1e-5},
+                          stage2={"lr": 2e-4, "classifier_lr": 2e-3, "min_lr": 2e-5})  # fmt: skip
+    objective.build(ct_data.tasks, ct_data.train_reports)
+    objective.trainer = L.Trainer(max_epochs=4, accelerator="cpu", logger=False)
+    configured = objective.configure_optimizers()
+    groups = configured["optimizer"].param_groups
+    factors = configured["lr_scheduler"]["scheduler"].lr_lambdas
+
+    def lr(epoch, module):
+        wanted = {id(p) for p in module.parameters()}
+        return next(f(epoch) for g, f in zip(groups, factors) if g["params"] and id(g["params"][0]) in wanted)
+
+    image, text, classifier = objective.image_encoder, objective.text_encoder, objective.aligned.classifier
+    assert lr(0, image) == pytest.approx(1e-3) and lr(0, text) == pytest.approx(5e-4)  # stage 1 starts
+    assert lr(2, image) == pytest.approx(2e-4) and lr(2, text) == pytest.approx(2e-4)  # stage 2 starts
+    assert lr(2, classifier) == pytest.approx(2e-3)
+    assert lr(3, image) < 2e-4 and lr(3, classifier) == pytest.approx(10 * lr(3, image))  # same cosine
+
+
+def test_projections_start_latents_near_unit_norm():
+    """Un-normalised dot products: latents of norm ~1 give the contrastive softmax a start near log(B)."""
+    torch.manual_seed(0)
+    image, text = ResNet3D(10, 4), TextEncoder(**TINY_TEXT)
+    aligned = AlignedEncoders(image, text, latent_dim=768, num_findings=3)
+    features = torch.randn(64, image.num_features)  # mean square 1
+    norms = aligned.image_projection(features).norm(dim=1)
+    assert 0.9 < norms.mean() < 1.1
 
 
 def test_text_only_reports_join_the_text_encoders_stage1_batches(tmp_path):

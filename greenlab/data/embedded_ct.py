@@ -1,16 +1,19 @@
 """The embedded GreenRFM default: generated chest-CT-like volumes (NIfTI, HU) with free-text reports.
 
 Nothing is downloaded; no real patient data. ``generate`` draws each study from a fixed seed: a body
-ellipse of soft tissue (40 HU) with a fat rim, two lungs (-850 HU), a heart, the aorta, a vertebra, noise;
-then findings of the CT-RATE vocabulary, each with its own prevalence and look:
+ellipse of soft tissue (40 HU) with a fat rim, two lungs (-850 HU), mediastinal fat (-100 HU), a heart, the
+aorta, a vertebra, noise; then findings of the CT-RATE vocabulary, each with its own prevalence and look
+(lung lesions stay inside the lungs, never over the heart, aorta or spine):
 
 - ``pleural_effusion``: fluid (10 HU) filling the dependent, lower part of one or both lungs;
-- ``lung_nodule``: one to three soft-tissue spheres of 8-14 mm radius in the lungs;
+- ``lung_nodule``: three to six solid (40 HU) spheres of 10-15 mm radius in the lungs (one if faint);
 - ``emphysema``: lung parenchyma at -950 HU with air cysts;
 - ``cardiomegaly``: a heart 45-60 % larger;
-- ``consolidation``: a dense (20 HU) patch of 20-30 mm radius;
-- ``lung_opacity``: a ground-glass (-500 HU) patch of 25-35 mm radius;
-- ``medical_material``: a metal-dense catheter along the superior vena cava and its port in the chest wall;
+- ``consolidation``: segmental airspace filling (30 HU, 35-45 mm radius) in the non-dependent lung,
+  crossed by air bronchograms (-900 HU);
+- ``lung_opacity``: two to four ground-glass (-550 HU) patches of 20-30 mm radius (one at -700 if faint);
+- ``medical_material``: a metal-dense chest-wall port, its tube to the superior vena cava and the catheter
+  down the vein;
 - ``arterial_wall_calcification``: calcified (800 HU) plaques on the aortic wall.
 
 Lesions are drawn larger than life so that they remain visible at the demo's 5 mm voxels.
@@ -32,7 +35,7 @@ import numpy as np
 
 from greenlab.data.ct import CTDataModule
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 SHAPE, SPACING = (64, 64, 40), (5.0, 5.0, 7.5)
 FINDINGS = {  # name: (prevalence, present sentences, negated sentences, hedged sentences)
     "pleural_effusion": (0.35, ["There is a {size} right pleural effusion.", "Bilateral pleural effusions."],
@@ -172,6 +175,8 @@ def _draw_chest(rng: np.random.Generator, present: dict[str, bool], faint: dict[
     if emphysema:
         cysts = lungs & (rng.random(SHAPE) < 0.04)
         volume[cysts] = -1000.0
+    mediastinal_fat = (((x - cx) / 7) ** 2 + ((y - cy) / 10) ** 2 <= 1) & (zc > 0.35) & ~lungs
+    volume[mediastinal_fat] = -100.0
     heart_scale = rng.uniform(1.45, 1.6) if present["cardiomegaly"] else rng.uniform(0.9, 1.0)
     if present["cardiomegaly"] and faint["cardiomegaly"]:
         heart_scale = 1.25
@@ -184,6 +189,7 @@ def _draw_chest(rng: np.random.Generator, present: dict[str, bool], faint: dict[
     volume[(aorta <= 1) & (zc > 0.1)] = 45.0
     spine = ((x - cx) / 4) ** 2 + ((y - (cy - ay + 6)) / 4) ** 2
     volume[spine <= 1] = 700.0
+    lungs &= volume <= lung_hu  # what the heart, aorta and spine left of the lungs: lesions stay inside
     lung_voxels = np.argwhere(lungs)
     if present["pleural_effusion"]:
         sides = [1] if rng.random() < 0.5 else [-1, 1]
@@ -191,19 +197,30 @@ def _draw_chest(rng: np.random.Generator, present: dict[str, bool], faint: dict[
         for side in sides:
             half = (x - cx) * side > 0
             volume[lungs & half & (zc < height + 0.15) & (y < cy - 2)] = 10.0
-    if present["lung_nodule"]:
-        for _ in range(rng.integers(1, 4)):
-            _sphere(volume, lung_voxels[rng.integers(len(lung_voxels))], rng.uniform(0.8, 1.4), 30.0)
-    if present["consolidation"]:
-        _sphere(volume, lung_voxels[rng.integers(len(lung_voxels))], rng.uniform(2.0, 3.0), 20.0, lungs)
-    if present["lung_opacity"]:
-        hu = -700.0 if faint["lung_opacity"] else -500.0
-        _sphere(volume, lung_voxels[rng.integers(len(lung_voxels))], rng.uniform(2.5, 3.5), hu, lungs)
-    if present["medical_material"]:
-        tube = ((x - (cx + 1)) / 1.5) ** 2 + ((y - (cy + 2)) / 1.5) ** 2
-        volume[(tube <= 1) & (zc > 0.4)] = 2000.0
-        port = (np.abs(x - (cx - 16)) <= 2) & (np.abs(y - (cy + ay - 5)) <= 1) & (np.abs(zc - 0.75) <= 0.06)
-        volume[port] = 2000.0
+    if present["lung_nodule"]:  # several solid nodules (one if faint)
+        for _ in range(1 if faint["lung_nodule"] else rng.integers(3, 7)):
+            _sphere(volume, lung_voxels[rng.integers(len(lung_voxels))], rng.uniform(1.0, 1.5), 40.0)
+    if present["consolidation"]:  # segmental airspace filling, non-dependent lung, with air bronchograms
+        anterior = lung_voxels[lung_voxels[:, 1] > cy]
+        centre = anterior[rng.integers(len(anterior))]
+        radius = rng.uniform(2.0, 2.5) if faint["consolidation"] else rng.uniform(3.5, 4.5)
+        patch = _sphere(volume, centre, radius, 30.0, lungs)
+        bronchi = (np.abs(x - centre[0]) < 0.6) | (np.abs(y - centre[1]) < 0.6)
+        volume[patch & bronchi] = -900.0
+    if present["lung_opacity"]:  # multifocal ground glass
+        hu = -700.0 if faint["lung_opacity"] else -550.0
+        for _ in range(1 if faint["lung_opacity"] else rng.integers(2, 5)):
+            _sphere(volume, lung_voxels[rng.integers(len(lung_voxels))], rng.uniform(2.0, 3.0), hu, lungs)
+    if present["medical_material"]:  # a chest-wall port, its tube to the superior vena cava, down the vein
+        port = np.array([cx - 15, cy + ay - 5, 0.75])
+        svc = np.array([cx + 1, cy + 2, 0.8])
+        for t in np.linspace(0, 1, 24):  # the tube from the port to the vein, 1 voxel thick
+            px, py, pz = port + t * (svc - port)
+            volume[(np.abs(x - px) < 0.8) & (np.abs(y - py) < 0.8) & (np.abs(zc - pz) < 0.03)] = 2000.0
+        tube = ((x - svc[0]) / 1.2) ** 2 + ((y - svc[1]) / 1.2) ** 2
+        volume[(tube <= 1) & (zc > 0.4) & (zc < svc[2])] = 2000.0
+        reservoir = ((x - port[0]) / 3) ** 2 + ((y - port[1]) / 1.5) ** 2 + ((zc - port[2]) / 0.08) ** 2
+        volume[reservoir <= 1] = 2000.0
     if present["arterial_wall_calcification"]:
         wall = (aorta > 0.6) & (aorta <= 1.4) & (zc > 0.1)
         spots = wall & (rng.random(SHAPE) < (0.25 if faint["arterial_wall_calcification"] else 0.6))
@@ -212,12 +229,16 @@ def _draw_chest(rng: np.random.Generator, present: dict[str, bool], faint: dict[
     return np.clip(volume, -1024, 3000)
 
 
-def _sphere(volume, centre, radius_cm: float, hu: float, within: np.ndarray | None = None) -> None:
-    """Fill a sphere (radius in cm, anisotropic voxels) with ``hu``, optionally only inside ``within``."""
+def _sphere(volume, centre, radius_cm: float, hu: float, within: np.ndarray | None = None) -> np.ndarray:
+    """Fill a sphere (radius in cm, anisotropic voxels) with ``hu``, optionally only inside ``within``;
+    returns the filled mask."""
     grids = np.meshgrid(*(np.arange(n) for n in SHAPE), indexing="ij", sparse=True)
     distance = sum(((g - c) * s / (10 * radius_cm)) ** 2 for g, c, s in zip(grids, centre, SPACING))
     mask = distance <= 1
-    volume[mask & within if within is not None else mask] = hu
+    if within is not None:
+        mask &= within
+    volume[mask] = hu
+    return mask
 
 
 def _write_csv(path: Path, header: list[str], rows: list[tuple]) -> None:

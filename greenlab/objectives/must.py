@@ -27,6 +27,7 @@ is then skipped).
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -59,6 +60,8 @@ class AlignedEncoders(nn.Module):
         self.image_encoder, self.text_encoder = image_encoder, text_encoder
         self.image_projection = nn.Linear(image_encoder.num_features, latent_dim, bias=False)
         self.text_projection = nn.Linear(text_encoder.num_features, latent_dim, bias=False)
+        for projection in (self.image_projection, self.text_projection):  # latents start near unit norm
+            nn.init.normal_(projection.weight, std=(projection.in_features * latent_dim) ** -0.5)
         self.classifier = nn.Linear(latent_dim, num_findings)
         self.num_features = latent_dim
         self.greenlab_init = {"image": image_encoder.greenlab_init, "text": text_encoder.greenlab_init}
@@ -198,35 +201,39 @@ class MUST(L.LightningModule):
 
     def configure_optimizers(self):
         """One AdamW over every part; a part without gradients in a stage (the stage-1 heads in stage 2,
-        the projections and classifier in stage 1) is left untouched by it. lr per epoch below; in stage 1
-        the text side (encoder + head) runs at ``stage1.text_lr`` (default: ``stage1.lr``), same schedule."""
+        the projections and classifier in stage 1) is left untouched by it. lr per epoch below; the text
+        side (encoder + head) runs at ``stage1.text_lr`` in stage 1, the shared classifier at
+        ``stage2.classifier_lr`` in stage 2 (default: the stage's lr)."""
         wd = self.settings["stage1"]["weight_decay"], self.settings["stage2"]["weight_decay"]
         if wd[0] != wd[1]:
             raise ValueError("stage1.weight_decay and stage2.weight_decay must match (one optimiser)")
-        image_side = [self.image_encoder, self.image_head, self.aligned.image_projection,
-                      self.aligned.text_projection, self.aligned.classifier]  # fmt: skip
-        image_groups = decay_param_groups(image_side, wd[0])
-        text_groups = decay_param_groups([self.text_encoder, self.text_head], wd[0])
-        optimizer = torch.optim.AdamW(image_groups + text_groups, lr=1.0)
-        schedules = [self.lr_at_epoch] * len(image_groups) + [self.text_lr_at_epoch] * len(text_groups)
+        projections = [self.aligned.image_projection, self.aligned.text_projection]
+        parts = {
+            "image": [self.image_encoder, self.image_head, *projections],
+            "classifier": [self.aligned.classifier],
+            "text": [self.text_encoder, self.text_head],
+        }
+        groups, schedules = [], []
+        for part, modules in parts.items():
+            part_groups = decay_param_groups(modules, wd[0])
+            groups += part_groups
+            schedules += [partial(self.lr_at_epoch, part=part)] * len(part_groups)
+        optimizer = torch.optim.AdamW(groups, lr=1.0)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": LambdaLR(optimizer, schedules), "interval": "epoch"}}  # fmt: skip
 
-    def lr_at_epoch(self, epoch: int) -> float:
-        """Stage 1: cosine lr -> min_lr over stage1_epochs; stage 2: cosine lr -> min_lr over the rest."""
+    def lr_at_epoch(self, epoch: int, part: str = "image") -> float:
+        """Stage 1: cosine lr -> min_lr over stage1_epochs; stage 2: cosine lr -> min_lr over the rest;
+        scaled by text_lr / lr for the text ``part`` in stage 1, classifier_lr / lr for the classifier
+        ``part`` in stage 2."""
         if epoch < self.stage1_epochs:
             s, first, length = self.settings["stage1"], 0, self.stage1_epochs
         else:
             s, first = self.settings["stage2"], self.stage1_epochs
             last = self.trainer.max_epochs if self._trainer else epoch + 1  # outside a Trainer: no schedule
             length = last - self.stage1_epochs
-        return s["lr"] * warmup_cosine_factor(epoch - first, s["lr"], s["lr"], s["min_lr"], 0, length)
-
-    def text_lr_at_epoch(self, epoch: int) -> float:
-        """``lr_at_epoch`` scaled by text_lr / lr in stage 1; the same in stage 2."""
-        s = self.settings["stage1"]
-        scale = (s.get("text_lr") or s["lr"]) / s["lr"] if epoch < self.stage1_epochs else 1.0
-        return scale * self.lr_at_epoch(epoch)
+        own_lr = s.get({"text": "text_lr", "classifier": "classifier_lr"}.get(part, "lr")) or s["lr"]
+        return own_lr * warmup_cosine_factor(epoch - first, s["lr"], s["lr"], s["min_lr"], 0, length)
 
     def trained_backbone(self) -> AlignedEncoders:
         return self.aligned
