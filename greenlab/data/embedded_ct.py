@@ -91,8 +91,7 @@ def generate(root: Path, num_volumes: int = 200, seed: int = 0) -> Path:
     affine = np.diag([*SPACING, 1.0])
     manifest, truth = [], []
     for index in range(num_volumes):
-        present = {name: bool(rng.random() < spec[0]) for name, spec in FINDINGS.items()}
-        statements = {name: _statement(rng, present[name]) for name in FINDINGS}
+        present, statements = _draw_findings(rng)
         faint = {n: statements[n] == "hedged" for n in FINDINGS}
         volume = _draw_chest(rng, present, faint)
         name = f"volumes/ct_{index:04d}.nii.gz"
@@ -115,12 +114,17 @@ def generate_text_only_reports(folder: Path, count: int, seed: int = 1) -> Path 
         rng = np.random.default_rng(seed)
         rows = []
         for _ in range(count):
-            present = {name: bool(rng.random() < spec[0]) for name, spec in FINDINGS.items()}
-            rows.append((_report(rng, {name: _statement(rng, present[name]) for name in FINDINGS}),))
+            rows.append((_report(rng, _draw_findings(rng)[1]),))
         partial = path.with_suffix(".partial")
         _write_csv(partial, ["report"], rows)
         partial.replace(path)
     return path
+
+
+def _draw_findings(rng: np.random.Generator) -> tuple[dict[str, bool], dict[str, str]]:
+    """One study's findings: ({name: present}, {name: how its report treats it}), drawn in that order."""
+    present = {name: bool(rng.random() < spec[0]) for name, spec in FINDINGS.items()}
+    return present, {name: _statement(rng, present[name]) for name in FINDINGS}
 
 
 def _statement(rng: np.random.Generator, present: bool) -> str:

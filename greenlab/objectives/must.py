@@ -60,7 +60,9 @@ class AlignedEncoders(nn.Module):
         self.image_encoder, self.text_encoder = image_encoder, text_encoder
         self.image_projection = nn.Linear(image_encoder.num_features, latent_dim, bias=False)
         self.text_projection = nn.Linear(text_encoder.num_features, latent_dim, bias=False)
-        for projection in (self.image_projection, self.text_projection):  # latents start near unit norm
+        # raw dot products (temperature 1): start each latent with a norm of about its features' RMS (~1),
+        # so the first contrastive logits are O(1), not in the tens as with PyTorch's default init
+        for projection in (self.image_projection, self.text_projection):
             nn.init.normal_(projection.weight, std=(projection.in_features * latent_dim) ** -0.5)
         self.classifier = nn.Linear(latent_dim, num_findings)
         self.num_features = latent_dim
