@@ -54,6 +54,9 @@ def test_uncertain_labels_are_masked_or_mapped():
     assert tiny_must().targets(labels).tolist() == [[1, 0, -1, -1]]
     assert tiny_must(uncertain="positive").targets(labels).tolist() == [[1, 0, 1, -1]]
     assert tiny_must(uncertain="negative").targets(labels).tolist() == [[1, 0, 0, -1]]
+    assert tiny_must(unmentioned="negative").targets(labels).tolist() == [[1, 0, -1, 0]]
+    with pytest.raises(ValueError, match="unmentioned"):
+        tiny_must(unmentioned="absent")
 
 
 class StageProbe(L.Callback):
@@ -89,6 +92,30 @@ def test_stage_two_starts_from_the_saved_stage_one_encoders(ct_data, tmp_path):
     assert (tmp_path / STAGE1_FILES["text_encoder"]).is_file() and (tmp_path / "text_tokenizer").is_dir()
     with pytest.raises(FileExistsError, match="refusing to overwrite"):
         objective.save_stage1(tmp_path)
+
+
+def test_stage_two_can_start_from_the_stage_one_heads(ct_data, tmp_path):
+    """start=stage1_heads: latent coordinate k holds finding k's stage-1 logit (bias aside) on both sides and
+    the shared classifier reads it back, from stage 2's first step."""
+    objective, probe = tiny_must(stage1_epochs=1, stage2={"start": "stage1_heads"}), StageProbe()
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, default_root_dir=str(tmp_path), callbacks=[probe])  # fmt: skip
+    trainer.fit(objective, datamodule=ct_data)
+    c = len(ct_data.tasks)
+    assert torch.equal(probe.seen[1]["projection"][:c], probe.seen[1]["image_head"])
+    assert not torch.equal(probe.seen[0]["projection"][:c], probe.seen[1]["projection"][:c])
+
+    aligned, image_head, text_head = objective.aligned, objective.image_head, objective.text_head
+    aligned.anchor_to_heads(image_head, text_head)
+    shift = 0.5 * (text_head.bias - image_head.bias)
+    with torch.no_grad():
+        f, g = torch.randn(4, image_head.in_features), torch.randn(4, text_head.in_features)
+        u, v = aligned.image_projection(f), aligned.text_projection(g)
+        assert torch.allclose(u[:, :c], image_head(f) - image_head.bias, atol=1e-6)
+        assert torch.allclose(aligned.classifier(u), image_head(f) + shift, atol=1e-5)
+        assert torch.allclose(aligned.classifier(v), text_head(g) - shift, atol=1e-5)
+    with pytest.raises(ValueError, match="stage2.start"):
+        tiny_must(stage2={"start": "heads"})
 
 
 def test_learning_rates_per_part_and_stage(ct_data):
@@ -148,16 +175,18 @@ def test_stage1_weights_of_an_earlier_run_are_loaded(ct_data, tmp_path):
     first = tiny_must()
     first.build(ct_data.tasks, ct_data.train_reports)
     with torch.no_grad():
-        for p in first.image_encoder.parameters():
-            p.add_(1.0)
+        for part in (first.image_encoder, first.image_head, first.text_head):
+            for p in part.parameters():
+                p.add_(1.0)
     first.save_stage1(tmp_path)
     second = tiny_must(stage1_weights=str(tmp_path))
     second.build(ct_data.tasks, ct_data.train_reports)
     assert second.stage1_epochs == 0 and second.stage == "stage2"
-    for (name, a), b in zip(
-        first.image_encoder.state_dict().items(), second.image_encoder.state_dict().values()
-    ):
-        assert torch.equal(a, b), name
+    for part in ("image_encoder", "image_head", "text_head"):
+        for (name, a), b in zip(
+            getattr(first, part).state_dict().items(), getattr(second, part).state_dict().values()
+        ):
+            assert torch.equal(a, b), f"{part}.{name}"
     texts = ["No pleural effusion.", "Cardiomegaly."]
     assert (
         first.text_encoder.tokenizer(texts)["input_ids"] == second.text_encoder.tokenizer(texts)["input_ids"]

@@ -10,7 +10,8 @@ Stage 1, each encoder alone (they share no parameter, so one step trains both in
     L1 = BCE_m(h_img(f(x)), y) + BCE_m(h_txt(g(t ∪ t')), y ∪ y')     (t', y': text-only reports, if any)
 
 with f the 3D image encoder (512-d), g the text encoder ([CLS]), h_* linear heads and BCE_m the mean
-BCE over labelled entries (uncertain: masked, or read as present / absent, ``uncertain``).
+BCE over labelled entries (uncertain: masked, or read as present / absent, ``uncertain``; a finding the
+report does not mention: masked, or read as absent, ``unmentioned``).
 
 Stage 2, alignment: projections without bias, u = P_i f(x), v = P_t g(t) (latent_dim), ONE classifier W:
 
@@ -20,9 +21,11 @@ Stage 2, alignment: projections without bias, u = P_i f(x), v = P_t g(t) (latent
 Stage 1 (AdamW lr 1e-4, wd 1e-4, cosine to 1e-6) runs for ``stage1_epochs``, stage 2 (AdamW lr 1e-5,
 grad clip 0.5) for the rest of the Trainer's ``max_epochs``; batch 10, 5 + 5 epochs in the paper
 (shared/REFERENCE.md §3). At the switch the optimiser state is cleared (a fresh AdamW, as the paper's
-separate runs have) and the stage-1 encoders are saved to the run folder. Stage 2 starts from those
-encoders, or, with ``stage1_weights`` (a folder an earlier run saved them to), from that run's (stage 1
-is then skipped).
+separate runs have) and the stage-1 encoders and heads are saved to the run folder. Stage 2 starts from
+those encoders, or, with ``stage1_weights`` (a folder an earlier run saved them to), from that run's (stage 1
+is then skipped). Its projections and shared classifier start random (``stage2.start=random``, the paper),
+or from the stage-1 heads (``stage1_heads``: latent coordinate k = finding k's stage-1 logit on both sides,
+W reads it back; for short schedules, where a random start spends its few steps on the strongest findings).
 """
 
 from __future__ import annotations
@@ -45,7 +48,13 @@ from greenlab.objectives.optim import (
     warmup_cosine_factor,
 )
 
-STAGE1_FILES = {"image_encoder": "stage1_image_encoder.pth", "text_encoder": "stage1_text_encoder.pth"}
+STAGE1_FILES = {
+    "image_encoder": "stage1_image_encoder.pth",
+    "text_encoder": "stage1_text_encoder.pth",
+    "image_head": "stage1_image_head.pth",
+    "text_head": "stage1_text_head.pth",
+}
+STAGE2_STARTS = ("random", "stage1_heads")
 
 
 class AlignedEncoders(nn.Module):
@@ -77,6 +86,20 @@ class AlignedEncoders(nn.Module):
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         return self.text_projection(self.text_encoder(texts))
 
+    @torch.no_grad()
+    def anchor_to_heads(self, image_head: nn.Linear, text_head: nn.Linear) -> None:
+        """Start the latent space from the stage-1 heads: latent coordinate k < C holds finding k's stage-1
+        logit (bias left out), u_k = (H_i f)_k and v_k = (H_t g)_k, and the shared classifier reads them
+        back (W = [I_C | 0], bias the heads' mean). So from the first stage-2 step u·v = Σ_k (H_i f)_k (H_t g)_k
+        + the other coordinates' small random part, and a prompt pair scores u·(v⁺_c - v⁻_c), which is
+        about (H_i f)_c times how much the stage-1 text head tells the two prompts apart."""
+        c = self.classifier.out_features
+        self.image_projection.weight[:c] = image_head.weight
+        self.text_projection.weight[:c] = text_head.weight
+        self.classifier.weight.zero_()
+        self.classifier.weight[:, :c] = torch.eye(c)
+        self.classifier.bias.copy_(0.5 * (image_head.bias + text_head.bias))
+
 
 def symmetric_contrastive_loss(image_latents: torch.Tensor, text_latents: torch.Tensor) -> torch.Tensor:
     """½ [CE(S, diag) + CE(Sᵀ, diag)], S = image_latents @ text_latentsᵀ (B, B), no normalisation."""
@@ -87,24 +110,33 @@ def symmetric_contrastive_loss(image_latents: torch.Tensor, text_latents: torch.
 
 class MUST(L.LightningModule):
     """Args: image_encoder, text_encoder, latent_dim (768), stage1_epochs, stage1 / stage2 (lr,
-    weight_decay, min_lr; stage 1 also text_lr, stage 2 gradient_clip_val), uncertain (mask | positive |
-    negative), stage1_weights (folder)."""
+    weight_decay, min_lr; stage 1 also text_lr, stage 2 classifier_lr, gradient_clip_val and start (random |
+    stage1_heads)), uncertain (mask | positive | negative), unmentioned (mask | negative),
+    stage1_weights (folder)."""
 
     def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, latent_dim: int = 768,
                  stage1_epochs: int = 5, stage1: dict | None = None, stage2: dict | None = None,
-                 uncertain: str = "mask", stage1_weights: str | None = None):  # fmt: skip
+                 uncertain: str = "mask", unmentioned: str = "mask",
+                 stage1_weights: str | None = None):  # fmt: skip
         super().__init__()
         self.save_hyperparameters(ignore=["image_encoder", "text_encoder"])
         if uncertain not in ("mask", "positive", "negative"):
             raise ValueError(f"uncertain must be mask, positive or negative, not {uncertain!r}")
+        if unmentioned not in ("mask", "negative"):
+            raise ValueError(f"unmentioned must be mask or negative, not {unmentioned!r}")
         self.image_encoder, self.text_encoder = image_encoder, text_encoder
         self.stage1_epochs = 0 if stage1_weights else stage1_epochs
         self.settings = {
             "stage1": {"lr": 1e-4, "weight_decay": 1e-4, "min_lr": 1e-6, **(stage1 or {})},
-            "stage2": {"lr": 1e-5, "weight_decay": 1e-4, "min_lr": 1e-5, "gradient_clip_val": 0.5, **(stage2 or {})},
+            "stage2": {"lr": 1e-5, "weight_decay": 1e-4, "min_lr": 1e-5, "gradient_clip_val": 0.5, "start": "random",
+                       **(stage2 or {})},
         }  # fmt: skip
+        start = self.settings["stage2"]["start"]
+        if start not in STAGE2_STARTS:
+            raise ValueError(f"stage2.start must be one of {STAGE2_STARTS}, not {start!r}")
         self.image_head = self.text_head = self.aligned = None
         self.run_notes = {"stage1_epochs": self.stage1_epochs, "uncertain_labels": uncertain,
+                          "unmentioned_labels": unmentioned,
                           "stage1_weights": stage1_weights, "stage_settings": self.settings}  # fmt: skip
 
     @property
@@ -125,9 +157,7 @@ class MUST(L.LightningModule):
         BERT) the vocabulary fitted on ``train_reports``."""
         if not tasks or any(t.num_classes != 2 for t in tasks):
             raise ValueError(f"MUST needs binary findings; the data has {tasks}")
-        if self.hparams.stage1_weights:
-            self._load_stage1(Path(self.hparams.stage1_weights))
-        elif self.text_encoder.needs_vocabulary:
+        if self.text_encoder.needs_vocabulary and not self.hparams.stage1_weights:
             self.text_encoder.fit_vocabulary(train_reports)
         with layout_independent_init():
             self.image_head = nn.Linear(self.image_encoder.num_features, len(tasks))
@@ -135,6 +165,8 @@ class MUST(L.LightningModule):
             self.aligned = AlignedEncoders(
                 self.image_encoder, self.text_encoder, self.hparams.latent_dim, len(tasks)
             )
+        if self.hparams.stage1_weights:
+            self._load_stage1(Path(self.hparams.stage1_weights))
 
     def _load_stage1(self, directory: Path) -> None:
         from transformers import AutoTokenizer
@@ -147,14 +179,18 @@ class MUST(L.LightningModule):
             self.text_encoder.tokenizer = AutoTokenizer.from_pretrained(str(directory / "text_tokenizer"))
 
     def on_train_epoch_start(self) -> None:
-        if self.current_epoch == self.stage1_epochs > 0:  # the switch to stage 2
+        if self.current_epoch != self.stage1_epochs:
+            return
+        if self.stage1_epochs > 0:  # the switch to stage 2
             if self.trainer.is_global_zero:
                 self.save_stage1(Path(self.trainer.default_root_dir))
             for optimizer in self.trainer.optimizers:
                 optimizer.state.clear()
+        if self.settings["stage2"]["start"] == "stage1_heads":
+            self.aligned.anchor_to_heads(self.image_head, self.text_head)
 
     def save_stage1(self, directory: Path) -> None:
-        """Both encoders' weights (and a fitted vocabulary) as stage 1 left them; never overwrites."""
+        """Both encoders' and heads' weights (and a fitted vocabulary) as stage 1 left them; never overwrites."""
         for name, file in STAGE1_FILES.items():
             path, state = directory / file, getattr(self, name).state_dict()
             if path.exists():
@@ -169,9 +205,13 @@ class MUST(L.LightningModule):
 
     # --- the maths -------------------------------------------------------------------------------------
     def targets(self, labels: torch.Tensor) -> torch.Tensor:
-        """Labels for BCE_m: uncertain -> masked (-1), or 1 / 0 per ``uncertain``."""
+        """Labels for BCE_m: uncertain -> masked (-1), or 1 / 0 per ``uncertain``; unmentioned (missing) ->
+        masked, or 0 per ``unmentioned``."""
         value = {"mask": MISSING, "positive": 1, "negative": 0}[self.hparams.uncertain]
-        return torch.where(labels == UNCERTAIN, torch.full_like(labels, value), labels)
+        targets = torch.where(labels == UNCERTAIN, torch.full_like(labels, value), labels)
+        if self.hparams.unmentioned == "negative":
+            targets = torch.where(labels == MISSING, torch.zeros_like(labels), targets)
+        return targets
 
     def training_step(self, batch, batch_idx):
         volumes, reports, labels = batch["paired"] if isinstance(batch, dict) else batch
