@@ -34,12 +34,12 @@ def markdown(results: dict) -> str:
         f"- scale: **{results.get('scale', '?')}**"
         + (" (reduced demo budget, not the paper's schedule)" if results.get("scale") == "demo" else ""),
         f"- data: {results['data'].get('name')} ({results['data'].get('pretrain_images')} pre-training images)",
-        f"- initialisation: **{init.get('used')}**"
-        + (f" from {init['source']}" if init.get("source") else "")
-        + (f" — {init['note']}" if init.get("note") else ""),
+        "- initialisation: " + _initialisation(init),
     ]
     if "probe_tasks" in m:
         lines += _probe_section(m)
+    if "zero_shot_auroc_macro" in m:
+        lines += _zero_shot_section(m)
     if "finetune_folds" in m:
         lines += _finetune_section(m)
     lines += [
@@ -71,6 +71,44 @@ def markdown(results: dict) -> str:
     else:
         lines.append("- not computed (no labelled data)")
     return "\n".join(lines) + "\n"
+
+
+def _initialisation(init: dict) -> str:
+    """``{used, source, note}``, or one such record per part (``{"image": {...}, "text": {...}}``)."""
+    if "used" not in init:
+        return "; ".join(f"{part} {_initialisation(record)}" for part, record in init.items())
+    return (
+        f"**{init.get('used')}**"
+        + (f" from {init['source']}" if init.get("source") else "")
+        + (f" — {init['note']}" if init.get("note") else "")
+    )
+
+
+def _zero_shot_section(m: dict) -> list[str]:
+    ci = m.get("zero_shot_auroc_macro_ci95") or [math.nan, math.nan]
+    probes, pool = m.get("probe_tasks", {}), m["retrieval_pool_size"]
+    lines = [
+        "",
+        "## Zero-shot diagnosis (held-out split, prompts only)",
+        "",
+        "| finding | zero-shot AUROC | linear probe AUROC (supervised reference) |",
+        "|---|---|---|",
+    ]
+    for key, value in m.items():
+        if key.startswith("zero_shot_auroc/"):
+            name = key.split("/", 1)[1]
+            lines.append(f"| {name} | {value:.3f} | {probes.get(name, {}).get('auroc', math.nan):.3f} |")
+    lines += [
+        f"| **macro** | **{m['zero_shot_auroc_macro']:.3f}** [95% CI {ci[0]:.3f}, {ci[1]:.3f}] | "
+        f"{m.get('probe_auroc_macro', math.nan):.3f} |",
+        "",
+        f"Report-to-volume retrieval over {pool} held-out studies: "
+        + ", ".join(f"Recall@{k} {m[f'report_to_volume_recall@{k}']:.3f}" for k in (1, 5, 10))
+        + " (chance "
+        + ", ".join(f"{min(k, pool) / pool:.3f}" for k in (1, 5, 10))
+        + ").",
+    ]
+    return lines
 
 
 def _probe_section(m: dict) -> list[str]:

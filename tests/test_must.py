@@ -278,6 +278,9 @@ def test_greenrfm_main_command_end_to_end(tmp_path, data_dir):
     assert json.loads((run / "backbone.json").read_text())["factory"].endswith("AlignedEncoders")
     for name in ("report_labels.csv", *STAGE1_FILES.values(), "text_tokenizer"):
         assert (run / name).exists(), name
+    readable = (run / "results.md").read_text()  # the figures a user reads, beside results.json
+    assert f"**{metrics['zero_shot_auroc_macro']:.3f}** [95% CI" in readable and "Recall@10" in readable
+    assert "image **random**; text **random** — vocabulary of" in readable
 
 
 def test_greenrfm_same_seed_same_results(tmp_path, data_dir):
