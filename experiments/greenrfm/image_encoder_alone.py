@@ -1,8 +1,9 @@
 """How well the 3D ResNet-18 learns each generated finding alone: BCE on the drawn truth (``truth.csv``).
 
-    python experiments/greenrfm/image_encoder_alone.py data/embedded/embedded_ct_v3_n200_s0 100 3e-4
+    python experiments/greenrfm/image_encoder_alone.py data/embedded/embedded_ct_v3_n280_s0 100 3e-4
 
-Trains on the first 160 studies (random 56 x 56 x 32 crops, batch 10, AdamW, one-cycle lr) for STEPS steps
+(the generator draws studies in sequence, so the first 200 of the n280 folder are those of n200, where the
+numbers in README.md were measured). Trains on the first 160 studies (random 56 x 56 x 32 crops, batch 10, AdamW, one-cycle lr) for STEPS steps
 and prints the AUROC per finding on the first 40 (train) and the last 40 (held out) studies, centre crops.
 """
 

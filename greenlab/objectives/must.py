@@ -54,7 +54,11 @@ STAGE1_FILES = {
     "image_head": "stage1_image_head.pth",
     "text_head": "stage1_text_head.pth",
 }
-STAGE2_STARTS = ("random", "stage1_heads")
+CHOICES = {  # the values each option takes
+    "uncertain": ("mask", "positive", "negative"),
+    "unmentioned": ("mask", "negative"),
+    "stage2.start": ("random", "stage1_heads"),
+}
 
 
 class AlignedEncoders(nn.Module):
@@ -120,10 +124,6 @@ class MUST(L.LightningModule):
                  stage1_weights: str | None = None):  # fmt: skip
         super().__init__()
         self.save_hyperparameters(ignore=["image_encoder", "text_encoder"])
-        if uncertain not in ("mask", "positive", "negative"):
-            raise ValueError(f"uncertain must be mask, positive or negative, not {uncertain!r}")
-        if unmentioned not in ("mask", "negative"):
-            raise ValueError(f"unmentioned must be mask or negative, not {unmentioned!r}")
         self.image_encoder, self.text_encoder = image_encoder, text_encoder
         self.stage1_epochs = 0 if stage1_weights else stage1_epochs
         self.settings = {
@@ -131,9 +131,10 @@ class MUST(L.LightningModule):
             "stage2": {"lr": 1e-5, "weight_decay": 1e-4, "min_lr": 1e-5, "gradient_clip_val": 0.5, "start": "random",
                        **(stage2 or {})},
         }  # fmt: skip
-        start = self.settings["stage2"]["start"]
-        if start not in STAGE2_STARTS:
-            raise ValueError(f"stage2.start must be one of {STAGE2_STARTS}, not {start!r}")
+        for name, value in (("uncertain", uncertain), ("unmentioned", unmentioned),
+                            ("stage2.start", self.settings["stage2"]["start"])):  # fmt: skip
+            if value not in CHOICES[name]:
+                raise ValueError(f"{name} must be one of {CHOICES[name]}, not {value!r}")
         self.image_head = self.text_head = self.aligned = None
         self.run_notes = {"stage1_epochs": self.stage1_epochs, "uncertain_labels": uncertain,
                           "unmentioned_labels": unmentioned,
