@@ -4,7 +4,8 @@ nn-MobileNet, and the cost of the depthwise convolution MinkowskiEngine 0.5.4 la
     python -m benchmarks.sparse_backends [--img 224] [--batch 8] [--steps 5]
 
 Each backend runs in its own process (peak memory is per process: peak RSS on CPU,
-max_memory_allocated on GPU). Writes benchmarks/results/sparse_backends_<cpu|gpu>.json.
+max_memory_allocated on GPU). Writes benchmarks/results/sparse_backends_<cpu|gpu>.json and copies it to this machine's measured choice
+(``greenlab.sparse.measured_choice_path``), which ``objective.sparse_backend=auto`` then follows.
 """
 
 from __future__ import annotations
@@ -12,12 +13,15 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shutil
 import statistics
 import subprocess
 import sys
 import time
 
 import torch
+
+from greenlab.sparse import measured_choice_path
 
 
 def step_benchmark(backend: str, img: int, batch: int, steps: int, model_name: str) -> dict:
@@ -135,7 +139,14 @@ def main() -> None:
         "depthwise_conv": depthwise,
     }
     device = "gpu" if torch.cuda.is_available() else "cpu"
-    print(write(f"sparse_backends_{device}", payload))
+    path = write(f"sparse_backends_{device}", payload)
+    print(path)
+    choice = measured_choice_path(device)  # what objective.sparse_backend=auto reads on this machine
+    choice.parent.mkdir(parents=True, exist_ok=True)
+    if choice.exists():
+        print(f"replacing this machine's earlier measurement {choice}")
+    shutil.copyfile(path, choice)
+    print(f"sparse_backend=auto now picks {faster} here ({choice})")
     print(json.dumps({k: v for k, v in payload.items() if k != "runs"}, indent=2))
 
 

@@ -1,9 +1,18 @@
-"""OmegaConf resolvers used by the configs in ``conf/``."""
+"""Where the configs live, the OmegaConf resolvers they use, and ``build``: one config-group option as an object.
+
+Values have one home: the group YAML under ``conf/`` (the Python signatures restate none of them). In code,
+``build("objective/mae", backbone=vit, mask_ratio=0.5)`` gives the object the YAML describes, with the
+arguments given replacing its values.
+"""
+
+from __future__ import annotations
 
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"  # the repository's conf/ (editable install)
 
 
 def auto_precision() -> str:
@@ -32,3 +41,34 @@ def register_resolvers() -> None:
     ):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, function)
+
+
+def experiments() -> list[str]:
+    """The names of the experiments in ``conf/experiment``."""
+    return sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+
+
+def build(option: str, /, overrides: list[str] = (), **arguments):
+    """The object that config-group ``option`` ("group/name") describes, ``arguments`` replacing values.
+
+    Interpolations into other groups (``${data.batch_size}``, ``${img_size}``) take the values of the primary
+    config; ``overrides`` are Hydra overrides of it (e.g. ``["img_size=56"]``). Outside a run the output
+    folder is the current directory.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    group, name = option.rsplit("/", 1)
+    primary = OmegaConf.load(CONFIG_DIR / "config.yaml")
+    in_primary = any(isinstance(d, dict) and group in d for d in OmegaConf.to_container(primary.defaults))
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3", job_name="build"):
+        cfg = compose(
+            "config",
+            overrides=[f"{'' if in_primary else '+'}{group}={name}", f"paths.output_dir={Path.cwd()}", *overrides],
+        )
+    node = OmegaConf.select(cfg, group.replace("/", "."))
+    OmegaConf.set_struct(cfg, False)
+    for key in arguments:
+        if key in node:  # (pop would resolve the value first)
+            del node[key]
+    return instantiate(node, _partial_=True)(**arguments)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import datetime
-import json
 import logging
 import os
 import shutil
@@ -19,18 +18,19 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import greenlab
+import greenlab.config
+from greenlab import contracts
 from greenlab.callbacks.compute_monitor import JOULES_PER_KWH, ComputeMonitor
 from greenlab.compute.energy import EnergyMeter, co2e_kg
 from greenlab.report import write_results
 
 log = logging.getLogger("greenlab")
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")  # the repository's conf/ (editable install)
+CONFIG_DIR = str(greenlab.config.CONFIG_DIR)
 
 
 def run(cfg: DictConfig) -> dict:
@@ -40,39 +40,92 @@ def run(cfg: DictConfig) -> dict:
     output_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
 
-    datamodule = instantiate(cfg.data)
-    objective = instantiate(cfg.objective)
+    datamodule, objective, evaluation = (
+        instantiate(cfg.data), instantiate(cfg.objective), instantiate(cfg.evaluation)
+    )
+    check_parts(objective, evaluation, datamodule)
+    trainer, monitor = build_trainer(cfg)
+
+    initial_backbone = copy.deepcopy(objective.trained_backbone()) if cfg.evaluate_initial_backbone else None
+    budget = pretrain(trainer, monitor, objective, datamodule, resume_from)
+    if not trainer.is_global_zero:  # the budget is reduced over all ranks; from here on rank 0 alone works
+        return {"metrics": {}}
+    recipe = objective.export(output_dir)
+    backbone = objective.trained_backbone()
+    scores, eval_kwh = evaluate(evaluation, backbone, initial_backbone, datamodule, trainer, cfg)
+    account(budget, eval_kwh, backbone, objective)
+    results = {
+        "experiment": cfg.name,
+        "scale": cfg.get("scale_name", "custom"),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "greenlab_version": greenlab.__version__,
+        "run_dir": str(output_dir.resolve()),
+        "init": backbone.init_record,
+        "objective": objective.run_notes(),
+        "data": datamodule.describe(),
+        "metrics": {**scores["metrics"], "final_train_loss": _final_loss(trainer)},
+        "optimized_metric": evaluation.optimized_metric,
+        "compute": budget["compute"],
+        "energy": budget["energy"],
+        "embedding": scores["embedding"],
+        "artifacts": {
+            "backbone_weights": recipe["weights"],
+            "checkpoints": str(output_dir / "checkpoints"),
+            "csv_metrics": str(output_dir / "csv" / "metrics.csv"),
+            "wandb_dir": str(output_dir / "wandb"),
+        },
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    report(results, evaluation, trainer, output_dir)
+    return results
+
+
+def check_parts(objective, evaluation, datamodule) -> None:
+    """Each part offers its contract (greenlab/contracts.py), and the datamodule what the others need."""
+    for part, protocol, role in ((objective, contracts.Objective, "objective"),
+                                 (evaluation, contracts.Evaluation, "evaluation"),
+                                 (datamodule, contracts.DataModule, "data")):  # fmt: skip
+        if not isinstance(part, protocol):
+            missing = [n for n in (*protocol.__annotations__, *contracts._methods(protocol)) if not hasattr(part, n)]
+            raise TypeError(f"{role} {type(part).__name__} lacks {missing} of greenlab.contracts.{protocol.__name__}")
+    contracts.check_requirements(objective, "objective", datamodule)
+    contracts.check_requirements(evaluation, "evaluation", datamodule)
+
+
+def build_trainer(cfg: DictConfig) -> tuple[L.Trainer, ComputeMonitor]:
+    """The Lightning Trainer with the configured callbacks and loggers (the config logged to each)."""
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
     loggers = [instantiate(c) for c in cfg.logger.values()]
     monitor = next(c for c in callbacks if isinstance(c, ComputeMonitor))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    return trainer, monitor
 
-    initial_backbone = copy.deepcopy(objective.trained_backbone()) if cfg.evaluate_initial_backbone else None
-    warnings.filterwarnings(
-        "ignore", message=".*module\\(s\\) in eval mode.*"
-    )  # the frozen teacher, on purpose
+
+def pretrain(trainer, monitor: ComputeMonitor, objective, datamodule, resume_from: Path | None) -> dict:
+    """Train the objective (continuing ``resume_from``); the budget it cost (compute, energy)."""
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # a frozen teacher, on purpose
     # weights_only=False: the checkpoint is this run's own (its hparams hold OmegaConf containers)
     trainer.fit(objective, datamodule=datamodule, ckpt_path=resume_from, weights_only=False)
-    budget = monitor.summary(trainer)  # reduced over all ranks; from here on rank 0 alone works
-    if not trainer.is_global_zero:
-        return {"metrics": {}}
-    backbone = objective.trained_backbone()
-    weights_path = save_backbone(backbone, cfg, output_dir)
+    return monitor.summary(trainer)
 
+
+def evaluate(evaluation, backbone, initial_backbone, datamodule, trainer, cfg: DictConfig) -> tuple[dict, float]:
+    """The evaluation of the trained backbone and, same protocol, of the one before pre-training (the gain
+    is measured, not claimed); and the energy it took (kWh)."""
     meter = EnergyMeter(cfg.compute.cpu_watts_per_core)
     meter.start()
     datamodule.setup("fit")
-    evaluate = instantiate(cfg.evaluation)
-    evaluation = evaluate(backbone, datamodule, trainer.strategy.root_device)
-    if (
-        initial_backbone is not None
-    ):  # the same protocol before pre-training: the gain is measured, not claimed
-        before = evaluate(initial_backbone, datamodule, trainer.strategy.root_device)
-        evaluation["metrics"]["initial_backbone"] = before["metrics"]
-    eval_kwh = meter.read() / JOULES_PER_KWH
+    device = trainer.strategy.root_device
+    scores = evaluation(backbone, datamodule, device)
+    if initial_backbone is not None:
+        scores["metrics"]["initial_backbone"] = evaluation(initial_backbone, datamodule, device)["metrics"]
+    return scores, meter.read() / JOULES_PER_KWH
 
+
+def account(budget: dict, eval_kwh: float, backbone, objective) -> None:
+    """Whole-run energy and CO2e, and parameter counts, into ``budget``."""
     energy = budget["energy"]
     energy.update(eval_kwh=eval_kwh, kwh=energy["train_kwh"] + eval_kwh)
     energy["co2e_kg"] = co2e_kg(energy["kwh"], energy["carbon_intensity_kg_per_kwh"], energy["pue"])
@@ -80,34 +133,17 @@ def run(cfg: DictConfig) -> dict:
         params=sum(p.numel() for p in backbone.parameters()),
         trainable_params_pretraining=sum(p.numel() for p in objective.parameters() if p.requires_grad),
     )
-    results = {
-        "experiment": cfg.name,
-        "scale": cfg.get("scale_name", "custom"),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "greenlab_version": greenlab.__version__,
-        "run_dir": str(output_dir.resolve()),
-        "init": getattr(backbone, "greenlab_init", {"used": "unknown"}),
-        "objective": getattr(objective, "run_notes", {}),
-        "data": datamodule.describe(),
-        "metrics": {**evaluation["metrics"], "final_train_loss": _final_loss(trainer)},
-        "compute": budget["compute"],
-        "energy": energy,
-        "embedding": evaluation["embedding"],
-        "artifacts": {
-            "backbone_weights": str(weights_path),
-            "checkpoints": str(output_dir / "checkpoints"),
-            "csv_metrics": str(output_dir / "csv" / "metrics.csv"),
-            "wandb_dir": str(output_dir / "wandb"),
-        },
-        "config": OmegaConf.to_container(cfg, resolve=True),
-    }
-    json_path, md_path = write_results(results, output_dir)
+
+
+def report(results: dict, evaluation, trainer, output_dir: Path) -> None:
+    """results.json, results.md (the evaluation's own section inside), the final values to every logger."""
+    json_path, md_path = write_results(results, output_dir, evaluation.markdown(results["metrics"]))
     _log_final(trainer, results)
     print(
-        f"\ngreenlab: {cfg.name} finished\n  results: {json_path}\n  report:  {md_path}\n  weights: {weights_path}"
+        f"\ngreenlab: {results['experiment']} finished\n  results: {json_path}\n  report:  {md_path}\n"
+        f"  weights: {results['artifacts']['backbone_weights']}"
     )
     _finish_wandb()
-    return results
 
 
 def resume_checkpoint(output_dir: Path) -> Path | None:
@@ -146,28 +182,6 @@ def _primary_process() -> bool:
     return all(os.environ.get(v, "0") == "0" for v in ("LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "RANK"))
 
 
-def save_backbone(backbone: torch.nn.Module, cfg: DictConfig, output_dir: Path) -> Path:
-    """The trained backbone alone as a state dict (+ a JSON saying how to rebuild it); never overwrites."""
-    path = output_dir / "backbone.pth"
-    if path.exists():
-        raise FileExistsError(f"{path} already exists; refusing to overwrite trained weights")
-    torch.save(backbone.state_dict(), path)
-    recipe = {
-        "factory": cfg.backbone._target_,
-        **{
-            k: v
-            for k, v in OmegaConf.to_container(cfg.backbone, resolve=True).items()
-            if k not in ("_target_", "weights")
-        },
-    }
-    if "text_encoder" in cfg:  # an image-text model (GreenRFM): both encoders, projections, classifier
-        factory = f"{type(backbone).__module__}.{type(backbone).__name__}"
-        recipe = {"factory": factory, "image_encoder": recipe, "num_features": backbone.num_features,
-                  "text_encoder": OmegaConf.to_container(cfg.get("text_encoder", {}), resolve=True)}  # fmt: skip
-    (output_dir / "backbone.json").write_text(json.dumps(recipe, indent=2))
-    return path
-
-
 def _final_loss(trainer) -> float | None:
     value = trainer.callback_metrics.get("train/loss_epoch")
     return float(value) if value is not None else None
@@ -191,6 +205,23 @@ def _finish_wandb() -> None:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
-def main(cfg: DictConfig) -> float | None:
+def hydra_main(cfg: DictConfig) -> float | None:
+    if cfg.name is None:
+        raise SystemExit(f"greenlab: choose an experiment, e.g. +experiment=retfound_green\n{experiment_list()}")
     results = run(cfg)
-    return results["metrics"].get("probe_auroc_macro")  # the value a Hydra sweeper optimises
+    return results["metrics"].get(results.get("optimized_metric"))  # the value a Hydra sweeper optimises
+
+
+def main() -> None:
+    """``python -m greenlab [overrides]``; with no argument at all, the experiments and how to run one."""
+    if len(sys.argv) == 1:
+        print(experiment_list())
+        return
+    hydra_main()
+
+
+def experiment_list() -> str:
+    lines = ["greenlab experiments (python -m greenlab +experiment=NAME [overrides]):"]
+    for name in greenlab.config.experiments():
+        lines.append(f"  {name}")
+    return "\n".join(lines)

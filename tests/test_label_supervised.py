@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from greenlab.backbones.resnet3d import ResNet3D
+from greenlab.config import build
 from greenlab.evaluation.embeddings import pool
 from greenlab.objectives.label_supervised import masked_bce
 
@@ -20,10 +20,10 @@ def test_masked_bce_ignores_uncertain_and_missing_labels():
 
 def test_resnet3d_stem_and_embedding():
     torch.manual_seed(0)
-    model = ResNet3D(depth=18, stem_kernel=2).eval()
+    model = build("backbone/resnet3d18", depth=18, stem_kernel=2).eval()
     assert model.net.conv1.kernel_size == (2, 2, 2) and model.net.conv1.stride == (2, 2, 2)
     assert model.net.conv1.in_channels == 1 and model.num_features == 512
-    lite = ResNet3D(depth=18, stem_kernel=4)
+    lite = build("backbone/resnet3d18", depth=18, stem_kernel=4)
     assert lite.net.conv1.stride == (4, 4, 4)
     volume = torch.randn(2, 1, 32, 32, 32)
     maps = model.forward_features(volume)

@@ -4,22 +4,23 @@ from __future__ import annotations
 
 import torch
 
-from greenlab.backbones.vit import create_vit
+from greenlab.config import build
 from greenlab.objectives.mae import MaskedAutoencoder
+from greenlab.objectives.patches import patchify
 
 TINY_ENCODER = {"embed_dim": 48, "depth": 2, "num_heads": 2}
 
 
 def tiny_mae(**kwargs) -> MaskedAutoencoder:
     torch.manual_seed(0)
-    vit = create_vit("vit_large_patch16_224.mae", img_size=64, weights="random", model_kwargs=TINY_ENCODER)
-    return MaskedAutoencoder(vit, decoder_dim=32, decoder_depth=1, decoder_heads=2, **kwargs)
+    vit = build("backbone/vit_large_patch16_mae", img_size=64, weights="random", model_kwargs=TINY_ENCODER)
+    return build("objective/mae", backbone=vit, decoder_dim=32, decoder_depth=1, decoder_heads=2, **kwargs)
 
 
 def test_patchify_orders_patches_row_major_with_pixels_inside():
     mae = tiny_mae()
     images = torch.arange(2 * 3 * 64 * 64, dtype=torch.float32).reshape(2, 3, 64, 64)
-    patches = mae.patchify(images)
+    patches = patchify(images, mae.patch_size)
     assert patches.shape == (2, 16, 16 * 16 * 3)
     row, col = 1, 2  # patch 6 = the second row of patches, third column
     expected = images[1, :, 16 * row : 16 * row + 16, 16 * col : 16 * col + 16].permute(1, 2, 0).reshape(-1)
@@ -38,7 +39,7 @@ def test_masking_hides_three_quarters_and_the_encoder_sees_only_the_rest():
 def test_loss_counts_only_hidden_patches_and_training_lowers_it():
     mae = tiny_mae()
     images = torch.randn(4, 3, 64, 64)
-    target = mae.patchify(images)
+    target = patchify(images, mae.patch_size)
     target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
     keep, mask = mae.random_masking(4, 16, images.device)
     perfect_on_hidden = torch.where(mask.bool().unsqueeze(-1), target, torch.zeros_like(target))

@@ -12,11 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from greenlab.backbones.resnet3d import ResNet3D
-from greenlab.backbones.text import TextEncoder
+from greenlab.config import build
 from greenlab.data.base import Task
-from greenlab.data.embedded_ct import EmbeddedCTDataModule
-from greenlab.evaluation.zero_shot import ZeroShot, prompts, recall_at
+from greenlab.evaluation.zero_shot import prompts, recall_at
 from greenlab.objectives.must import MUST, STAGE1_FILES, AlignedEncoders, symmetric_contrastive_loss
 from tests.conftest import TINY_GREENRFM, run_cli
 
@@ -24,17 +22,29 @@ TINY_TEXT = {"vocab_size": 200, "hidden_size": 32, "num_layers": 1, "num_heads":
 TINY_CT = {"spacing": (20.0, 20.0, 30.0), "pad_size": (16, 16, 10), "crop_size": (16, 16, 8)}
 
 
+def tiny_image_encoder():
+    return build("backbone/resnet3d18", depth=10, stem_kernel=4)
+
+
+def tiny_text_encoder(**arguments):
+    return build("text_encoder/random_bert", **{**TINY_TEXT, **arguments})
+
+
 def tiny_must(**kwargs) -> MUST:
+    """objective/must.yaml with tiny encoders; a dict argument (stage1, stage2) changes only the keys it names."""
     torch.manual_seed(0)
-    return MUST(ResNet3D(10, 4), TextEncoder(**TINY_TEXT), latent_dim=16, **kwargs)
+    changes = [f"objective.{k}.{key}={value}" for k, v in kwargs.items() if isinstance(v, dict) for key, value in v.items()]
+    arguments = {k: v for k, v in kwargs.items() if not isinstance(v, dict)}
+    return build("objective/must", overrides=changes, image_encoder=tiny_image_encoder(),
+                 text_encoder=tiny_text_encoder(), latent_dim=16, **arguments)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def ct_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("embedded_ct")
-    data = EmbeddedCTDataModule(str(root / "gen"), num_volumes=24, labeller={"backend": "rules"}, pair_reports=True,
-                                batch_size=6, eval_batch_size=6, num_workers=0, output_dir=str(root / "run"),
-                                **TINY_CT)  # fmt: skip
+    data = build("data/embedded_ct", root=str(root / "gen"), num_volumes=24, pair_reports=True, cache_dir=None, held_out_fraction=0.2,
+                 num_text_only_reports=0, batch_size=6, eval_batch_size=6, num_workers=0,
+                 output_dir=str(root / "run"), **TINY_CT)  # fmt: skip
     data.setup("fit")
     return data
 
@@ -141,7 +151,7 @@ def test_learning_rates_per_part_and_stage(ct_data):
 def test_projections_start_latents_near_unit_norm():
     """Un-normalised dot products: latents of norm ~1 give the contrastive softmax a start near log(B)."""
     torch.manual_seed(0)
-    image, text = ResNet3D(10, 4), TextEncoder(**TINY_TEXT)
+    image, text = tiny_image_encoder(), tiny_text_encoder()
     aligned = AlignedEncoders(image, text, latent_dim=768, num_findings=3)
     features = torch.randn(64, image.num_features)  # mean square 1
     norms = aligned.image_projection(features).norm(dim=1)
@@ -150,9 +160,10 @@ def test_projections_start_latents_near_unit_norm():
 
 def test_text_only_reports_join_the_text_encoders_stage1_batches(tmp_path):
     root = tmp_path / "gen"
-    data = EmbeddedCTDataModule(str(root), num_volumes=12, num_text_only_reports=30, text_only_batch_size=4,
-                                labeller={"backend": "rules"}, pair_reports=True, batch_size=4, num_workers=0,
-                                output_dir=str(tmp_path / "run"), **TINY_CT)  # fmt: skip
+    data = build("data/embedded_ct", root=str(root), num_volumes=12, num_text_only_reports=30, text_only_batch_size=4,
+                 pair_reports=True, batch_size=4, num_workers=0, cache_dir=None, held_out_fraction=0.2,
+                 output_dir=str(tmp_path / "run"),
+                 **TINY_CT)  # fmt: skip
     data.setup("fit")
     assert len(data.text_only_set) == 30 and data.describe()["text_only_reports"] == 30
     labelled = pd.read_csv(tmp_path / "run" / "text_only_report_labels.csv")
@@ -196,15 +207,15 @@ def test_stage1_weights_of_an_earlier_run_are_loaded(ct_data, tmp_path):
 
 
 def test_text_encoder_from_a_local_folder_and_loud_fallback(tmp_path, capsys):
-    fitted = TextEncoder(**TINY_TEXT)
+    fitted = tiny_text_encoder()
     fitted.fit_vocabulary(["no pleural effusion", "there is a small nodule"] * 5)
     fitted.model.save_pretrained(tmp_path / "bert")
     fitted.save_tokenizer(tmp_path / "bert")
-    local = TextEncoder(weights=str(tmp_path / "bert"))
-    assert local.greenlab_init["used"] == "pretrained" and not local.needs_vocabulary
+    local = build("text_encoder/pretrained", weights=str(tmp_path / "bert"))
+    assert local.init_record["used"] == "pretrained" and not local.needs_vocabulary
     assert torch.allclose(local.eval()(["no nodule"]), fitted.eval()(["no nodule"]), atol=1e-6)
-    missing = TextEncoder(weights="no-such-org/no-such-bert", **TINY_TEXT)
-    assert missing.greenlab_init["used"] == "random" and missing.needs_vocabulary
+    missing = build("text_encoder/pretrained", **{**TINY_TEXT, "weights": "no-such-org/no-such-bert"})
+    assert missing.init_record["used"] == "random" and missing.needs_vocabulary
     assert "RANDOMLY INITIALISED" in capsys.readouterr().err
 
 
@@ -255,7 +266,7 @@ def test_zero_shot_scores_an_oracle_perfectly():
         def probe_dataloaders(self):
             return None, loader
 
-    metrics = ZeroShot()(model, Data(), torch.device("cpu"))["metrics"]
+    metrics = build("evaluation/zero_shot", linear_probe=None, vocabulary=None)(model, Data(), torch.device("cpu"))["metrics"]
     assert metrics["zero_shot_auroc/pleural_effusion"] == 1.0 and metrics["zero_shot_auroc_macro"] == 1.0
     assert metrics["zero_shot_findings_scored"] == 2 and metrics["report_to_volume_recall@5"] == 1.0
 

@@ -7,14 +7,9 @@ import timm
 import torch
 from torch import nn
 
-from greenlab.backbones.nn_mobilenet import NNMobileNet
-from greenlab.objectives.spark import (
-    SparKPretraining,
-    masked_patch_loss,
-    patchify,
-    random_visible_mask,
-    unpatchify,
-)
+from greenlab.config import build
+from greenlab.objectives.patches import patchify, unpatchify
+from greenlab.objectives.spark import SparKPretraining, masked_patch_loss, random_visible_mask
 from greenlab.sparse import masked_dense, minkowski
 
 TOL = {"rtol": 1e-9, "atol": 1e-9}  # float64: the backends differ by round-off only (~1e-13 measured)
@@ -56,9 +51,9 @@ def test_spark_on_nn_mobilenet_backends_match_loss_and_every_gradient(model_name
     objectives = []
     for backend in ("masked_dense", "minkowski"):
         torch.manual_seed(0)
-        backbone = NNMobileNet(model_name, spatial_dropout=0.0)
+        backbone = build("backbone/nn_mobilenet", model_name=model_name, spatial_dropout=0.0)
         objectives.append(
-            SparKPretraining(backbone, sparse_backend=backend, decoder_width=32).double().train()
+            build("objective/spark", backbone=backbone, sparse_backend=backend, decoder_width=32).double().train()
         )
     torch.manual_seed(1)
     images = torch.randn(4, 3, 96, 96, dtype=torch.float64)
@@ -81,9 +76,9 @@ def test_spark_on_nn_mobilenet_backends_match_loss_and_every_gradient(model_name
 
 
 def test_sparsified_weights_keep_dense_names_and_load_into_timm():
-    backbone = NNMobileNet("rexnet_100")
+    backbone = build("backbone/nn_mobilenet", model_name="rexnet_100")
     names = list(backbone.state_dict())
-    objective = SparKPretraining(backbone, sparse_backend="minkowski", decoder_width=32)
+    objective = build("objective/spark", backbone=backbone, sparse_backend="minkowski", decoder_width=32)
     dense = objective.trained_backbone()
     assert list(dense.state_dict()) == names
     assert not any(hasattr(type(m), "dense_class") for m in dense.modules()), "a plain dense network again"
@@ -100,12 +95,12 @@ def test_mask_has_exact_visible_count_and_loss_ignores_visible_patches():
     full = visible.repeat_interleave(32, -2).repeat_interleave(32, -1)
     changed = torch.where(full, prediction + 100.0, prediction)  # change only visible patches
     assert masked_patch_loss(changed, images, visible) == masked_patch_loss(prediction, images, visible)
-    assert torch.equal(unpatchify(patchify(images), 3, 224, 224), images)
+    assert torch.equal(unpatchify(patchify(images, 32), 3, 224, 224, 32), images)
 
 
 def test_perfect_prediction_of_normalised_patches_has_zero_loss():
     images = torch.rand(2, 3, 64, 64)
-    target = patchify(images)
+    target = patchify(images, 32)
     normed = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
     visible = torch.tensor([True, False, False, True]).view(1, 1, 2, 2).repeat(2, 1, 1, 1)
-    assert masked_patch_loss(unpatchify(normed, 3, 64, 64), images, visible).item() < 1e-10
+    assert masked_patch_loss(unpatchify(normed, 3, 64, 64, 32), images, visible).item() < 1e-10

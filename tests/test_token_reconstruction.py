@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-from greenlab.backbones.vit import create_vit
+from greenlab.config import build
 from greenlab.objectives.optim import warmup_cosine_factor
 from greenlab.objectives.token_reconstruction import TokenReconstruction
 from tests.conftest import TINY_VIT
@@ -11,7 +11,8 @@ from tests.conftest import TINY_VIT
 
 def tiny_objective(**kwargs) -> TokenReconstruction:
     torch.manual_seed(0)
-    return TokenReconstruction(create_vit(img_size=28, weights="random", model_kwargs=TINY_VIT), **kwargs)
+    vit = build("backbone/vit_small_reg4_dinov2", img_size=28, weights="random", model_kwargs=TINY_VIT)
+    return build("objective/token_reconstruction", backbone=vit, **kwargs)
 
 
 def train_steps(module: TokenReconstruction, images: torch.Tensor, steps: int) -> list[float]:

@@ -8,21 +8,18 @@ state dict is timm's ``rexnet_300`` without its head and loads into it.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import timm
 import torch
 from torch import nn
 
-from greenlab.backbones.vit import read_state_dict
-from greenlab.warnings_banner import loud_warning
+from greenlab.backbones.weights import load_weights
 
 
 class NNMobileNet(nn.Module):
     """Args: model_name (a timm ReXNet; ``rexnet_100`` for small tests), spatial_dropout (Dropout2d p),
     weights (``random``, or a path to a state dict of this model / timm's ReXNet, e.g. a SparK encoder)."""
 
-    def __init__(self, model_name: str = "rexnet_300", spatial_dropout: float = 0.1, weights: str = "random"):
+    def __init__(self, model_name: str, spatial_dropout: float, weights: str | None):
         super().__init__()
         trunk = timm.create_model(model_name, pretrained=False, num_classes=0)
         self.stem, self.features = trunk.stem, trunk.features
@@ -34,18 +31,9 @@ class NNMobileNet(nn.Module):
         self.strides = [2, 4, 8, 16, 32]
         self.channels = [info[r]["num_chs"] for r in (2, 4, 8, 16)] + [trunk.num_features]
         self.num_features = trunk.num_features
-        self.greenlab_init = {"requested": str(weights), "used": "random", "source": None, "note": None}
-        if weights not in ("random", None):
-            path = Path(weights).expanduser()
-            state = {k: v for k, v in read_state_dict(path).items() if not k.startswith("head.")}
-            missing, unexpected = self.load_state_dict(state, strict=False)
-            if missing or unexpected:
-                raise ValueError(
-                    f"weights file {path} does not fit {model_name}: missing {missing[:8]}, unexpected {unexpected[:8]}"
-                )
-            self.greenlab_init.update(used="file", source=str(path.resolve()))
-        elif weights is None:
-            loud_warning(f"{model_name}: no weights given; random initialisation")
+        self.recipe = {"factory": f"{__name__}.NNMobileNet", "model_name": model_name,
+                       "spatial_dropout": spatial_dropout}  # fmt: skip
+        self.init_record = load_weights(self, weights, drop_head=True)
 
     def forward_hierarchy(self, x) -> list:
         """The five feature maps, strides 2..32 (dense tensors, or sparse ones after sparsification)."""

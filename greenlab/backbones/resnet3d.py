@@ -5,38 +5,26 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from monai.networks import nets
 from torch import nn
 
-from greenlab.backbones.vit import read_state_dict
-
-
-def load_weights(module: nn.Module, weights: str | None) -> dict:
-    """Load ``weights`` (a state-dict file) into ``module`` unless ``random``; the init record for results.json."""
-    init = {"requested": str(weights), "used": "random", "source": None, "note": None}
-    if weights not in ("random", None):
-        path = Path(weights).expanduser()
-        module.load_state_dict(read_state_dict(path))
-        init.update(used="file", source=str(path.resolve()))
-    return init
+from greenlab.backbones.weights import load_weights
 
 
 class ResNet3D(nn.Module):
     """Args: depth (10/18/34/50), stem_kernel (= stem stride), no_max_pool, weights (random or a path)."""
 
-    def __init__(
-        self, depth: int = 18, stem_kernel: int = 2, no_max_pool: bool = False, weights: str = "random"
-    ):
+    def __init__(self, depth: int, stem_kernel: int, no_max_pool: bool, weights: str | None):
         super().__init__()
         factory = {10: nets.resnet10, 18: nets.resnet18, 34: nets.resnet34, 50: nets.resnet50}[depth]
         self.net = factory(spatial_dims=3, n_input_channels=1, conv1_t_size=stem_kernel, conv1_t_stride=stem_kernel,
                            no_max_pool=no_max_pool, feed_forward=False)  # fmt: skip
         norms = [m for m in self.net.layer4.modules() if isinstance(m, nn.BatchNorm3d)]
         self.num_features = norms[-1].num_features  # 512 (basic blocks) or 2048 (bottlenecks)
-        self.greenlab_init = load_weights(self, weights)
+        self.recipe = {"factory": f"{__name__}.ResNet3D", "depth": depth, "stem_kernel": stem_kernel,
+                       "no_max_pool": no_max_pool}  # fmt: skip
+        self.init_record = load_weights(self, weights)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         net = self.net
@@ -55,13 +43,12 @@ class ThreePlaneEncoder(nn.Module):
     whole three-branch encoder).
     """
 
-    def __init__(
-        self, depth: int = 18, stem_kernel: int = 2, no_max_pool: bool = False, weights: str = "random"
-    ):
+    def __init__(self, depth: int, stem_kernel: int, no_max_pool: bool, weights: str | None):
         super().__init__()
         self.branches = nn.ModuleList(ResNet3D(depth, stem_kernel, no_max_pool) for _ in range(3))
         self.num_features = self.branches[0].num_features
-        self.greenlab_init = load_weights(self, weights)
+        self.recipe = {**self.branches[0].recipe, "factory": f"{__name__}.ThreePlaneEncoder"}
+        self.init_record = load_weights(self, weights)
 
     def forward(self, planes: torch.Tensor) -> torch.Tensor:
         return torch.stack([branch(planes[:, i]) for i, branch in enumerate(self.branches)]).mean(0)

@@ -9,7 +9,7 @@
   radiology BERT starts better).
 - a local folder (``save_pretrained`` layout) or a hub name, e.g. ``microsoft/BiomedVLP-CXR-BERT-general``:
   read from disk / the local Hugging Face cache; fetched only with ``download=true``. When that fails, a
-  loud warning, the random BERT, and ``greenlab_init`` says so (results.json records it).
+  loud warning, the random BERT, and ``init_record`` says so (results.json records it).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from greenlab.backbones.weights import init_record
 from greenlab.warnings_banner import loud_warning
 
 log = logging.getLogger(__name__)
@@ -31,20 +32,20 @@ class TextEncoder(nn.Module):
     """Args: weights (see module doc), download (allow hub downloads), max_length (tokens), and for
     ``random``: vocab_size, hidden_size, num_layers, num_heads."""
 
-    def __init__(self, weights: str = "random", download: bool = False, max_length: int = 128,
-                 vocab_size: int = 4000, hidden_size: int = 256, num_layers: int = 4, num_heads: int = 4):  # fmt: skip
+    def __init__(self, weights: str | None, max_length: int, download: bool, vocab_size: int, hidden_size: int,
+                 num_layers: int, num_heads: int):  # fmt: skip
         super().__init__()
         self.max_length = max_length
-        self.greenlab_init = {"requested": str(weights), "used": "random", "source": None, "note": None}
+        self.init_record = init_record(weights)
         self.tokenizer = None
         if weights not in ("random", None):
             try:
                 self.model, self.tokenizer = _load_pretrained(str(weights), download)
-                self.greenlab_init.update(used="pretrained", source=str(weights))
+                self.init_record.update(used="pretrained", source=str(weights))
             except (OSError, ValueError) as err:
-                self.greenlab_init["note"] = f"{type(err).__name__}: {str(err).splitlines()[0]}"
+                self.init_record["note"] = f"{type(err).__name__}: {str(err).splitlines()[0]}"
                 loud_warning(
-                    f"text encoder {weights!r} could not be loaded ({self.greenlab_init['note']}).\n"
+                    f"text encoder {weights!r} could not be loaded ({self.init_record['note']}).\n"
                     "Falling back to a RANDOMLY INITIALISED BERT with a vocabulary fitted on the training\n"
                     "reports. Give a local folder, or text_encoder.download=true when online.\n"
                     "results.json records init=random."
@@ -58,6 +59,10 @@ class TextEncoder(nn.Module):
             self.model = BertModel(config, add_pooling_layer=False)
             self.vocab_size = vocab_size
         self.num_features = self.model.config.hidden_size
+        used = "random" if self.init_record["used"] == "random" else weights  # what a rebuild must ask for
+        self.recipe = {"factory": f"{__name__}.TextEncoder", "weights": used, "max_length": max_length,
+                       "download": download, "vocab_size": vocab_size, "hidden_size": hidden_size,
+                       "num_layers": num_layers, "num_heads": num_heads}  # fmt: skip
 
     @property
     def needs_vocabulary(self) -> bool:
@@ -100,8 +105,8 @@ class TextEncoder(nn.Module):
         )
         self.tokenizer = PreTrainedTokenizerFast(tokenizer_object=wordpiece, pad_token="[PAD]",
                                                  unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]")  # fmt: skip
-        self.greenlab_init["note"] = (
-            (self.greenlab_init["note"] or "")
+        self.init_record["note"] = (
+            (self.init_record["note"] or "")
             + f" vocabulary of {len(self.tokenizer)} tokens ({len(words)} words"
             f" + characters) fitted on {len(texts)} training reports"
         ).strip()

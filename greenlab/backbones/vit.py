@@ -9,7 +9,8 @@
 - a path: a local ``.pth`` / ``.pt`` / ``.bin`` / ``.safetensors`` file in timm format or in the official
   DINOv2 checkpoint format (keys converted). A missing or unreadable file is an error, never a fallback.
 
-The initialisation actually used is recorded as a dict on ``model.greenlab_init`` and lands in results.json.
+The initialisation actually used is recorded on ``model.init_record`` (results.json), the arguments that
+rebuild the model on ``model.recipe`` (greenlab/backbones/weights.py).
 """
 
 from __future__ import annotations
@@ -22,24 +23,20 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
+from greenlab.backbones.weights import init_record, load_exactly, read_state_dict, strip_prefix
 from greenlab.warnings_banner import loud_warning
 
 log = logging.getLogger(__name__)
 
 
-def create_vit(
-    model_name: str = "vit_small_patch14_reg4_dinov2.lvd142m",
-    img_size: int = 392,
-    weights: str = "cached",
-    model_kwargs: dict | None = None,
-) -> nn.Module:
+def create_vit(model_name: str, img_size: int, weights: str, model_kwargs: dict | None) -> nn.Module:
     """A timm ViT without classifier head (``num_classes=0``) at ``img_size`` px.
 
-    Returns the model; ``model.greenlab_init`` = {"requested", "used", "source", "note"}.
+    Returns the model with ``init_record`` and ``recipe`` (see greenlab/backbones/weights.py).
     """
     kwargs = dict(model_kwargs or {})
     model = timm.create_model(model_name, pretrained=False, img_size=img_size, num_classes=0, **kwargs)
-    init = {"requested": str(weights), "used": "random", "source": None, "note": None}
+    init = init_record(weights)
 
     if weights in ("cached", "hub"):
         hub_id = model.pretrained_cfg.get("hf_hub_id")
@@ -72,7 +69,9 @@ def create_vit(
             "Give a local file with backbone.weights=/path/to/dinov2_vits14_reg4_pretrain.pth (official DINOv2)\n"
             "or a timm .safetensors, or backbone.weights=hub when online. results.json records init=random."
         )
-    model.greenlab_init = init
+    model.init_record = init
+    model.recipe = {"factory": f"{__name__}.create_vit", "model_name": model_name, "img_size": img_size,
+                    "model_kwargs": kwargs}  # fmt: skip
     return model
 
 
@@ -87,27 +86,6 @@ def _cached_hub_file(hub_id: str) -> Path | None:
     return None
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a weights file (safetensors, or a torch pickle read with ``weights_only=True``)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"cannot read weights file {path}: {type(err).__name__}: {err}") from err
-    for wrapper in ("teacher", "model", "state_dict", "module"):  # training checkpoints nest the weights
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"weights file {path} does not hold a state dict of tensors")
-    return state
-
-
 def convert_dinov2_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Official DINOv2 checkpoint keys -> timm ``VisionTransformer`` keys.
 
@@ -115,7 +93,7 @@ def convert_dinov2_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch
     (``register_tokens``); timm's ``*_reg4_dinov2`` models embed no prefix token (``no_embed_class``), so
     the [CLS] row of the position embedding is folded into ``cls_token``. ``mask_token`` is iBOT's and unused.
     """
-    state = {_strip_prefix(k): v for k, v in state.items()}
+    state = {strip_prefix(k): v for k, v in state.items()}
     if any(".mlp.w12." in k for k in state):
         raise ValueError("SwiGLU DINOv2 checkpoints (ViT-g) are not supported; use ViT-S/B/L checkpoints")
     state.pop("mask_token", None)
@@ -128,7 +106,7 @@ def convert_dinov2_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch
 
 
 def is_dinov2_format(state: dict[str, torch.Tensor]) -> bool:
-    keys = {_strip_prefix(k) for k in state}
+    keys = {strip_prefix(k) for k in state}
     return "mask_token" in keys or "register_tokens" in keys
 
 
@@ -138,7 +116,7 @@ def load_weights_file(model: nn.Module, path: Path) -> None:
     state = (
         convert_dinov2_state_dict(state)
         if is_dinov2_format(state)
-        else {_strip_prefix(k): v for k, v in state.items()}
+        else {strip_prefix(k): v for k, v in state.items()}
     )
     state = {k: v for k, v in state.items() if not k.startswith("head.")}  # we build with num_classes=0
     if "pos_embed" in state and state["pos_embed"].shape != model.pos_embed.shape:
@@ -146,17 +124,4 @@ def load_weights_file(model: nn.Module, path: Path) -> None:
         state["pos_embed"] = resample_abs_pos_embed(
             state["pos_embed"], new_size=model.patch_embed.grid_size, num_prefix_tokens=prefix
         )
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"weights file {path} does not fit {type(model).__name__}: missing keys {missing[:8]}, "
-            f"unexpected keys {unexpected[:8]}"
-        )
-    log.info("loaded backbone weights from %s", path)
-
-
-def _strip_prefix(key: str) -> str:
-    for prefix in ("module.", "backbone.", "encoder."):
-        if key.startswith(prefix):
-            key = key[len(prefix) :]
-    return key
+    load_exactly(model, state, path)

@@ -20,14 +20,11 @@ JOULES_PER_KWH = 3.6e6
 
 
 class ComputeMonitor(L.Callback):
-    def __init__(
-        self,
-        carbon_intensity_kg_per_kwh: float = 0.475,
-        pue: float = 1.0,
-        cpu_watts_per_core: float = 10.0,
-        count_flops: bool = True,
-        log_every_n_steps: int = 10,
-    ):
+    """Args: carbon_intensity_kg_per_kwh, pue, cpu_watts_per_core (see conf/compute/default.yaml),
+    count_flops, log_every_n_steps."""
+
+    def __init__(self, carbon_intensity_kg_per_kwh: float, pue: float, cpu_watts_per_core: float,
+                 count_flops: bool, log_every_n_steps: int):  # fmt: skip
         self.carbon_intensity, self.pue = carbon_intensity_kg_per_kwh, pue
         self.cpu_watts_per_core, self.count_flops, self.log_every_n_steps = (
             cpu_watts_per_core,

@@ -47,10 +47,10 @@ class ImageDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        batch_size: int = 128,
-        eval_batch_size: int = 64,
-        num_workers: int = 2,
-        output_dir: str | None = None,
+        batch_size: int,
+        eval_batch_size: int,
+        num_workers: int,
+        output_dir: str | None,
         shuffle: bool = True,
     ):
         super().__init__()

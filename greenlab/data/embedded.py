@@ -126,7 +126,7 @@ class EmbeddedFundusDataModule(FundusFolderDataModule):
     def __init__(
         self,
         cache_dir: str,
-        num_images: int = 320,
+        num_images: int,
         width: int = 288,
         height: int = 256,
         seed: int = 0,
@@ -134,7 +134,9 @@ class EmbeddedFundusDataModule(FundusFolderDataModule):
     ):
         self.generator_args = {"num_images": num_images, "width": width, "height": height, "seed": seed}
         self.cache_dir = Path(cache_dir)
-        super().__init__(root=str(self.cache_dir), labels_csv=None, **kwargs)
+        # the generated folder's layout and handling: labels.csv by image_id, a field of view to crop, no bad file
+        super().__init__(root=str(self.cache_dir), labels_csv=None, id_column="image_id", label_columns=None,
+                         fov_crop=True, verify=True, skip_bad=False, **kwargs)  # fmt: skip
 
     def prepare_data(self) -> None:
         generate(self.cache_dir, **self.generator_args)

@@ -257,12 +257,13 @@ class EmbeddedCTDataModule(CTDataModule):
     distilled from the reports (``labeller``, rules by default). ``num_text_only_reports``: that many more
     generated reports without a volume, as ``text_only_reports`` (0: none)."""
 
-    def __init__(self, root: str, num_volumes: int = 200, seed: int = 0, num_text_only_reports: int = 0,
-                 **kwargs):  # fmt: skip
+    def __init__(self, root: str, num_volumes: int, seed: int, num_text_only_reports: int, **kwargs):
         self.generator_args = {"num_volumes": num_volumes, "seed": seed}
         self.num_text_only_reports = num_text_only_reports
         self.generated_root = Path(root)
-        super().__init__(manifest=str(self.generated_root / "pending.csv"), **kwargs)
+        # the generated manifest's layout; labels come from the reports, text-only reports from the generator
+        super().__init__(manifest=str(self.generated_root / "pending.csv"), volume_column="volume",
+                         report_column="report", label_columns=None, text_only_reports=None, **kwargs)  # fmt: skip
 
     def prepare_data(self) -> None:
         self._generate()

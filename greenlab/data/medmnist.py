@@ -26,12 +26,12 @@ class MedMNISTDataModule(ImageDataModule):
     def __init__(
         self,
         path: str,
-        task_names: list[str] | None = None,
-        img_size: int = 392,
-        mean: tuple[float, ...] = (0.5, 0.5, 0.5),
-        std: tuple[float, ...] = (0.5, 0.5, 0.5),
-        augmentation: str = "retfound_green",
-        max_per_split: int | None = None,
+        task_names: list[str] | None,
+        img_size: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        augmentation: str,
+        max_per_split: int | None,
         **loader_kwargs,
     ):
         super().__init__(**loader_kwargs)

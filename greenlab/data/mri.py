@@ -11,13 +11,13 @@ from __future__ import annotations
 import torch
 from monai import transforms as mt
 
-from greenlab.data.ct import CheckVolumed, CTDataModule
+from greenlab.data.volumes import CheckVolumed, VolumeDataModule
 
 PLANES = ("sagittal", "coronal", "axial")
 THROUGH_PLANE_AXIS = {"sagittal": 0, "coronal": 1, "axial": 2}  # in RAS voxel order
 
 
-def mri_series_preprocessing(plane: str, series_size=(160, 160, 32)) -> mt.Compose:
+def mri_series_preprocessing(plane: str, series_size) -> mt.Compose:
     """{plane: path} -> {plane: (1, in-plane, in-plane, slices) float in [-1, 1]}."""
     axis = THROUGH_PLANE_AXIS[plane]
     in_plane = [a for a in range(3) if a != axis]
@@ -45,26 +45,14 @@ class StackPlanesd(mt.Transform):
         return out
 
 
-class MRIDataModule(CTDataModule):
-    """``CTDataModule`` for three-series MRI studies: manifest columns ``sagittal``, ``coronal``, ``axial``
-    (paths relative to the manifest), optional report, labels as for CT. Args: series_size, and those of
-    CTDataModule except volume_column / spacing / hu_window / pad_size / crop_size."""
+class MRIDataModule(VolumeDataModule):
+    """Three-series MRI studies: manifest columns ``sagittal``, ``coronal``, ``axial`` (paths relative to the
+    manifest), optional report, labels as for CT. Args: manifest, series_size (in-plane, in-plane, slices),
+    and those of ``VolumeDataModule``. No crop: each series is resized to ``series_size`` whole."""
 
-    def __init__(self, manifest: str, series_size=(160, 160, 32), **kwargs):
-        self.series_size = tuple(series_size)
-        super().__init__(manifest, volume_column=PLANES[0], **kwargs)
-
-    def preprocessing(self, **_) -> mt.Compose:
-        return mt.Compose([*(mri_series_preprocessing(p, self.series_size) for p in PLANES), StackPlanesd()])
-
-    def cache_key(self, geometry: dict) -> str:
-        return super().cache_key({"series_size": self.series_size})
-
-    def volume_sources(self, row) -> dict[str, str]:
-        return {p: str((self.manifest.parent / row[p]).resolve()) for p in PLANES}
-
-    def crop(self, train: bool) -> mt.Compose:
-        return mt.Compose([])
-
-    def _non_label_columns(self) -> set:
-        return {*PLANES, self.report_column}
+    def __init__(self, manifest: str, series_size, **kwargs):
+        series_size = tuple(series_size)
+        preprocessing = mt.Compose([*(mri_series_preprocessing(p, series_size) for p in PLANES), StackPlanesd()])
+        super().__init__(manifest, volumes={p: p for p in PLANES}, preprocessing=preprocessing,
+                         crops=(mt.Compose([]), mt.Compose([])), geometry={"series_size": series_size},
+                         **kwargs)  # fmt: skip

@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Subset
 from tqdm.auto import tqdm
 
+from greenlab.contracts import FoldSource
 from greenlab.data.base import ItemDataset
 from greenlab.data.fundus import eval_transform, finetune_transform
 from greenlab.evaluation.embeddings import pool
@@ -53,9 +54,11 @@ class KFoldFineTune:
     task (label column; default the first), ordinal (quadratic kappa), seed, bf16 (autocast on GPU),
     num_workers."""
 
-    def __init__(self, folds: int = 5, epochs: int = 30, batch_size: int = 32, lr: float = 1e-3, weight_decay: float = 0.05,
-                 head_dropout: float = 0.2, task: str | None = None, ordinal: bool = True, seed: int = 42, bf16: bool = True,
-                 num_workers: int = 2):  # fmt: skip
+    requires = (FoldSource,)
+    optimized_metric = "finetune_auroc_mean"
+
+    def __init__(self, folds: int, epochs: int, batch_size: int, lr: float, weight_decay: float, head_dropout: float,
+                 task: str | None, ordinal: bool, seed: int, bf16: bool, num_workers: int):  # fmt: skip
         self.folds, self.epochs, self.batch_size, self.lr = folds, epochs, batch_size, lr
         self.weight_decay, self.head_dropout, self.task, self.ordinal = (
             weight_decay,
@@ -167,6 +170,27 @@ class KFoldFineTune:
             "kappa": float(cohen_kappa_score(y, predicted, weights=weights)),
             "f1_weighted": float(f1_score(y, predicted, average="weighted")),
         }
+
+    def markdown(self, m: dict) -> list[str]:
+        initial = m.get("initial_backbone") or {}
+        folds = len(m["finetune_folds"])
+        lines = [
+            "",
+            f"## Fine-tuning, stratified {folds}-fold cross-validation (task `{m['finetune_task']}`)",
+            "",
+            "| metric | pre-trained (mean ± std) | same protocol before pre-training | difference |",
+            "|---|---|---|---|",
+        ]
+        for name in ("accuracy", "auroc", "kappa", "f1_weighted"):
+            mean, std = m[f"finetune_{name}_mean"], m[f"finetune_{name}_std"]
+            row = f"| {name} | {mean:.3f} ± {std:.3f} |"
+            if f"finetune_{name}_mean" in initial:
+                base, base_std = initial[f"finetune_{name}_mean"], initial[f"finetune_{name}_std"]
+                row += f" {base:.3f} ± {base_std:.3f} | {mean - base:+.3f} |"
+            else:
+                row += " | |"
+            lines.append(row)
+        return lines
 
 
 def _with_transform(dataset: ItemDataset, transform) -> ItemDataset:

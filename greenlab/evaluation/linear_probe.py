@@ -9,6 +9,7 @@ resamples (seed 42) and a 95 % percentile interval are reported.
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import numpy as np
@@ -42,15 +43,10 @@ class LinearProbe:
     """Args: pooling (see ``embeddings.pool``), C / max_iter (logistic regression), bootstrap (resamples,
     0 = none), seed, bf16 (autocast the embedding pass on GPU)."""
 
-    def __init__(
-        self,
-        pooling: str = "mean_all",
-        C: float = 1.0,
-        max_iter: int = 20000,
-        bootstrap: int = 100,
-        seed: int = 42,
-        bf16: bool = True,
-    ):
+    requires = ()
+    optimized_metric = "probe_auroc_macro"
+
+    def __init__(self, pooling: str, C: float, max_iter: int, bootstrap: int, seed: int, bf16: bool):
         self.pooling, self.C, self.max_iter, self.bootstrap, self.seed, self.bf16 = (
             pooling,
             C,
@@ -138,3 +134,35 @@ class LinearProbe:
                 bootstrap_resamples_scored=int(draws.size),
             )
         return result
+
+    def markdown(self, m: dict) -> list[str]:
+        lines = [
+            "",
+            "## Linear probes (held-out split)",
+            "",
+            "| task | classes | n train | n test | AUROC | bootstrap median [95% CI] | accuracy |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, task in m["probe_tasks"].items():
+            if "skipped" in task:
+                lines.append(f"| {name} | | {task.get('n_train', '')} | | skipped: {task['skipped']} | | |")
+                continue
+            ci = task.get("auroc_ci95") or [math.nan, math.nan]
+            lines.append(
+                f"| {name} | {task['num_classes']} | {task['n_train']} | {task['n_test']} | {task['auroc']:.3f} | "
+                f"{task.get('auroc_bootstrap_median', math.nan):.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | {task['accuracy']:.3f} |"
+            )
+        lines.append(
+            f"| **macro** | | | | **{m['probe_auroc_macro']:.3f}** | {m['probe_auroc_bootstrap_median_macro']:.3f} | "
+            f"{m['probe_accuracy_macro']:.3f} |"
+        )
+        initial = m.get("initial_backbone")
+        if initial and "probe_auroc_macro" in initial:
+            per_task = ", ".join(
+                f"{k} {v['auroc']:.3f}" for k, v in initial["probe_tasks"].items() if "auroc" in v
+            )
+            lines += [
+                "",
+                f"Same probes on the backbone **before** pre-training: macro AUROC {initial['probe_auroc_macro']:.3f} ({per_task}).",
+            ]
+        return lines

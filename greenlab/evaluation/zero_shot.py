@@ -14,6 +14,7 @@ by u·v; Recall@K = fraction whose own volume is in the top K.
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -21,14 +22,8 @@ import torch
 from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
+from greenlab.contracts import ReportsSource, TextAligned
 from greenlab.evaluation.linear_probe import LinearProbe
-
-DEFAULT_TEMPLATES = (
-    ("There is {finding}.", "There is no {finding}."),
-    ("{Finding} is present.", "{Finding} is not present."),
-    ("Findings consistent with {finding}.", "No evidence of {finding}."),
-)
-
 
 def prompts(finding: str, templates, phrases: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
     """(positive prompts, negative prompts) for a snake_case finding name, over ``phrases`` (default: the
@@ -64,8 +59,11 @@ class ZeroShot:
     frozen image latents with labels, as a supervised reference), bootstrap (resamples of the held-out
     volumes for a 95 % interval of the macro AUROC), seed, bf16 (autocast on GPU)."""
 
-    def __init__(self, templates=DEFAULT_TEMPLATES, vocabulary: str | None = None,
-                 linear_probe: LinearProbe | None = None, bootstrap: int = 200, seed: int = 42, bf16: bool = True):  # fmt: skip
+    requires = (ReportsSource,)
+    optimized_metric = "zero_shot_auroc_macro"
+
+    def __init__(self, templates: list, vocabulary: str | None, linear_probe: LinearProbe | None, bootstrap: int,
+                 bf16: bool, seed: int = 42):  # fmt: skip
         self.templates = [tuple(pair) for pair in templates]
         self.phrases = {}
         if vocabulary:
@@ -84,7 +82,9 @@ class ZeroShot:
 
     @torch.no_grad()
     def __call__(self, model, datamodule, device: torch.device) -> dict:
-        """model: an ``AlignedEncoders``; datamodule: its probe-test set and ``test_reports``."""
+        """model: an image-text model (``TextAligned``); datamodule: its probe-test set and ``test_reports``."""
+        if not isinstance(model, TextAligned):
+            raise TypeError(f"zero-shot diagnosis needs an image-text model (encode_text); got {type(model).__name__}")
         probed = self.linear_probe(model, datamodule, device) if self.linear_probe else {"metrics": {}}
         was_training = model.training
         model.eval().to(device)
@@ -134,3 +134,31 @@ class ZeroShot:
             "throughput_method": f"image encoder + projection (no data loading), {device.type}",
         }
         return {"metrics": metrics, "embedding": embedding}
+
+    def markdown(self, m: dict) -> list[str]:
+        """The linear probes' section (when probed), then the zero-shot table and the retrieval line."""
+        lines = self.linear_probe.markdown(m) if self.linear_probe else []
+        ci = m.get("zero_shot_auroc_macro_ci95") or [math.nan, math.nan]
+        probes, pool = m.get("probe_tasks", {}), m["retrieval_pool_size"]
+        lines += [
+            "",
+            "## Zero-shot diagnosis (held-out split, prompts only)",
+            "",
+            "| finding | zero-shot AUROC | linear probe AUROC (supervised reference) |",
+            "|---|---|---|",
+        ]
+        for key, value in m.items():
+            if key.startswith("zero_shot_auroc/"):
+                name = key.split("/", 1)[1]
+                lines.append(f"| {name} | {value:.3f} | {probes.get(name, {}).get('auroc', math.nan):.3f} |")
+        lines += [
+            f"| **macro** | **{m['zero_shot_auroc_macro']:.3f}** [95% CI {ci[0]:.3f}, {ci[1]:.3f}] | "
+            f"{m.get('probe_auroc_macro', math.nan):.3f} |",
+            "",
+            f"Report-to-volume retrieval over {pool} held-out studies: "
+            + ", ".join(f"Recall@{k} {m[f'report_to_volume_recall@{k}']:.3f}" for k in (1, 5, 10))
+            + " (chance "
+            + ", ".join(f"{min(k, pool) / pool:.3f}" for k in (1, 5, 10))
+            + ").",
+        ]
+        return lines

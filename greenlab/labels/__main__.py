@@ -13,8 +13,10 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-from tqdm.auto import tqdm
+from omegaconf import OmegaConf
 
+from greenlab.config import CONFIG_DIR
+from greenlab.labels import label_reports
 from greenlab.labels.llm import LLMLabeller
 from greenlab.labels.rules import RuleLabeller
 from greenlab.labels.vocabulary import load_vocabulary
@@ -39,19 +41,6 @@ def read_reports(path: Path, id_column: str, text_columns: list[str]) -> tuple[l
     return table[id_column].tolist(), texts
 
 
-def label_reports(ids, texts, vocabulary, backend: str, llm: dict | None = None) -> pd.DataFrame:
-    if backend == "rules":
-        labeller = RuleLabeller(vocabulary)
-        rows = [labeller(text) for text in tqdm(texts, desc="labelling reports", unit="report")]
-    elif backend == "llm":
-        rows = LLMLabeller(vocabulary, **(llm or {})).label_many(texts, ids)
-    else:
-        raise ValueError(f"unknown backend {backend!r}")
-    frame = pd.DataFrame(rows, columns=vocabulary.names).astype("Int64")
-    frame.insert(0, "id", ids)
-    return frame
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -64,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--backend", choices=["rules", "llm"], default="rules")
     parser.add_argument("--output", type=Path, required=True)
-    llm = parser.add_argument_group("llm backend (any OpenAI-compatible endpoint)")
+    llm = parser.add_argument_group("llm backend (any OpenAI-compatible endpoint; defaults: conf/data/labeller/llm.yaml)")
+    defaults = OmegaConf.load(CONFIG_DIR / "data" / "labeller" / "llm.yaml")
     llm.add_argument(
         "--llm-base-url",
         default=os.environ.get("GREENLAB_LLM_BASE_URL"),
@@ -72,10 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     llm.add_argument("--llm-model", default=os.environ.get("GREENLAB_LLM_MODEL"))
     llm.add_argument(
-        "--llm-api-key-env", default="OPENAI_API_KEY", help="name of the variable holding the key"
+        "--llm-api-key-env", default=defaults.api_key_env, help="name of the variable holding the key"
     )
-    llm.add_argument("--llm-concurrency", type=int, default=4)
-    llm.add_argument("--llm-retries", type=int, default=3)
+    llm.add_argument("--llm-concurrency", type=int, default=defaults.concurrency)
+    llm.add_argument("--llm-retries", type=int, default=defaults.retries)
     llm.add_argument("--cache", type=Path, help="persistent answer cache (default: <output>.llm_cache.jsonl)")
     args = parser.parse_args(argv)
     if args.output.exists():
@@ -86,18 +76,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     vocabulary = load_vocabulary(args.findings)
     ids, texts = read_reports(args.input, args.id_column, [c.strip() for c in args.text_columns.split(",")])
-    llm_args = None
-    if args.backend == "llm":
+    if args.backend == "rules":
+        labeller = RuleLabeller(vocabulary)
+    else:
         if not args.llm_base_url or not args.llm_model:
             parser.error(
                 "--backend llm needs --llm-base-url and --llm-model (or GREENLAB_LLM_BASE_URL / GREENLAB_LLM_MODEL)"
             )
-        llm_args = {
-            "base_url": args.llm_base_url, "model": args.llm_model, "api_key_env": args.llm_api_key_env,
-            "concurrency": args.llm_concurrency, "retries": args.llm_retries,
-            "cache_path": args.cache or args.output.with_name(args.output.name + ".llm_cache.jsonl"),
-        }  # fmt: skip
-    frame = label_reports(ids, texts, vocabulary, args.backend, llm_args)
+        labeller = LLMLabeller(
+            vocabulary, args.llm_base_url, args.llm_model,
+            cache_path=args.cache or args.output.with_name(args.output.name + ".llm_cache.jsonl"),
+            api_key_env=args.llm_api_key_env, concurrency=args.llm_concurrency, retries=args.llm_retries,
+            timeout_s=defaults.timeout_s, backoff_s=defaults.backoff_s,
+        )  # fmt: skip
+    frame = label_reports(ids, texts, labeller)
     frame = frame.rename(columns={"id": args.id_column})
     args.output.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(args.output, index=False)

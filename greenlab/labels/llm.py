@@ -26,7 +26,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from greenlab.labels.vocabulary import Vocabulary
+from greenlab.labels.vocabulary import Vocabulary, load_vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +103,14 @@ class LabelCache:
 class LLMLabeller:
     """``labeller.label_many(texts) -> [{finding: 1 | 0 | -1 | None}]``, cached, concurrent, retried."""
 
-    def __init__(self, vocabulary: Vocabulary, base_url: str, model: str, cache_path: str | Path,
-                 api_key_env: str = "OPENAI_API_KEY", concurrency: int = 4, retries: int = 3,
-                 timeout_s: float = 60.0, backoff_s: float = 1.0):  # fmt: skip
+    def __init__(self, vocabulary: Vocabulary | str, base_url: str, model: str, cache_path: str | Path,
+                 api_key_env: str, concurrency: int, retries: int, timeout_s: float, backoff_s: float):  # fmt: skip
+        vocabulary = load_vocabulary(vocabulary) if isinstance(vocabulary, str) else vocabulary
+        if not base_url or not model:
+            raise ValueError(
+                "the llm labeller needs base_url and model (data.labeller.base_url / data.labeller.model, or "
+                "GREENLAB_LLM_BASE_URL / GREENLAB_LLM_MODEL)"
+            )
         self.vocabulary, self.model = vocabulary, model
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.api_key_env, self._api_key = api_key_env, os.environ.get(api_key_env)

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import re
 
-from greenlab.labels.vocabulary import Vocabulary
+from tqdm.auto import tqdm
+
+from greenlab.labels.vocabulary import Vocabulary, load_vocabulary
 
 PRE_UNCERTAIN = [
     r"possible", r"possibly", r"probable", r"probably", r"may (?:represent|be|reflect)", r"might", r"could (?:be|represent)",
@@ -62,11 +64,19 @@ def _phrase_re(phrases) -> re.Pattern | None:
 
 
 class RuleLabeller:
-    """``labeller(text) -> {finding: 1 | 0 | -1 | None}`` for one report."""
+    """``labeller(text) -> {finding: 1 | 0 | -1 | None}`` for one report; ``label_many(texts)`` for many.
+    vocabulary: a ``Vocabulary``, or the name / YAML path of one."""
 
-    def __init__(self, vocabulary: Vocabulary):
+    def __init__(self, vocabulary: Vocabulary | str):
+        vocabulary = load_vocabulary(vocabulary) if isinstance(vocabulary, str) else vocabulary
         self.vocabulary = vocabulary
         self.patterns = {f.name: (_phrase_re(f.mentions), _phrase_re(f.absent)) for f in vocabulary.findings}
+
+    def __repr__(self) -> str:
+        return f"RuleLabeller({self.vocabulary.name})"
+
+    def label_many(self, texts: list[str], ids: list[str] | None = None) -> list[dict[str, int | None]]:
+        return [self(text) for text in tqdm(texts, desc="labelling reports", unit="report")]
 
     def __call__(self, text: str) -> dict[str, int | None]:
         found: dict[str, list[int]] = {name: [] for name in self.patterns}

@@ -11,17 +11,16 @@ DataModule's tasks, which must all be binary.
 
 from __future__ import annotations
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.lr_scheduler import LambdaLR
 
+from greenlab.objectives.base import PretrainingModule
 from greenlab.objectives.optim import (
+    adamw_warmup_cosine,
     decay_param_groups,
     layout_independent_init,
     log_train_loss,
-    warmup_cosine_factor,
 )
 
 
@@ -33,9 +32,12 @@ def masked_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits[known].float(), labels[known].float())
 
 
-class LabelSupervised(L.LightningModule):
-    def __init__(self, backbone: nn.Module, lr: float = 1e-4, weight_decay: float = 1e-4, warmup_epochs: int = 0,
-                 cosine_epochs: int = 5, min_lr: float = 1e-6):  # fmt: skip
+class LabelSupervised(PretrainingModule):
+    """Args: backbone (an encoder giving (B, num_features) vectors), lr / weight_decay (AdamW), warmup_epochs,
+    cosine_epochs, min_lr (per-epoch schedule, see ``warmup_cosine_factor``)."""
+
+    def __init__(self, backbone: nn.Module, lr: float, weight_decay: float, warmup_epochs: int,
+                 cosine_epochs: int, min_lr: float):  # fmt: skip
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])
         self.encoder = backbone
@@ -62,14 +64,8 @@ class LabelSupervised(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer = torch.optim.AdamW(
-            decay_param_groups([self.encoder, self.head], hp.weight_decay), lr=hp.lr
-        )
-        schedule = LambdaLR(
-            optimizer,
-            lambda e: warmup_cosine_factor(e, hp.lr, hp.lr, hp.min_lr, hp.warmup_epochs, hp.cosine_epochs),
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}
+        groups = decay_param_groups([self.encoder, self.head], hp.weight_decay)
+        return adamw_warmup_cosine(groups, hp.lr, hp.lr, hp.min_lr, hp.warmup_epochs, hp.cosine_epochs)
 
     def trained_backbone(self) -> nn.Module:
         return self.encoder

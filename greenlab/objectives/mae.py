@@ -18,17 +18,17 @@ norm-pix loss, AdamW blr 1.5e-4 x batch / 256, betas (0.9, 0.95), wd 0.05).
 
 from __future__ import annotations
 
-import lightning as L
 import torch
 from timm.layers import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
 from torch import nn
-from torch.optim.lr_scheduler import LambdaLR
 
-from greenlab.objectives.optim import decay_param_groups, log_train_loss, warmup_cosine_factor
+from greenlab.objectives.base import PretrainingModule
+from greenlab.objectives.optim import adamw_warmup_cosine, decay_param_groups, log_train_loss
+from greenlab.objectives.patches import masked_patch_mse, normalised_patches, patchify
 
 
-class MaskedAutoencoder(L.LightningModule):
+class MaskedAutoencoder(PretrainingModule):
     """MAE pre-training of a timm ViT with a [CLS] token and learned absolute position embeddings.
 
     Args:
@@ -41,11 +41,10 @@ class MaskedAutoencoder(L.LightningModule):
         batch_size: the global batch, for the lr rule.
     """
 
-    def __init__(self, backbone: nn.Module, mask_ratio: float = 0.75, decoder_dim: int = 512,
-                 decoder_depth: int = 8, decoder_heads: int = 16, norm_pix_loss: bool = True,
-                 base_lr: float = 1.5e-4, batch_size: int = 256, betas: tuple[float, float] = (0.9, 0.95),
-                 weight_decay: float = 0.05, warmup_epochs: int = 40, cosine_epochs: int = 200,
-                 min_lr: float = 0.0):  # fmt: skip
+    def __init__(self, backbone: nn.Module, mask_ratio: float, decoder_dim: int, decoder_depth: int,
+                 decoder_heads: int, norm_pix_loss: bool, base_lr: float, batch_size: int,
+                 betas: tuple[float, float], weight_decay: float, warmup_epochs: int, cosine_epochs: int,
+                 min_lr: float):  # fmt: skip
         super().__init__()
         if not 0 < mask_ratio < 1:
             raise ValueError(f"mask_ratio must be in (0, 1), not {mask_ratio}")
@@ -67,13 +66,6 @@ class MaskedAutoencoder(L.LightningModule):
         self.decoder_norm = nn.LayerNorm(decoder_dim)
         in_chans = backbone.patch_embed.proj.in_channels
         self.decoder_pred = nn.Linear(decoder_dim, patch[0] * patch[1] * in_chans)
-
-    def patchify(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, N, p·p·C), patches in row-major order, pixels (p, p, C) within each."""
-        b, c, h, w = images.shape
-        p = self.patch_size
-        x = images.reshape(b, c, h // p, p, w // p, p)
-        return torch.einsum("bchpwq->bhwpqc", x).reshape(b, (h // p) * (w // p), p * p * c)
 
     def random_masking(self, batch: int, num_patches: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(keep (B, K) indices of the visible patches, mask (B, N) with 1 = hidden)."""
@@ -106,13 +98,12 @@ class MaskedAutoencoder(L.LightningModule):
         """MAE loss (scalar) of a batch of images (B, C, H, W)."""
         if images.ndim != 4:
             raise ValueError(f"MAE takes 2D images (B, C, H, W); the data gives {tuple(images.shape)}")
-        target = self.patchify(images).float()
+        target = patchify(images, self.patch_size).float()
         if self.hparams.norm_pix_loss:
-            target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+            target = normalised_patches(target)
         keep, mask = self.random_masking(images.shape[0], target.shape[1], images.device)
         prediction = self.decode(self.encode_visible(images, keep), keep, target.shape[1]).float()
-        per_patch = ((prediction - target) ** 2).mean(-1)
-        return (per_patch * mask).sum() / mask.sum()
+        return masked_patch_mse(prediction, target, mask)
 
     def training_step(self, batch, batch_idx):
         loss = self(batch[0])  # (images, labels): the labels are not used
@@ -125,14 +116,8 @@ class MaskedAutoencoder(L.LightningModule):
         groups = decay_param_groups([self.encoder, self.decoder_embed, self.decoder_blocks, self.decoder_norm,
                                      self.decoder_pred], hp.weight_decay)  # fmt: skip
         groups[1]["params"].append(self.mask_token)
-        optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(hp.betas))
-        schedule = LambdaLR(
-            optimizer,
-            lambda epoch: warmup_cosine_factor(  # linear warm-up from lr / warmup_epochs, per epoch
-                epoch, lr, lr / max(1, hp.warmup_epochs), hp.min_lr, hp.warmup_epochs, hp.cosine_epochs
-            ),
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}
+        start_lr = lr / max(1, hp.warmup_epochs)  # MAE's per-epoch linear warm-up starts at lr / warmup_epochs
+        return adamw_warmup_cosine(groups, lr, start_lr, hp.min_lr, hp.warmup_epochs, hp.cosine_epochs, hp.betas)
 
     def trained_backbone(self) -> nn.Module:
         """The encoder ViT alone (no decoder): what downstream tasks load."""

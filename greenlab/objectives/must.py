@@ -33,15 +33,17 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.lr_scheduler import LambdaLR
 
+from greenlab.backbones import weights
+from greenlab.contracts import ReportsSource
 from greenlab.data.base import MISSING, UNCERTAIN
+from greenlab.objectives.base import PretrainingModule
 from greenlab.objectives.label_supervised import masked_bce
 from greenlab.objectives.optim import (
+    adamw,
     decay_param_groups,
     layout_independent_init,
     log_train_loss,
@@ -79,7 +81,9 @@ class AlignedEncoders(nn.Module):
             nn.init.normal_(projection.weight, std=(projection.in_features * latent_dim) ** -0.5)
         self.classifier = nn.Linear(latent_dim, num_findings)
         self.num_features = latent_dim
-        self.greenlab_init = {"image": image_encoder.greenlab_init, "text": text_encoder.greenlab_init}
+        self.init_record = {"image": image_encoder.init_record, "text": text_encoder.init_record}
+        self.recipe = {"factory": f"{__name__}.{type(self).__name__}", "image_encoder": image_encoder.recipe,
+                       "text_encoder": text_encoder.recipe, "latent_dim": latent_dim, "num_findings": num_findings}  # fmt: skip
 
     def forward(self, volumes) -> torch.Tensor:
         return self.image_projection(self.image_encoder(volumes))
@@ -112,33 +116,33 @@ def symmetric_contrastive_loss(image_latents: torch.Tensor, text_latents: torch.
     return 0.5 * (F.cross_entropy(similarity, targets) + F.cross_entropy(similarity.t(), targets))
 
 
-class MUST(L.LightningModule):
+class MUST(PretrainingModule):
     """Args: image_encoder, text_encoder, latent_dim (768), stage1_epochs, stage1 / stage2 (lr,
     weight_decay, min_lr; stage 1 also text_lr, stage 2 classifier_lr, gradient_clip_val and start (random |
     stage1_heads)), uncertain (mask | positive | negative), unmentioned (mask | negative),
     stage1_weights (folder)."""
 
-    def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, latent_dim: int = 768,
-                 stage1_epochs: int = 5, stage1: dict | None = None, stage2: dict | None = None,
-                 uncertain: str = "mask", unmentioned: str = "mask",
-                 stage1_weights: str | None = None):  # fmt: skip
+    requires = (ReportsSource,)  # the reports of the training studies fit the random BERT's vocabulary
+
+    def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, latent_dim: int, stage1_epochs: int,
+                 stage1: dict, stage2: dict, uncertain: str, unmentioned: str,
+                 stage1_weights: str | None):  # fmt: skip
         super().__init__()
         self.save_hyperparameters(ignore=["image_encoder", "text_encoder"])
         self.image_encoder, self.text_encoder = image_encoder, text_encoder
         self.stage1_epochs = 0 if stage1_weights else stage1_epochs
-        self.settings = {
-            "stage1": {"lr": 1e-4, "weight_decay": 1e-4, "min_lr": 1e-6, **(stage1 or {})},
-            "stage2": {"lr": 1e-5, "weight_decay": 1e-4, "min_lr": 1e-5, "gradient_clip_val": 0.5, "start": "random",
-                       **(stage2 or {})},
-        }  # fmt: skip
+        self.settings = {"stage1": dict(stage1), "stage2": dict(stage2)}
         for name, value in (("uncertain", uncertain), ("unmentioned", unmentioned),
                             ("stage2.start", self.settings["stage2"]["start"])):  # fmt: skip
             if value not in CHOICES[name]:
                 raise ValueError(f"{name} must be one of {CHOICES[name]}, not {value!r}")
         self.image_head = self.text_head = self.aligned = None
-        self.run_notes = {"stage1_epochs": self.stage1_epochs, "uncertain_labels": uncertain,
-                          "unmentioned_labels": unmentioned,
-                          "stage1_weights": stage1_weights, "stage_settings": self.settings}  # fmt: skip
+
+    def run_notes(self) -> dict:
+        hp = self.hparams
+        return {"stage1_epochs": self.stage1_epochs, "uncertain_labels": hp.uncertain,
+                "unmentioned_labels": hp.unmentioned, "stage1_weights": hp.stage1_weights,
+                "stage_settings": self.settings}  # fmt: skip
 
     @property
     def stage(self) -> str:
@@ -261,9 +265,7 @@ class MUST(L.LightningModule):
             part_groups = decay_param_groups(modules, wd[0])
             groups += part_groups
             schedules += [partial(self.lr_at_epoch, part=part)] * len(part_groups)
-        optimizer = torch.optim.AdamW(groups, lr=1.0)
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": LambdaLR(optimizer, schedules), "interval": "epoch"}}  # fmt: skip
+        return adamw(groups, 1.0, schedules)
 
     def lr_at_epoch(self, epoch: int, part: str = "image") -> float:
         """Stage 1: cosine lr -> min_lr over stage1_epochs; stage 2: cosine lr -> min_lr over the rest;
@@ -280,3 +282,11 @@ class MUST(L.LightningModule):
 
     def trained_backbone(self) -> AlignedEncoders:
         return self.aligned
+
+    def export(self, output_dir: Path) -> dict:
+        """The whole stage-2 model (both encoders, projections, shared classifier) as ``backbone.pth`` +
+        ``backbone.json``, and the text tokenizer beside them (``text_tokenizer/``)."""
+        recipe = weights.export(self.aligned, Path(output_dir))
+        if not (Path(output_dir) / "text_tokenizer").exists():  # stage 1 saved it already in a fresh run
+            self.text_encoder.save_tokenizer(Path(output_dir) / "text_tokenizer")
+        return recipe

@@ -1,12 +1,15 @@
-"""Pieces shared by the objectives: weight-decay groups, the warm-up + cosine schedule, loss logging."""
+"""Pieces shared by the objectives: weight-decay groups, AdamW with a per-epoch schedule, loss logging."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 
 
 def decay_param_groups(modules: list[nn.Module], weight_decay: float) -> list[dict]:
@@ -38,6 +41,35 @@ def warmup_cosine_factor(
     else:
         lr = min_lr
     return lr / base_lr
+
+
+def adamw(
+    groups: list[dict],
+    lr: float,
+    lr_factor: Callable[[int], float] | list[Callable[[int], float]],
+    betas: tuple[float, float] = (0.9, 0.999),
+) -> dict:
+    """Lightning's optimiser config: AdamW over ``groups`` at ``lr``, times ``lr_factor(epoch)`` (one
+    callable, or one per group), stepped once per epoch."""
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": LambdaLR(optimizer, lr_factor), "interval": "epoch"}}
+
+
+def adamw_warmup_cosine(
+    groups: list[dict],
+    lr: float,
+    start_lr: float,
+    min_lr: float,
+    warmup_epochs: int,
+    cosine_epochs: int,
+    betas: tuple[float, float] = (0.9, 0.999),
+) -> dict:
+    """``adamw`` with the per-epoch linear warm-up + cosine of ``warmup_cosine_factor``."""
+    factor = partial(
+        warmup_cosine_factor, base_lr=lr, start_lr=start_lr, min_lr=min_lr, warmup_epochs=warmup_epochs,
+        cosine_epochs=cosine_epochs,
+    )  # fmt: skip
+    return adamw(groups, lr, factor, betas)
 
 
 @contextmanager

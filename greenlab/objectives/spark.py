@@ -21,12 +21,12 @@ import copy
 import math
 from pathlib import Path
 
-import lightning as L
 import torch
 from torch import nn
-from torch.optim.lr_scheduler import LambdaLR
 
-from greenlab.objectives.optim import decay_param_groups, log_train_loss, warmup_cosine_factor
+from greenlab.objectives.base import PretrainingModule
+from greenlab.objectives.optim import adamw_warmup_cosine, decay_param_groups, log_train_loss
+from greenlab.objectives.patches import masked_patch_mse, normalised_patches, patch_statistics, patchify, unpatchify
 from greenlab.sparse import BACKENDS, fastest_backend, masked_dense
 
 DOWNSAMPLE = 32  # patch size = mask cell = the encoder's total stride
@@ -42,31 +42,13 @@ def random_visible_mask(batch: int, grid: tuple[int, int], mask_ratio: float, de
     return visible.view(batch, 1, *grid)
 
 
-def patchify(images: torch.Tensor, patch: int = DOWNSAMPLE) -> torch.Tensor:
-    """(B, C, H, W) -> (B, L, patch*patch*C), patches in row-major grid order."""
-    b, c, h, w = images.shape
-    x = images.reshape(b, c, h // patch, patch, w // patch, patch)
-    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // patch) * (w // patch), patch * patch * c)
-
-
-def unpatchify(
-    patches: torch.Tensor, channels: int, height: int, width: int, patch: int = DOWNSAMPLE
-) -> torch.Tensor:
-    b = patches.shape[0]
-    x = patches.reshape(b, height // patch, width // patch, patch, patch, channels)
-    return x.permute(0, 5, 1, 3, 2, 4).reshape(b, channels, height, width)
-
-
 def masked_patch_loss(prediction: torch.Tensor, images: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
     """MSE to per-patch-normalised pixels, averaged over each patch, mean over masked patches only.
 
     prediction, images (B, 3, H, W); visible (B, 1, H/32, W/32) bool.
     """
-    target = patchify(images)
-    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
-    per_patch = (patchify(prediction.float()) - target.float()).pow(2).mean(-1)  # (B, L)
-    masked = (~visible).flatten(1).to(per_patch.dtype)
-    return (per_patch * masked).sum() / masked.sum()
+    target = normalised_patches(patchify(images, DOWNSAMPLE))
+    return masked_patch_mse(patchify(prediction.float(), DOWNSAMPLE), target.float(), ~visible.flatten(1))
 
 
 class UpsampleBlock(nn.Module):
@@ -99,7 +81,7 @@ class Densify(nn.Module):
         return self.proj(torch.where(visible, self.norm(features), self.mask_token.to(features.dtype)))
 
 
-class SparKPretraining(L.LightningModule):
+class SparKPretraining(PretrainingModule):
     """Args:
     backbone: a CNN with ``forward_hierarchy``, ``channels`` and ``strides`` (e.g. ``NNMobileNet``).
     sparse_backend: ``masked_dense`` or ``minkowski`` (same semantics; see greenlab/sparse), or ``auto``:
@@ -113,20 +95,20 @@ class SparKPretraining(L.LightningModule):
     def __init__(
         self,
         backbone: nn.Module,
-        sparse_backend: str = "auto",
-        mask_ratio: float = 0.6,
-        decoder_width: int = 512,
-        base_lr: float = 2e-4,
-        batch_size: int = 128,
-        betas: tuple[float, float] = (0.9, 0.95),
-        weight_decay: float = 0.04,
-        weight_decay_end: float = 0.2,
-        warmup_epochs: int = 10,
-        cosine_epochs: int = 200,
-        start_lr: float = 1e-6,
-        min_lr: float = 1e-6,
-        figure_dir: str | None = None,
-        figure_every_n_epochs: int = 5,
+        sparse_backend: str,
+        mask_ratio: float,
+        decoder_width: int,
+        base_lr: float,
+        batch_size: int,
+        betas: tuple[float, float],
+        weight_decay: float,
+        weight_decay_end: float,
+        warmup_epochs: int,
+        cosine_epochs: int,
+        start_lr: float,
+        min_lr: float,
+        figure_dir: str | None,
+        figure_every_n_epochs: int,
     ):
         super().__init__()
         if sparse_backend == "auto":
@@ -137,7 +119,7 @@ class SparKPretraining(L.LightningModule):
             raise ValueError(
                 f"sparse_backend must be auto, masked_dense or minkowski, not {sparse_backend!r}"
             )
-        self.run_notes = {"sparse_backend": sparse_backend, "sparse_backend_reason": why}
+        self.backend_choice = {"sparse_backend": sparse_backend, "sparse_backend_reason": why}
         if list(backbone.strides) != [2, 4, 8, 16, 32]:
             raise ValueError(f"the backbone must give strides 2..32, gives {backbone.strides}")
         self.save_hyperparameters(ignore=["backbone"])
@@ -207,12 +189,10 @@ class SparKPretraining(L.LightningModule):
         groups = decay_param_groups(
             [self.encoder, self.densify, self.decoder, self.to_pixels], hp.weight_decay
         )
-        optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(hp.betas))
-        schedule = LambdaLR(
-            optimizer,
-            lambda e: warmup_cosine_factor(e, lr, hp.start_lr, hp.min_lr, hp.warmup_epochs, hp.cosine_epochs),
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}
+        return adamw_warmup_cosine(groups, lr, hp.start_lr, hp.min_lr, hp.warmup_epochs, hp.cosine_epochs, hp.betas)
+
+    def run_notes(self) -> dict:
+        return self.backend_choice
 
     def trained_backbone(self) -> nn.Module:
         """A dense copy of the encoder: the plain nn-MobileNet with the pre-trained weights."""
@@ -235,9 +215,8 @@ class SparKPretraining(L.LightningModule):
 
         n = min(rows, images.shape[0])
         images, visible, prediction = images[:n].float(), visible[:n], prediction[:n].float()
-        target = patchify(images)
-        mean, std = target.mean(-1, keepdim=True), (target.var(-1, keepdim=True) + 1e-6).sqrt()
-        restored = unpatchify(patchify(prediction) * std + mean, 3, *images.shape[-2:])
+        mean, std = patch_statistics(patchify(images, DOWNSAMPLE))
+        restored = unpatchify(patchify(prediction, DOWNSAMPLE) * std + mean, 3, *images.shape[-2:], DOWNSAMPLE)
         full = visible.repeat_interleave(DOWNSAMPLE, -2).repeat_interleave(DOWNSAMPLE, -1)
         panels = [images, images * full, torch.where(full, images, restored)]
         fig, axes = plt.subplots(n, 3, figsize=(6, 2 * n), squeeze=False)

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import copy
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from timm.layers import LayerScale
 from torch import nn
-from torch.optim.lr_scheduler import LambdaLR
 
-from greenlab.objectives.optim import decay_param_groups, log_train_loss, warmup_cosine_factor
+from greenlab.objectives.base import PretrainingModule
+from greenlab.objectives.optim import adamw_warmup_cosine, decay_param_groups, log_train_loss
 
 
 class ResidualPredictionHead(nn.Module):
@@ -41,7 +40,7 @@ class ResidualPredictionHead(nn.Module):
         return tokens + self.scale(self.mlp(tokens))
 
 
-class TokenReconstruction(L.LightningModule):
+class TokenReconstruction(PretrainingModule):
     """Token Reconstruction pre-training of a timm ViT.
 
     Args:
@@ -57,18 +56,18 @@ class TokenReconstruction(L.LightningModule):
     def __init__(
         self,
         backbone: nn.Module,
-        noise_std: float = 0.2,
-        max_corruption_ratio: float = 1 / 3,
-        target_tokens: str = "all",
-        distance: str = "mse",
-        head_layer_scale_init: float = 1e-5,
-        lr: float = 5e-5,
-        betas: tuple[float, float] = (0.9, 0.99),
-        weight_decay: float = 1e-4,
-        warmup_epochs: int = 10,
-        cosine_epochs: int = 100,
-        start_lr: float = 5e-9,
-        min_lr: float = 5e-9,
+        noise_std: float,
+        max_corruption_ratio: float,
+        target_tokens: str,
+        distance: str,
+        head_layer_scale_init: float,
+        lr: float,
+        betas: tuple[float, float],
+        weight_decay: float,
+        warmup_epochs: int,
+        cosine_epochs: int,
+        start_lr: float,
+        min_lr: float,
     ):
         super().__init__()
         if target_tokens not in ("all", "patch", "prefix"):
@@ -171,14 +170,9 @@ class TokenReconstruction(L.LightningModule):
         hp = self.hparams
         groups = decay_param_groups([self.student, self.head], hp.weight_decay)
         groups[1]["params"].append(self.corruption_token)
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
-        schedule = LambdaLR(
-            optimizer,
-            lambda epoch: warmup_cosine_factor(
-                epoch, hp.lr, hp.start_lr, hp.min_lr, hp.warmup_epochs, hp.cosine_epochs
-            ),
+        return adamw_warmup_cosine(
+            groups, hp.lr, hp.start_lr, hp.min_lr, hp.warmup_epochs, hp.cosine_epochs, hp.betas
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}
 
     def trained_backbone(self) -> nn.Module:
         """The student ViT alone (no head, no corruption token): what downstream tasks load."""

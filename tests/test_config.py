@@ -1,0 +1,113 @@
+"""The configs: every experiment composes as it did before the contracts refactor (the snapshots), every value
+has one home (the group YAML), and a bare ``python -m greenlab`` lists the experiments instead of training."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import yaml
+from hydra.utils import get_object
+from omegaconf import OmegaConf
+
+from greenlab.config import CONFIG_DIR, experiments
+from tests.conftest import REPO, run_cli
+
+SNAPSHOTS = REPO / "tests" / "config_snapshots"
+# Intentional differences from the snapshots taken before the contracts refactor (issue #12), per dotted key:
+# (value before, value now); None = the key did not exist / no longer exists.
+RULES = {"_target_": "greenlab.labels.rules.RuleLabeller", "vocabulary": "ctrate18"}
+PROBE_IN_ZERO_SHOT_BEFORE = {"_target_": "greenlab.evaluation.linear_probe.LinearProbe", "pooling": "mean_all",
+                             "bootstrap": 100}  # fmt: skip
+PROBE_IN_ZERO_SHOT_NOW = {**PROBE_IN_ZERO_SHOT_BEFORE, "C": 1.0, "max_iter": 20000, "seed": 42, "bf16": True}
+INTENTIONAL = {
+    # the labeller is a config group with a _target_ (conf/data/labeller/), no longer a {backend: ...} switch
+    "data.labeller": ({"backend": "rules", "findings": "ctrate18"}, RULES),
+    "evaluation.vocabulary": ("${oc.select:data.labeller.findings,null}", "${oc.select:data.labeller.vocabulary,null}"),
+    # the zero-shot's probes compose evaluation/linear_probe.yaml: its values, once the Python defaults, now shown
+    "evaluation.linear_probe": (PROBE_IN_ZERO_SHOT_BEFORE, PROBE_IN_ZERO_SHOT_NOW),
+    # download: the Python default before, now in text_encoder/random_bert.yaml (pretrained.yaml composes it)
+    "text_encoder.download": (None, False),
+}
+
+
+def flatten(node, prefix: str = "") -> dict:
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            dotted = f"{prefix}.{key}" if prefix else str(key)
+            if dotted in INTENTIONAL:
+                out[dotted] = value
+            else:
+                out.update(flatten(value, dotted))
+        return out
+    return {prefix: node}
+
+
+def composed(experiment: str, scale: str) -> dict:
+    from hydra import compose, initialize_config_dir
+
+    overrides = [f"+experiment={experiment}"] + ([] if scale == "default" else [f"scale={scale}"])
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    return OmegaConf.to_container(cfg, resolve=False)
+
+
+@pytest.mark.parametrize("snapshot", sorted(SNAPSHOTS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_experiment_composes_as_before_the_refactor(snapshot):
+    experiment, scale = snapshot.stem.split("__")
+    before, now = flatten(yaml.safe_load(snapshot.read_text())), flatten(composed(experiment, scale))
+    for key in sorted(set(before) | set(now)):
+        if before.get(key) == now.get(key):
+            continue
+        assert key in INTENTIONAL, f"{snapshot.name}: {key} was {before.get(key)!r}, now {now.get(key)!r}"
+        assert (before.get(key), now.get(key)) == INTENTIONAL[key], key
+
+
+def test_every_experiment_has_a_snapshot():
+    assert {p.stem.split("__")[0] for p in SNAPSHOTS.glob("*.yaml")} == set(experiments())
+
+
+def _parameters(target) -> dict[str, inspect.Parameter]:
+    """The named parameters of a function, or of a class's __init__ and, through **kwargs, its bases'."""
+    if not inspect.isclass(target):
+        return dict(inspect.signature(target).parameters)
+    found = {}
+    for cls in target.__mro__:
+        if "__init__" not in vars(cls) or not cls.__module__.startswith("greenlab"):
+            continue
+        parameters = inspect.signature(vars(cls)["__init__"]).parameters
+        found = {**parameters, **found}
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+            break
+    return found
+
+
+def _targets(node, where: str):
+    if isinstance(node, dict):
+        if isinstance(node.get("_target_"), str) and node["_target_"].startswith("greenlab."):
+            yield where, node
+        for key, value in node.items():
+            yield from _targets(value, f"{where}.{key}")
+
+
+def test_each_value_has_one_home():
+    """A value that a group YAML sets is not restated as a default in the signature it configures."""
+    restated = []
+    for path in sorted(CONFIG_DIR.rglob("*.yaml")):
+        for where, node in _targets(yaml.safe_load(path.read_text()) or {}, path.relative_to(CONFIG_DIR).as_posix()):
+            parameters = _parameters(get_object(node["_target_"]))
+            for key in node:
+                if key in parameters and parameters[key].default is not inspect.Parameter.empty:
+                    restated.append(f"{where}: {key} (Python default {parameters[key].default!r})")
+    assert not restated, "values with two homes:\n" + "\n".join(restated)
+
+
+def test_bare_command_lists_the_experiments_and_trains_nothing(tmp_path):
+    proc = run_cli(cwd=tmp_path)
+    assert all(name in proc.stdout for name in experiments()) and "+experiment=" in proc.stdout
+    assert not (tmp_path / "logs").exists()
+
+
+def test_trainer_default_holds_no_method_epoch_count():
+    assert OmegaConf.load(CONFIG_DIR / "trainer" / "default.yaml")._get_node("max_epochs")._is_missing()
