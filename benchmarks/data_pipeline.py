@@ -23,7 +23,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from benchmarks.common import SameBatch, StepClock, write
-from greenlab.run import CONFIG_DIR
+from greenlab.config import CONFIG_DIR
 
 EXPERIMENTS = ("retfound_green", "sparse_cnn_mae", "greenrfm")
 
@@ -35,7 +35,7 @@ def measure(experiment: str, steps: int, warmup: int, data_dir: str, extra: list
         f"paths.data_dir={data_dir}",
         *extra,
     ]
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
     accelerator = "gpu" if torch.cuda.is_available() else "cpu"
     precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"

@@ -25,13 +25,14 @@ from greenlab.sparse import measured_choice_path
 
 
 def step_benchmark(backend: str, img: int, batch: int, steps: int, model_name: str) -> dict:
-    from greenlab.backbones.nn_mobilenet import NNMobileNet
     from greenlab.compute.energy import peak_host_memory_bytes
-    from greenlab.objectives.spark import SparKPretraining, random_visible_mask
+    from greenlab.config import build
+    from greenlab.objectives.spark import random_visible_mask
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    objective = SparKPretraining(NNMobileNet(model_name), sparse_backend=backend).to(device).train()
+    backbone = build("backbone/nn_mobilenet", model_name=model_name)
+    objective = build("objective/spark", backbone=backbone, sparse_backend=backend).to(device).train()
     optimizer = torch.optim.AdamW(objective.parameters(), lr=1e-4)
     images = torch.randn(batch, 3, img, img, device=device)
     times = []

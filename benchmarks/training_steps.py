@@ -26,6 +26,7 @@ from contextlib import nullcontext
 import torch
 
 from benchmarks.common import SameBatch, StepClock, write
+from greenlab.config import build as build_option
 
 DENSE_BF16_PEAK = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
 
@@ -46,44 +47,40 @@ def build(name: str, size: str, device: torch.device):
     spec = CASES[name][size]
     torch.manual_seed(0)
     if name == "token_reconstruction":
-        from greenlab.backbones.vit import create_vit
-        from greenlab.objectives.token_reconstruction import TokenReconstruction
-
         model = "vit_small_patch14_reg4_dinov2" if size == "paper" else "vit_tiny_patch16_224"
-        objective = TokenReconstruction(create_vit(model, img_size=spec["img"], weights="random"))
+        vit = build_option(
+            "backbone/vit_small_reg4_dinov2", model_name=model, img_size=spec["img"], weights="random"
+        )
+        objective = build_option("objective/token_reconstruction", backbone=vit)
         batch = (torch.randn(spec["batch"], 3, spec["img"], spec["img"]),)
         return objective, batch, f"{model} at {spec['img']} px, batch {spec['batch']}"
     if name == "mae":
-        from greenlab.backbones.vit import create_vit
-        from greenlab.objectives.mae import MaskedAutoencoder
-
         model = "vit_large_patch16_224.mae" if size == "paper" else "vit_tiny_patch16_224"
         decoder = {} if size == "paper" else {"decoder_dim": 64, "decoder_depth": 2, "decoder_heads": 4}
-        objective = MaskedAutoencoder(create_vit(model, img_size=spec["img"], weights="random"), **decoder)
+        vit = build_option(
+            "backbone/vit_large_patch16_mae", model_name=model, img_size=spec["img"], weights="random"
+        )
+        objective = build_option("objective/mae", backbone=vit, **decoder)
         batch = (torch.randn(spec["batch"], 3, spec["img"], spec["img"]),)
         return objective, batch, f"MAE {model} at {spec['img']} px, mask 0.75, batch {spec['batch']}"
     if name == "spark":
-        from greenlab.backbones.nn_mobilenet import NNMobileNet
-        from greenlab.objectives.spark import SparKPretraining
-
         width = "rexnet_300" if size == "paper" else "rexnet_100"
-        objective = SparKPretraining(NNMobileNet(width), sparse_backend="masked_dense",
-                                     decoder_width=512 if size == "paper" else 64, figure_every_n_epochs=0)  # fmt: skip
+        objective = build_option("objective/spark", backbone=build_option("backbone/nn_mobilenet", model_name=width),
+                                 sparse_backend="masked_dense", decoder_width=512 if size == "paper" else 64,
+                                 figure_every_n_epochs=0)  # fmt: skip
         batch = (torch.randn(spec["batch"], 3, spec["img"], spec["img"]),)
         return (
             objective,
             batch,
             f"nn-MobileNet ({width}), masked-dense, {spec['img']} px, batch {spec['batch']}",
         )
-    from greenlab.backbones.resnet3d import ResNet3D
-    from greenlab.backbones.text import TextEncoder
     from greenlab.data.base import Task
-    from greenlab.objectives.must import MUST
 
     text = {"hidden_size": 768, "num_layers": 12, "num_heads": 12} if size == "paper" else {}
-    objective = MUST(
-        ResNet3D(18, spec["stem"]), TextEncoder(**text), stage1_epochs=1 if "stage1" in name else 0
-    )
+    objective = build_option(
+        "objective/must", image_encoder=build_option("backbone/resnet3d18", stem_kernel=spec["stem"]),
+        text_encoder=build_option("text_encoder/random_bert", **text), stage1_epochs=1 if "stage1" in name else 0,
+    )  # fmt: skip
     reports = [f"There is a small pleural effusion and a {i} mm nodule. " * 12 for i in range(spec["batch"])]
     objective.build([Task(f"finding_{i}", 2) for i in range(18)], reports)
     labels = torch.randint(-2, 2, (spec["batch"], 18))
@@ -103,7 +100,6 @@ def to_device(batch, device):
 def run_case(name: str, size: str, steps: int, warmup: int) -> dict:
     import lightning as L
 
-    from greenlab.callbacks.compute_monitor import ComputeMonitor
     from greenlab.compute.energy import peak_host_memory_bytes
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -144,7 +140,7 @@ def run_case(name: str, size: str, steps: int, warmup: int) -> dict:
     trainer = L.Trainer(accelerator=device.type, devices=1, max_steps=steps, max_epochs=1,
                         precision="bf16-mixed" if bf16 else "32-true", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        callbacks=[ComputeMonitor(), stamp])  # fmt: skip
+                        callbacks=[build_option("callbacks/default", select="compute_monitor"), stamp])  # fmt: skip
     if hasattr(objective, "build"):  # MUST builds its heads from the data in setup: already built above
         objective.setup = lambda stage: None
     trainer.fit(objective, train_dataloaders=SameBatch(batch, steps))

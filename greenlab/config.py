@@ -48,8 +48,9 @@ def experiments() -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 
 
-def build(option: str, /, overrides: list[str] = (), **arguments):
-    """The object that config-group ``option`` ("group/name") describes, ``arguments`` replacing values.
+def build(option: str, /, overrides: list[str] = (), select: str | None = None, **arguments):
+    """The object that config-group ``option`` ("group/name") describes, ``arguments`` replacing values
+    (``select``: one key inside the option, e.g. ``build("callbacks/default", select="compute_monitor")``).
 
     Interpolations into other groups (``${data.batch_size}``, ``${img_size}``) take the values of the primary
     config; ``overrides`` are Hydra overrides of it (e.g. ``["img_size=56"]``). Outside a run the output
@@ -64,9 +65,13 @@ def build(option: str, /, overrides: list[str] = (), **arguments):
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3", job_name="build"):
         cfg = compose(
             "config",
-            overrides=[f"{'' if in_primary else '+'}{group}={name}", f"paths.output_dir={Path.cwd()}", *overrides],
+            overrides=[
+                f"{'' if in_primary else '+'}{group}={name}",
+                f"paths.output_dir={Path.cwd()}",
+                *overrides,
+            ],
         )
-    node = OmegaConf.select(cfg, group.replace("/", "."))
+    node = OmegaConf.select(cfg, ".".join(filter(None, (group.replace("/", "."), select))))
     OmegaConf.set_struct(cfg, False)
     for key in arguments:
         if key in node:  # (pop would resolve the value first)

@@ -108,20 +108,31 @@ class TextAligned(Protocol):
     def encode_text(self, texts: list[str]) -> torch.Tensor: ...
 
 
+def conform(part, protocol: type, role: str) -> None:
+    """Raise a clear error when ``part`` (the run's ``role``: objective, backbone, ...) lacks a member of
+    ``protocol``."""
+    if not isinstance(part, protocol):
+        raise TypeError(
+            f"{role} {type(part).__name__} is not a greenlab.contracts.{protocol.__name__}: it has no "
+            f"{', '.join(_missing(part, protocol))}"
+        )
+
+
 def check_requirements(part, role: str, datamodule) -> None:
     """Raise a clear error when ``datamodule`` lacks a protocol that ``part`` (the objective or the
     evaluation, named by ``role``) declares in ``requires``."""
     for protocol in part.requires:
         if not isinstance(datamodule, protocol):
-            missing = sorted(
-                name for name in (*protocol.__annotations__, *_methods(protocol)) if not hasattr(datamodule, name)
-            )
             raise TypeError(
                 f"{role} {type(part).__name__} needs a datamodule that is a {protocol.__name__} "
                 f"({protocol.__doc__.splitlines()[0].rstrip('.')}); {type(datamodule).__name__} has no "
-                f"{', '.join(missing)}"
+                f"{', '.join(_missing(datamodule, protocol))}"
             )
 
 
-def _methods(protocol: type) -> list[str]:
-    return [n for n, v in vars(protocol).items() if callable(v) and not n.startswith("_")]
+def _missing(part, protocol: type) -> list[str]:
+    """The members of ``protocol`` that ``part`` lacks, sorted."""
+    methods = [
+        n for n, v in vars(protocol).items() if callable(v) and (n == "__call__" or not n.startswith("_"))
+    ]
+    return sorted(n for n in (*protocol.__annotations__, *methods) if not hasattr(part, n))

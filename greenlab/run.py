@@ -41,7 +41,9 @@ def run(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule, objective, evaluation = (
-        instantiate(cfg.data), instantiate(cfg.objective), instantiate(cfg.evaluation)
+        instantiate(cfg.data),
+        instantiate(cfg.objective),
+        instantiate(cfg.evaluation),
     )
     check_parts(objective, evaluation, datamodule)
     trainer, monitor = build_trainer(cfg)
@@ -50,8 +52,9 @@ def run(cfg: DictConfig) -> dict:
     budget = pretrain(trainer, monitor, objective, datamodule, resume_from)
     if not trainer.is_global_zero:  # the budget is reduced over all ranks; from here on rank 0 alone works
         return {"metrics": {}}
-    recipe = objective.export(output_dir)
     backbone = objective.trained_backbone()
+    contracts.conform(backbone, contracts.Backbone, "backbone")
+    recipe = objective.export(output_dir)
     scores, eval_kwh = evaluate(evaluation, backbone, initial_backbone, datamodule, trainer, cfg)
     account(budget, eval_kwh, backbone, objective)
     results = {
@@ -82,12 +85,9 @@ def run(cfg: DictConfig) -> dict:
 
 def check_parts(objective, evaluation, datamodule) -> None:
     """Each part offers its contract (greenlab/contracts.py), and the datamodule what the others need."""
-    for part, protocol, role in ((objective, contracts.Objective, "objective"),
-                                 (evaluation, contracts.Evaluation, "evaluation"),
-                                 (datamodule, contracts.DataModule, "data")):  # fmt: skip
-        if not isinstance(part, protocol):
-            missing = [n for n in (*protocol.__annotations__, *contracts._methods(protocol)) if not hasattr(part, n)]
-            raise TypeError(f"{role} {type(part).__name__} lacks {missing} of greenlab.contracts.{protocol.__name__}")
+    contracts.conform(objective, contracts.Objective, "objective")
+    contracts.conform(evaluation, contracts.Evaluation, "evaluation")
+    contracts.conform(datamodule, contracts.DataModule, "data")
     contracts.check_requirements(objective, "objective", datamodule)
     contracts.check_requirements(evaluation, "evaluation", datamodule)
 
@@ -105,13 +105,17 @@ def build_trainer(cfg: DictConfig) -> tuple[L.Trainer, ComputeMonitor]:
 
 def pretrain(trainer, monitor: ComputeMonitor, objective, datamodule, resume_from: Path | None) -> dict:
     """Train the objective (continuing ``resume_from``); the budget it cost (compute, energy)."""
-    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # a frozen teacher, on purpose
+    warnings.filterwarnings(
+        "ignore", message=".*module\\(s\\) in eval mode.*"
+    )  # a frozen teacher, on purpose
     # weights_only=False: the checkpoint is this run's own (its hparams hold OmegaConf containers)
     trainer.fit(objective, datamodule=datamodule, ckpt_path=resume_from, weights_only=False)
     return monitor.summary(trainer)
 
 
-def evaluate(evaluation, backbone, initial_backbone, datamodule, trainer, cfg: DictConfig) -> tuple[dict, float]:
+def evaluate(
+    evaluation, backbone, initial_backbone, datamodule, trainer, cfg: DictConfig
+) -> tuple[dict, float]:
     """The evaluation of the trained backbone and, same protocol, of the one before pre-training (the gain
     is measured, not claimed); and the energy it took (kWh)."""
     meter = EnergyMeter(cfg.compute.cpu_watts_per_core)
@@ -206,8 +210,11 @@ def _finish_wandb() -> None:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def hydra_main(cfg: DictConfig) -> float | None:
-    if cfg.name is None:
-        raise SystemExit(f"greenlab: choose an experiment, e.g. +experiment=retfound_green\n{experiment_list()}")
+    if OmegaConf.is_missing(cfg.trainer, "max_epochs"):
+        raise SystemExit(
+            "greenlab: trainer.max_epochs is not set: choose an experiment (+experiment=NAME) or set it\n"
+            + experiment_list()
+        )
     results = run(cfg)
     return results["metrics"].get(results.get("optimized_metric"))  # the value a Hydra sweeper optimises
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from greenlab.config import build
 from greenlab.backbones.vit import convert_dinov2_state_dict
+from greenlab.config import build
 from tests.conftest import TINY_VIT
 
 

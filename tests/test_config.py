@@ -23,7 +23,10 @@ PROBE_IN_ZERO_SHOT_NOW = {**PROBE_IN_ZERO_SHOT_BEFORE, "C": 1.0, "max_iter": 200
 INTENTIONAL = {
     # the labeller is a config group with a _target_ (conf/data/labeller/), no longer a {backend: ...} switch
     "data.labeller": ({"backend": "rules", "findings": "ctrate18"}, RULES),
-    "evaluation.vocabulary": ("${oc.select:data.labeller.findings,null}", "${oc.select:data.labeller.vocabulary,null}"),
+    "evaluation.vocabulary": (
+        "${oc.select:data.labeller.findings,null}",
+        "${oc.select:data.labeller.vocabulary,null}",
+    ),
     # the zero-shot's probes compose evaluation/linear_probe.yaml: its values, once the Python defaults, now shown
     "evaluation.linear_probe": (PROBE_IN_ZERO_SHOT_BEFORE, PROBE_IN_ZERO_SHOT_NOW),
     # download: the Python default before, now in text_encoder/random_bert.yaml (pretrained.yaml composes it)
@@ -95,7 +98,9 @@ def test_each_value_has_one_home():
     """A value that a group YAML sets is not restated as a default in the signature it configures."""
     restated = []
     for path in sorted(CONFIG_DIR.rglob("*.yaml")):
-        for where, node in _targets(yaml.safe_load(path.read_text()) or {}, path.relative_to(CONFIG_DIR).as_posix()):
+        for where, node in _targets(
+            yaml.safe_load(path.read_text()) or {}, path.relative_to(CONFIG_DIR).as_posix()
+        ):
             parameters = _parameters(get_object(node["_target_"]))
             for key in node:
                 if key in parameters and parameters[key].default is not inspect.Parameter.empty:
@@ -111,3 +116,9 @@ def test_bare_command_lists_the_experiments_and_trains_nothing(tmp_path):
 
 def test_trainer_default_holds_no_method_epoch_count():
     assert OmegaConf.load(CONFIG_DIR / "trainer" / "default.yaml")._get_node("max_epochs")._is_missing()
+
+
+def test_a_run_without_an_epoch_count_is_refused_naming_the_key(tmp_path):
+    proc = run_cli("seed=1", cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "trainer.max_epochs is not set" in proc.stderr
+    assert "retfound_green" in proc.stderr

@@ -3,9 +3,15 @@
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from greenlab.data.ct import CTDataModule, ct_crop, ct_preprocessing
+from greenlab.config import CONFIG_DIR, build
+from greenlab.data.ct import ct_crop, ct_preprocessing
+from greenlab.labels.rules import RuleLabeller
 from tests.conftest import shared_data
+
+CT_YAML = OmegaConf.load(CONFIG_DIR / "data" / "ct.yaml")
+CHEST_CT = {k: tuple(CT_YAML[k]) for k in ("spacing", "hu_window", "pad_size")}  # the GreenRFM chest values
 
 nib = pytest.importorskip("nibabel")
 pydicom = pytest.importorskip("pydicom")
@@ -39,7 +45,7 @@ def test_nifti_and_dicom_of_the_same_scan_give_the_same_tensor(tmp_path):
     folder = shared_data("totalsegmentator", "example_ct_dicom")
     nifti = tmp_path / "same_scan.nii.gz"
     dicom_series_to_nifti(folder, nifti)
-    prepare = ct_preprocessing()
+    prepare = ct_preprocessing(**CHEST_CT)
     from_dicom = prepare({"image": str(folder)})["image"]
     from_nifti = prepare({"image": str(nifti)})["image"]
     assert from_dicom.shape == from_nifti.shape == (1, 240, 240, 120)
@@ -49,7 +55,7 @@ def test_nifti_and_dicom_of_the_same_scan_give_the_same_tensor(tmp_path):
 
 def test_real_ct_is_resampled_windowed_and_cropped():
     path = shared_data("totalsegmentator", "example_ct.nii.gz")  # 122 x 101 x 112 voxels of 3 mm, RAS
-    volume = ct_preprocessing(pad_size=(256, 256, 128))({"image": str(path)})["image"]
+    volume = ct_preprocessing(**{**CHEST_CT, "pad_size": (256, 256, 128)})({"image": str(path)})["image"]
     assert tuple(np.round(volume.meta["pixdim"][1:4], 3)) == (1.5, 1.5, 3.0)
     # 366 x 303 x 336 mm -> 244 x 202 x 112 voxels, padded with air (-1) to 256 x 256 x 128
     assert volume.shape == (1, 256, 256, 128)
@@ -86,9 +92,15 @@ def test_bad_volumes_are_named_or_listed(tmp_path):
     )
     small = {"pad_size": (16, 16, 8), "crop_size": (8, 8, 4), "num_workers": 0}
     with pytest.raises(ValueError, match=r"nan\.nii\.gz.*NaN"):
-        CTDataModule(str(manifest), **small).setup()
-    data = CTDataModule(
-        str(manifest), skip_bad=True, held_out_fraction=0.0, output_dir=str(tmp_path / "run"), **small
+        build("data/ct", cache_dir=None, manifest=str(manifest), **small).setup()
+    data = build(
+        "data/ct",
+        cache_dir=None,
+        manifest=str(manifest),
+        skip_bad=True,
+        held_out_fraction=0.0,
+        output_dir=str(tmp_path / "run"),
+        **small,
     )
     data.setup()
     assert len(data.pretrain_set) == 1 and data.train_reports == ["Small effusion."]
@@ -111,7 +123,7 @@ def test_labels_distilled_from_reports_cached_and_checked(tmp_path):
     (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
     small = {"pad_size": (16, 16, 8), "crop_size": (8, 8, 4), "num_workers": 0, "held_out_fraction": 0.0}
     run = tmp_path / "run"
-    make = lambda: CTDataModule(str(tmp_path / "manifest.csv"), labeller={"backend": "rules", "findings": "ctrate18"},  # noqa: E731
+    make = lambda: build("data/ct", cache_dir=None, manifest=str(tmp_path / "manifest.csv"), labeller=RuleLabeller("ctrate18"),  # noqa: E731
                                 pair_reports=True, output_dir=str(run), **small)  # fmt: skip
     data = make()
     data.setup()
@@ -134,33 +146,36 @@ def test_label_columns_with_bad_values_are_named(tmp_path):
     write_nifti(tmp_path / "v.nii.gz", np.zeros((20, 20, 10)))
     (tmp_path / "m.csv").write_text("volume,report,effusion\nv.nii.gz,,2\n")
     with pytest.raises(ValueError, match=r"m\.csv.*'effusion'.*other than 1, 0, -1"):
-        CTDataModule(
-            str(tmp_path / "m.csv"), pad_size=(16, 16, 8), crop_size=(8, 8, 4), num_workers=0
+        build(
+            "data/ct",
+            cache_dir=None,
+            manifest=str(tmp_path / "m.csv"),
+            pad_size=(16, 16, 8),
+            crop_size=(8, 8, 4),
+            num_workers=0,
         ).setup()
 
 
 def test_mri_study_gives_one_tensor_per_plane(tmp_path):
-    from greenlab.data.mri import MRIDataModule
-
     mr = shared_data("totalsegmentator", "example_mr_sm.nii.gz")
     (tmp_path / "mri.csv").write_text(f"sagittal,coronal,axial,report,lesion\n{mr},{mr},{mr},Lesion.,1\n")
-    data = MRIDataModule(str(tmp_path / "mri.csv"), series_size=(24, 24, 8), held_out_fraction=0.0,
+    data = build("data/mri", cache_dir=None, manifest=str(tmp_path / "mri.csv"), series_size=(24, 24, 8), held_out_fraction=0.0,
                          num_workers=0, pair_reports=True)  # fmt: skip
     data.setup()
     planes, report, labels = data.pretrain_set[0]
     assert planes.shape == (3, 1, 24, 24, 8) and report == "Lesion." and labels.tolist() == [1]
     assert planes.min() >= -1 and planes.max() <= 1
     assert not torch.equal(planes[0], planes[2])  # the same volume resliced three ways
-    from greenlab.backbones.resnet3d import ThreePlaneEncoder
-
-    assert ThreePlaneEncoder(depth=10, stem_kernel=2).eval()(planes[None]).shape == (1, 512)
+    assert build("backbone/three_plane_resnet3d18", depth=10, stem_kernel=2).eval()(planes[None]).shape == (
+        1,
+        512,
+    )
 
 
 def test_embedded_ct_is_deterministic_and_its_reports_label_as_drawn(tmp_path):
     import pandas as pd
 
     from greenlab.data.embedded_ct import FINDINGS, generate
-    from greenlab.labels.rules import RuleLabeller
     from greenlab.labels.vocabulary import load_vocabulary
 
     a, b = generate(tmp_path / "a", num_volumes=30), generate(tmp_path / "b", num_volumes=30)

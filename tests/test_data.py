@@ -3,11 +3,10 @@ import pytest
 import torch
 from PIL import Image
 
+from greenlab.config import build
 from greenlab.data.base import held_out
 from greenlab.data.embedded import generate
 from greenlab.data.fundus import field_of_view_box
-from greenlab.data.fundus_folder import FundusFolderDataModule
-from greenlab.data.medmnist import MedMNISTDataModule
 from tests.conftest import shared_data
 
 
@@ -29,7 +28,7 @@ def test_fov_box_matches_drive_field_of_view_masks(split):
 
 def test_drive_folder_loads_cropped_square_images():
     drive = shared_data("drive")
-    dm = FundusFolderDataModule(str(drive), img_size=56, num_workers=0)
+    dm = build("data/fundus_folder", root=str(drive), img_size=56, num_workers=0)
     dm.setup()
     assert (
         len(dm.pretrain_set) == 40
@@ -46,10 +45,16 @@ def write_images(folder, count=3):
         Image.fromarray(np.full((40, 40, 3), 100 + i, np.uint8)).save(folder / f"img{i}.png")
 
 
+def labelled_photos(tmp_path, **changes):
+    """data/fundus_folder over tmp_path/photos with tmp_path/labels.csv, at 28 px."""
+    return build("data/fundus_folder", root=str(tmp_path / "photos"), labels_csv=str(tmp_path / "labels.csv"),
+                 img_size=28, num_workers=0, **changes)  # fmt: skip
+
+
 def test_corrupt_image_is_an_error_naming_the_file(tmp_path):
     write_images(tmp_path / "photos")
     (tmp_path / "photos" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    dm = FundusFolderDataModule(str(tmp_path / "photos"), img_size=28, num_workers=0)
+    dm = build("data/fundus_folder", root=str(tmp_path / "photos"), img_size=28, num_workers=0)
     with pytest.raises(ValueError, match="broken.jpg"):
         dm.setup()
 
@@ -58,15 +63,7 @@ def test_skip_bad_writes_the_skip_list(tmp_path):
     write_images(tmp_path / "photos")
     (tmp_path / "photos" / "broken.png").write_bytes(b"garbage")
     (tmp_path / "labels.csv").write_text("image_id,dr\nimg0,0\nimg1,1\nbroken,1\n")  # img2 has no row
-    dm = FundusFolderDataModule(
-        str(tmp_path / "photos"),
-        labels_csv=str(tmp_path / "labels.csv"),
-        img_size=28,
-        num_workers=0,
-        skip_bad=True,
-        held_out_fraction=0.0,
-        output_dir=str(tmp_path / "run"),
-    )
+    dm = labelled_photos(tmp_path, skip_bad=True, held_out_fraction=0.0, output_dir=str(tmp_path / "run"))
     dm.setup()
     assert len(dm.pretrain_set) == 2
     listed = (tmp_path / "run" / "skipped_inputs.csv").read_text()
@@ -77,9 +74,7 @@ def test_skip_bad_writes_the_skip_list(tmp_path):
 def test_missing_label_row_is_an_error_naming_image_and_csv(tmp_path):
     write_images(tmp_path / "photos")
     (tmp_path / "labels.csv").write_text("image_id,dr\nimg0,0\nimg1,1\n")
-    dm = FundusFolderDataModule(
-        str(tmp_path / "photos"), labels_csv=str(tmp_path / "labels.csv"), img_size=28, num_workers=0
-    )
+    dm = labelled_photos(tmp_path)
     with pytest.raises(ValueError, match=r"img2\.png.*no row in .*labels\.csv"):
         dm.setup()
 
@@ -89,13 +84,7 @@ def test_text_labels_and_blank_cells(tmp_path):
     (tmp_path / "labels.csv").write_text(
         "image_id,quality,dr\nimg0,good,0\nimg1,bad,\nimg2,good,2\nimg3,bad,1\n"
     )
-    dm = FundusFolderDataModule(
-        str(tmp_path / "photos"),
-        labels_csv=str(tmp_path / "labels.csv"),
-        img_size=28,
-        num_workers=0,
-        held_out_fraction=0.0,
-    )
+    dm = labelled_photos(tmp_path, held_out_fraction=0.0)
     dm.setup()
     assert [(t.name, t.num_classes) for t in dm.tasks] == [("quality", 2), ("dr", 3)]
     labels = dm.pretrain_set.labels
@@ -134,7 +123,7 @@ def write_npz(path, shape, classes=3, with_test=True):
 
 def test_medmnist_2d_uses_test_split_when_present(tmp_path):
     write_npz(tmp_path / "x.npz", (28, 28, 3))
-    dm = MedMNISTDataModule(str(tmp_path / "x.npz"), img_size=56, num_workers=0)
+    dm = build("data/medmnist", path=str(tmp_path / "x.npz"), img_size=56, num_workers=0)
     dm.setup()
     assert dm.eval_split == "test" and len(dm.probe_test_set) == 8
     image, label = dm.probe_test_set[0]
@@ -143,7 +132,7 @@ def test_medmnist_2d_uses_test_split_when_present(tmp_path):
 
 def test_medmnist_falls_back_to_val_and_reads_3d(tmp_path):
     write_npz(tmp_path / "v.npz", (16, 16, 16), classes=2, with_test=False)
-    dm = MedMNISTDataModule(str(tmp_path / "v.npz"), num_workers=0)
+    dm = build("data/medmnist", path=str(tmp_path / "v.npz"), num_workers=0)
     dm.setup()
     assert dm.eval_split == "val" and dm.is_3d
     volume, _ = dm.probe_test_set[0]
@@ -153,15 +142,15 @@ def test_medmnist_falls_back_to_val_and_reads_3d(tmp_path):
 def test_medmnist_bad_file_errors_name_it(tmp_path):
     (tmp_path / "bad.npz").write_bytes(b"nope")
     with pytest.raises(ValueError, match="bad.npz"):
-        MedMNISTDataModule(str(tmp_path / "bad.npz")).setup()
+        build("data/medmnist", path=str(tmp_path / "bad.npz")).setup()
     np.savez(tmp_path / "nolabels.npz", train_images=np.zeros((2, 28, 28), np.uint8))
     with pytest.raises(ValueError, match=r"nolabels.npz: missing key 'train_labels'"):
-        MedMNISTDataModule(str(tmp_path / "nolabels.npz")).setup()
+        build("data/medmnist", path=str(tmp_path / "nolabels.npz")).setup()
 
 
 def test_real_retinamnist_file():
     path = shared_data("retinamnist", "retinamnist_28_trainval.npz")
-    dm = MedMNISTDataModule(str(path), img_size=28, num_workers=0)
+    dm = build("data/medmnist", path=str(path), img_size=28, num_workers=0)
     dm.setup()
     assert dm.eval_split == "val" and len(dm.pretrain_set) == 1080 and len(dm.probe_test_set) == 120
     assert [(t.name, t.num_classes) for t in dm.tasks] == [("label", 5)]

@@ -3,8 +3,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from greenlab.config import build
 from greenlab.data.base import ItemDataset, Task
-from greenlab.evaluation.finetune import KFoldFineTune
 
 
 class TinyCNN(nn.Module):
@@ -45,8 +45,15 @@ class FakeData:
 
 def test_kfold_finetune_learns_and_reports_every_fold():
     torch.manual_seed(0)
-    evaluation = KFoldFineTune(
-        folds=3, epochs=15, batch_size=8, lr=3e-2, weight_decay=0.0, num_workers=0, head_dropout=0.0
+    evaluation = build(
+        "evaluation/finetune",
+        folds=3,
+        epochs=15,
+        batch_size=8,
+        lr=3e-2,
+        weight_decay=0.0,
+        num_workers=0,
+        head_dropout=0.0,
     )
     backbone = TinyCNN()
     before = {k: v.clone() for k, v in backbone.state_dict().items()}

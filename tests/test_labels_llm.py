@@ -7,6 +7,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from greenlab.config import build
 from greenlab.labels.llm import LLMError, LLMLabeller, parse_answer
 from greenlab.labels.vocabulary import load_vocabulary
 
@@ -63,12 +64,13 @@ def server(monkeypatch):
     httpd.shutdown()
 
 
-def labeller(url, tmp_path, **kwargs):
-    return LLMLabeller(
-        VOCAB,
-        url,
-        "fake-model",
-        tmp_path / "cache.jsonl",
+def labeller(url, tmp_path, **kwargs) -> LLMLabeller:
+    return build(
+        "data/labeller/llm",
+        vocabulary=VOCAB,
+        base_url=url,
+        model="fake-model",
+        cache_path=tmp_path / "cache.jsonl",
         api_key_env="FAKE_LLM_KEY",
         backoff_s=0.01,
         **kwargs,
@@ -126,16 +128,7 @@ def test_validation_is_strict():
 
 def test_unreachable_endpoint_fails_clearly(tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_LLM_KEY", SECRET)
-    model = LLMLabeller(
-        VOCAB,
-        "http://127.0.0.1:9/v1",
-        "m",
-        tmp_path / "c.jsonl",
-        api_key_env="FAKE_LLM_KEY",
-        retries=1,
-        backoff_s=0.01,
-        timeout_s=2,
-    )
+    model = labeller("http://127.0.0.1:9/v1", tmp_path, retries=1, timeout_s=2)
     with pytest.raises(LLMError, match="gave up after 2 attempts") as error:
         model.label_many(["Small effusion."])
     assert SECRET not in str(error.value)

@@ -33,7 +33,12 @@ def tiny_text_encoder(**arguments):
 def tiny_must(**kwargs) -> MUST:
     """objective/must.yaml with tiny encoders; a dict argument (stage1, stage2) changes only the keys it names."""
     torch.manual_seed(0)
-    changes = [f"objective.{k}.{key}={value}" for k, v in kwargs.items() if isinstance(v, dict) for key, value in v.items()]
+    changes = [
+        f"objective.{k}.{key}={value}"
+        for k, v in kwargs.items()
+        if isinstance(v, dict)
+        for key, value in v.items()
+    ]
     arguments = {k: v for k, v in kwargs.items() if not isinstance(v, dict)}
     return build("objective/must", overrides=changes, image_encoder=tiny_image_encoder(),
                  text_encoder=tiny_text_encoder(), latent_dim=16, **arguments)  # fmt: skip
@@ -266,7 +271,9 @@ def test_zero_shot_scores_an_oracle_perfectly():
         def probe_dataloaders(self):
             return None, loader
 
-    metrics = build("evaluation/zero_shot", linear_probe=None, vocabulary=None)(model, Data(), torch.device("cpu"))["metrics"]
+    metrics = build("evaluation/zero_shot", linear_probe=None, vocabulary=None)(
+        model, Data(), torch.device("cpu")
+    )["metrics"]
     assert metrics["zero_shot_auroc/pleural_effusion"] == 1.0 and metrics["zero_shot_auroc_macro"] == 1.0
     assert metrics["zero_shot_findings_scored"] == 2 and metrics["report_to_volume_recall@5"] == 1.0
 

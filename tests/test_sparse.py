@@ -9,7 +9,7 @@ from torch import nn
 
 from greenlab.config import build
 from greenlab.objectives.patches import patchify, unpatchify
-from greenlab.objectives.spark import SparKPretraining, masked_patch_loss, random_visible_mask
+from greenlab.objectives.spark import masked_patch_loss, random_visible_mask
 from greenlab.sparse import masked_dense, minkowski
 
 TOL = {"rtol": 1e-9, "atol": 1e-9}  # float64: the backends differ by round-off only (~1e-13 measured)
@@ -53,7 +53,9 @@ def test_spark_on_nn_mobilenet_backends_match_loss_and_every_gradient(model_name
         torch.manual_seed(0)
         backbone = build("backbone/nn_mobilenet", model_name=model_name, spatial_dropout=0.0)
         objectives.append(
-            build("objective/spark", backbone=backbone, sparse_backend=backend, decoder_width=32).double().train()
+            build("objective/spark", backbone=backbone, sparse_backend=backend, decoder_width=32)
+            .double()
+            .train()
         )
     torch.manual_seed(1)
     images = torch.randn(4, 3, 96, 96, dtype=torch.float64)

@@ -45,7 +45,7 @@ class ThreePlaneEncoder(nn.Module):
 
     def __init__(self, depth: int, stem_kernel: int, no_max_pool: bool, weights: str | None):
         super().__init__()
-        self.branches = nn.ModuleList(ResNet3D(depth, stem_kernel, no_max_pool) for _ in range(3))
+        self.branches = nn.ModuleList(ResNet3D(depth, stem_kernel, no_max_pool, "random") for _ in range(3))
         self.num_features = self.branches[0].num_features
         self.recipe = {**self.branches[0].recipe, "factory": f"{__name__}.ThreePlaneEncoder"}
         self.init_record = load_weights(self, weights)

@@ -52,7 +52,9 @@ class MRIDataModule(VolumeDataModule):
 
     def __init__(self, manifest: str, series_size, **kwargs):
         series_size = tuple(series_size)
-        preprocessing = mt.Compose([*(mri_series_preprocessing(p, series_size) for p in PLANES), StackPlanesd()])
+        preprocessing = mt.Compose(
+            [*(mri_series_preprocessing(p, series_size) for p in PLANES), StackPlanesd()]
+        )
         super().__init__(manifest, volumes={p: p for p in PLANES}, preprocessing=preprocessing,
                          crops=(mt.Compose([]), mt.Compose([])), geometry={"series_size": series_size},
                          **kwargs)  # fmt: skip

@@ -123,7 +123,9 @@ class VolumeDataModule(ImageDataModule):
 
     def volume_sources(self, row) -> dict[str, str]:
         """The files of one manifest row, as the preprocessing's input dict."""
-        return {key: str((self.manifest.parent / row[column]).resolve()) for key, column in self.volumes.items()}
+        return {
+            key: str((self.manifest.parent / row[column]).resolve()) for key, column in self.volumes.items()
+        }
 
     def setup(self, stage: str | None = None) -> None:
         if self.pretrain_set is not None:

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from greenlab.contracts import ReportsSource, TextAligned
 from greenlab.evaluation.linear_probe import LinearProbe
 
+
 def prompts(finding: str, templates, phrases: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
     """(positive prompts, negative prompts) for a snake_case finding name, over ``phrases`` (default: the
     name in words) x templates."""
@@ -84,7 +85,9 @@ class ZeroShot:
     def __call__(self, model, datamodule, device: torch.device) -> dict:
         """model: an image-text model (``TextAligned``); datamodule: its probe-test set and ``test_reports``."""
         if not isinstance(model, TextAligned):
-            raise TypeError(f"zero-shot diagnosis needs an image-text model (encode_text); got {type(model).__name__}")
+            raise TypeError(
+                f"zero-shot diagnosis needs an image-text model (encode_text); got {type(model).__name__}"
+            )
         probed = self.linear_probe(model, datamodule, device) if self.linear_probe else {"metrics": {}}
         was_training = model.training
         model.eval().to(device)

@@ -116,8 +116,12 @@ class MaskedAutoencoder(PretrainingModule):
         groups = decay_param_groups([self.encoder, self.decoder_embed, self.decoder_blocks, self.decoder_norm,
                                      self.decoder_pred], hp.weight_decay)  # fmt: skip
         groups[1]["params"].append(self.mask_token)
-        start_lr = lr / max(1, hp.warmup_epochs)  # MAE's per-epoch linear warm-up starts at lr / warmup_epochs
-        return adamw_warmup_cosine(groups, lr, start_lr, hp.min_lr, hp.warmup_epochs, hp.cosine_epochs, hp.betas)
+        start_lr = lr / max(
+            1, hp.warmup_epochs
+        )  # MAE's per-epoch linear warm-up starts at lr / warmup_epochs
+        return adamw_warmup_cosine(
+            groups, lr, start_lr, hp.min_lr, hp.warmup_epochs, hp.cosine_epochs, hp.betas
+        )
 
     def trained_backbone(self) -> nn.Module:
         """The encoder ViT alone (no decoder): what downstream tasks load."""

@@ -52,7 +52,10 @@ def adamw(
     """Lightning's optimiser config: AdamW over ``groups`` at ``lr``, times ``lr_factor(epoch)`` (one
     callable, or one per group), stepped once per epoch."""
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
-    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": LambdaLR(optimizer, lr_factor), "interval": "epoch"}}
+    return {
+        "optimizer": optimizer,
+        "lr_scheduler": {"scheduler": LambdaLR(optimizer, lr_factor), "interval": "epoch"},
+    }
 
 
 def adamw_warmup_cosine(

@@ -26,7 +26,13 @@ from torch import nn
 
 from greenlab.objectives.base import PretrainingModule
 from greenlab.objectives.optim import adamw_warmup_cosine, decay_param_groups, log_train_loss
-from greenlab.objectives.patches import masked_patch_mse, normalised_patches, patch_statistics, patchify, unpatchify
+from greenlab.objectives.patches import (
+    masked_patch_mse,
+    normalised_patches,
+    patch_statistics,
+    patchify,
+    unpatchify,
+)
 from greenlab.sparse import BACKENDS, fastest_backend, masked_dense
 
 DOWNSAMPLE = 32  # patch size = mask cell = the encoder's total stride
@@ -189,7 +195,9 @@ class SparKPretraining(PretrainingModule):
         groups = decay_param_groups(
             [self.encoder, self.densify, self.decoder, self.to_pixels], hp.weight_decay
         )
-        return adamw_warmup_cosine(groups, lr, hp.start_lr, hp.min_lr, hp.warmup_epochs, hp.cosine_epochs, hp.betas)
+        return adamw_warmup_cosine(
+            groups, lr, hp.start_lr, hp.min_lr, hp.warmup_epochs, hp.cosine_epochs, hp.betas
+        )
 
     def run_notes(self) -> dict:
         return self.backend_choice
@@ -216,7 +224,9 @@ class SparKPretraining(PretrainingModule):
         n = min(rows, images.shape[0])
         images, visible, prediction = images[:n].float(), visible[:n], prediction[:n].float()
         mean, std = patch_statistics(patchify(images, DOWNSAMPLE))
-        restored = unpatchify(patchify(prediction, DOWNSAMPLE) * std + mean, 3, *images.shape[-2:], DOWNSAMPLE)
+        restored = unpatchify(
+            patchify(prediction, DOWNSAMPLE) * std + mean, 3, *images.shape[-2:], DOWNSAMPLE
+        )
         full = visible.repeat_interleave(DOWNSAMPLE, -2).repeat_interleave(DOWNSAMPLE, -1)
         panels = [images, images * full, torch.where(full, images, restored)]
         fig, axes = plt.subplots(n, 3, figsize=(6, 2 * n), squeeze=False)
