@@ -105,3 +105,38 @@ def test_warmup_cosine_schedule_matches_paper_shape():
 def test_volumes_are_refused_with_a_clear_error():
     with pytest.raises(ValueError, match="2D images"):
         tiny_objective()(torch.randn(2, 1, 8, 28, 28))
+
+
+def test_schedule_matches_the_official_timm_cosine_scheduler():
+    """RETFound-Green's notebook: timm CosineLRScheduler(t_initial=100, warmup_t=10, warmup_lr_init=5e-9,
+    lr_min=5e-9, warmup_prefix=False), stepped per epoch."""
+    from timm.scheduler import CosineLRScheduler
+
+    module = tiny_objective()
+    ours = module.configure_optimizers()["lr_scheduler"]["scheduler"]
+    reference_optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=5e-5)
+    reference = CosineLRScheduler(reference_optimizer, t_initial=100, warmup_t=10, warmup_lr_init=5e-9,
+                                  lr_min=5e-9, warmup_prefix=False)  # fmt: skip
+    for epoch in (0, 5, 10, 55, 100, 119):
+        reference.step(epoch)
+        expected = reference_optimizer.param_groups[0]["lr"]
+        assert ours.lr_lambdas[0](epoch) * 5e-5 == pytest.approx(expected, rel=1e-9, abs=1e-15), epoch
+
+
+def test_corruption_token_is_zero_and_never_updated():
+    """The official corruption token is all zeros and sits outside AdamW's parameter groups."""
+    module = tiny_objective(lr=1e-3)
+    assert torch.equal(module.corruption_token, torch.zeros(48))
+    optimizer = module.configure_optimizers()["optimizer"]
+    assert all(p is not module.corruption_token for g in optimizer.param_groups for p in g["params"])
+    train_steps(module, torch.randn(4, 3, 28, 28), steps=2)
+    assert torch.equal(module.corruption_token, torch.zeros(48))
+    learned = tiny_objective(corruption_token="learned")  # greenlab's option: a trained token
+    assert learned.corruption_token.requires_grad and learned.corruption_token.abs().sum() > 0
+
+
+def test_last_sample_of_the_batch_reaches_the_student_clean():
+    module = tiny_objective(noise_std=0.2)
+    images = torch.randn(4, 3, 28, 28)
+    noisy = module.add_pixel_noise(images)
+    assert torch.equal(noisy[-1], images[-1]) and not torch.equal(noisy[0], images[0])

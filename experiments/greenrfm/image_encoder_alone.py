@@ -25,7 +25,7 @@ findings = [c for c in truth.columns if c != "volume" and not c.endswith("_state
 hu = [nib.load(f"{folder}/{v}").get_fdata() for v in truth.volume]
 volumes = torch.from_numpy(np.clip((np.stack(hu) + 1000) / 1200, 0, 1).astype(np.float32))[:, None]
 labels = torch.tensor(truth[findings].values, dtype=torch.float32)
-encoder, head = ResNet3D(18, 2, False, "random"), torch.nn.Linear(512, len(findings))
+encoder, head = ResNet3D(18, 2, "random"), torch.nn.Linear(512, len(findings))
 optimizer = torch.optim.AdamW([*encoder.parameters(), *head.parameters()], lr=lr, weight_decay=1e-4)
 schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.1)
 rng, start = np.random.default_rng(0), time.time()

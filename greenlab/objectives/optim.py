@@ -26,17 +26,26 @@ def decay_param_groups(modules: list[nn.Module], weight_decay: float) -> list[di
 
 
 def warmup_cosine_factor(
-    epoch: int, base_lr: float, start_lr: float, min_lr: float, warmup_epochs: int, cosine_epochs: int
+    epoch: int,
+    base_lr: float,
+    start_lr: float,
+    min_lr: float,
+    warmup_epochs: int,
+    cosine_epochs: int,
+    cosine_from_zero: bool = False,
 ) -> float:
     """Multiplier of ``base_lr`` at ``epoch`` (0-based, stepped once per epoch).
 
     Linear warm-up from ``start_lr`` to ``base_lr`` over ``warmup_epochs``, then a half cosine down to
-    ``min_lr`` ending at epoch ``cosine_epochs`` (warm-up included), and ``min_lr`` after that.
+    ``min_lr`` ending at epoch ``cosine_epochs`` (warm-up included), and ``min_lr`` after that. The cosine
+    starts where the warm-up ends, or, with ``cosine_from_zero``, at epoch 0 with the warm-up overriding its
+    first epochs (timm's ``CosineLRScheduler(t_initial=cosine_epochs, warmup_prefix=False)``).
     """
     if epoch < warmup_epochs:
         lr = start_lr + (base_lr - start_lr) * epoch / warmup_epochs
     elif epoch < cosine_epochs:
-        progress = (epoch - warmup_epochs) / max(1, cosine_epochs - warmup_epochs)
+        start = 0 if cosine_from_zero else warmup_epochs
+        progress = (epoch - start) / max(1, cosine_epochs - start)
         lr = min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * progress))
     else:
         lr = min_lr
@@ -66,11 +75,12 @@ def adamw_warmup_cosine(
     warmup_epochs: int,
     cosine_epochs: int,
     betas: tuple[float, float] = (0.9, 0.999),
+    cosine_from_zero: bool = False,
 ) -> dict:
     """``adamw`` with the per-epoch linear warm-up + cosine of ``warmup_cosine_factor``."""
     factor = partial(
         warmup_cosine_factor, base_lr=lr, start_lr=start_lr, min_lr=min_lr, warmup_epochs=warmup_epochs,
-        cosine_epochs=cosine_epochs,
+        cosine_epochs=cosine_epochs, cosine_from_zero=cosine_from_zero,
     )  # fmt: skip
     return adamw(groups, lr, factor, betas)
 

@@ -6,8 +6,10 @@ reproduce the teacher's output tokens through a small residual prediction head::
 
     x̃   = x + ε,  ε ~ N(0, (s · std_c(x))²)          pixel noise, std_c = the image's own per-channel std
     z   = PatchEmbed(x̃);  z_i ← c  with prob. r_b    token corruption, r_b ~ U[0, r_max) per image,
-                                                     c a learned corruption token; the last image of
-                                                     each batch stays clean (r_b = 0)
+                                                     c the corruption token: zeros, never trained (the
+                                                     official code; ``corruption_token=learned`` an option);
+                                                     the last image of each batch stays clean (no noise,
+                                                     r_b = 0)
     ŷ   = h(ViT_student(z)),  h(t) = t + γ ⊙ MLP(t)   MLP = LN → Linear → GELU → Linear, γ init 1e-5
     y   = ViT_teacher(x)                             final-LayerNorm output, [CLS] + registers + patches
     L   = mean_{tokens, dims} (ŷ - y)²               (distance and token subset configurable)
@@ -58,6 +60,7 @@ class TokenReconstruction(PretrainingModule):
         backbone: nn.Module,
         noise_std: float,
         max_corruption_ratio: float,
+        corruption_token: str,
         target_tokens: str,
         distance: str,
         head_layer_scale_init: float,
@@ -66,20 +69,26 @@ class TokenReconstruction(PretrainingModule):
         weight_decay: float,
         warmup_epochs: int,
         cosine_epochs: int,
+        cosine_from_zero: bool,
         start_lr: float,
         min_lr: float,
     ):
         super().__init__()
         if target_tokens not in ("all", "patch", "prefix"):
             raise ValueError(f"target_tokens must be all, patch or prefix, not {target_tokens!r}")
+        if corruption_token not in ("zeros", "learned"):
+            raise ValueError(f"corruption_token must be zeros or learned, not {corruption_token!r}")
         if distance not in ("mse", "smooth_l1", "cosine"):
             raise ValueError(f"distance must be mse, smooth_l1 or cosine, not {distance!r}")
         self.save_hyperparameters(ignore=["backbone"])
         self.student = backbone
         self.teacher = copy.deepcopy(backbone).eval().requires_grad_(False)
         dim = backbone.embed_dim
-        self.corruption_token = nn.Parameter(torch.zeros(dim))
-        nn.init.normal_(self.corruption_token, std=0.02)
+        if corruption_token == "learned":
+            self.corruption_token = nn.Parameter(torch.zeros(dim))
+            nn.init.normal_(self.corruption_token, std=0.02)
+        else:  # outside every parameter group: all zeros for the whole run
+            self.register_buffer("corruption_token", torch.zeros(dim), persistent=False)
         self.head = ResidualPredictionHead(dim, head_layer_scale_init)
 
     # --- the teacher is a fixed function of the initial weights: always eval, never trained, never saved
@@ -98,11 +107,14 @@ class TokenReconstruction(PretrainingModule):
 
     # --- corruption
     def add_pixel_noise(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, C, H, W) + Gaussian noise of std ``noise_std`` x each image's per-channel std."""
+        """images (B, C, H, W) + Gaussian noise of std ``noise_std`` x each image's per-channel std; the last
+        image of the batch is left clean."""
         if self.hparams.noise_std == 0:
             return images
         channel_std = images.std(dim=(2, 3), keepdim=True)
-        return images + torch.randn_like(images) * channel_std * self.hparams.noise_std
+        noise = torch.randn_like(images) * channel_std * self.hparams.noise_std
+        noise[-1] = 0.0
+        return images + noise
 
     def corruption_mask(self, batch: int, num_patches: int, device: torch.device) -> torch.Tensor:
         """(B, N) bool, True = replace the patch token; ratio ~ U[0, max) per image, last image clean."""
@@ -169,10 +181,12 @@ class TokenReconstruction(PretrainingModule):
     def configure_optimizers(self):
         hp = self.hparams
         groups = decay_param_groups([self.student, self.head], hp.weight_decay)
-        groups[1]["params"].append(self.corruption_token)
+        if isinstance(self.corruption_token, nn.Parameter):
+            groups[1]["params"].append(self.corruption_token)
         return adamw_warmup_cosine(
-            groups, hp.lr, hp.start_lr, hp.min_lr, hp.warmup_epochs, hp.cosine_epochs, hp.betas
-        )
+            groups, hp.lr, hp.start_lr, hp.min_lr, hp.warmup_epochs, hp.cosine_epochs, hp.betas,
+            cosine_from_zero=hp.cosine_from_zero,
+        )  # fmt: skip
 
     def trained_backbone(self) -> nn.Module:
         """The student ViT alone (no head, no corruption token): what downstream tasks load."""
