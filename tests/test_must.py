@@ -87,6 +87,7 @@ class StageProbe(L.Callback):
                 "image_head": module.image_head.weight.clone(),
                 "projection": module.aligned.image_projection.weight.clone(),
                 "optimizer_state": len(trainer.optimizers[0].state),
+                "weight_decay": {g["weight_decay"] for g in trainer.optimizers[0].param_groups},
             }
 
 
@@ -104,6 +105,7 @@ def test_stage_two_starts_from_the_saved_stage_one_encoders(ct_data, tmp_path):
     assert not torch.equal(stage2["projection"], objective.aligned.image_projection.weight)
     assert torch.equal(stage2["image_head"], objective.image_head.weight)  # stage-1 heads left alone
     assert stage2["optimizer_state"] == 0  # a fresh AdamW for stage 2
+    assert stage1["weight_decay"] == {1e-4, 0.0} and stage2["weight_decay"] == {0.0}  # official: none in stage 2
     assert (tmp_path / STAGE1_FILES["text_encoder"]).is_file() and (tmp_path / "text_tokenizer").is_dir()
     with pytest.raises(FileExistsError, match="refusing to overwrite"):
         objective.save_stage1(tmp_path)
@@ -157,10 +159,20 @@ def test_projections_start_latents_near_unit_norm():
     """Un-normalised dot products: latents of norm ~1 give the contrastive softmax a start near log(B)."""
     torch.manual_seed(0)
     image, text = tiny_image_encoder(), tiny_text_encoder()
-    aligned = AlignedEncoders(image, text, latent_dim=768, num_findings=3)
+    aligned = AlignedEncoders(image, text, latent_dim=768, num_findings=3, projection_init="unit_norm")
     features = torch.randn(64, image.num_features)  # mean square 1
     norms = aligned.image_projection(features).norm(dim=1)
     assert 0.9 < norms.mean() < 1.1
+
+
+def test_stage_two_starts_as_the_official_code_by_default():
+    """SadVoxel/GreenRFM: projections and classifier from PyTorch's default init; AdamW weight decay 0 in stage 2."""
+    torch.manual_seed(0)
+    aligned = AlignedEncoders(tiny_image_encoder(), tiny_text_encoder(), latent_dim=768, num_findings=3)
+    weight = aligned.image_projection.weight.detach()  # nn.Linear's default: U(-1/sqrt(in), 1/sqrt(in))
+    assert weight.abs().max() <= 512**-0.5 and weight.std() == pytest.approx((3 * 512) ** -0.5, rel=0.05)
+    objective = build("objective/must", image_encoder=tiny_image_encoder(), text_encoder=tiny_text_encoder())
+    assert objective.settings["stage2"]["weight_decay"] == 0.0 and objective.settings["stage2"]["start"] == "random"
 
 
 def test_text_only_reports_join_the_text_encoders_stage1_batches(tmp_path):
@@ -298,7 +310,9 @@ def test_greenrfm_main_command_end_to_end(tmp_path, data_dir):
         assert (run / name).exists(), name
     readable = (run / "results.md").read_text()  # the figures a user reads, beside results.json
     assert f"**{metrics['zero_shot_auroc_macro']:.3f}** [95% CI" in readable and "Recall@10" in readable
-    assert "image **random**; text **random** — vocabulary of" in readable
+    # offline: no Kinetics-400 weights for the image encoder (recorded, not hidden), a fitted random BERT
+    assert "image **random** — Kinetics-400 r3d_18 weights not in" in readable
+    assert "text **random** — vocabulary of" in readable
 
 
 def test_greenrfm_same_seed_same_results(tmp_path, data_dir):
@@ -315,3 +329,27 @@ def test_greenrfm_same_seed_same_results(tmp_path, data_dir):
         "report_to_volume_recall@1",
     ):
         assert metrics[0][key] == metrics[1][key], key
+
+
+def test_retrieval_ranks_by_cosine_when_latents_have_unequal_norms():
+    """The official report_to_volume.py L2-normalises reports and volumes; zero-shot keeps raw dot products."""
+    reports = np.array([[1.0, 0.0], [0.0, 1.0]])
+    volumes = np.array([[1.0, 0.1], [10.0, 5.0]])  # volume 1 has the larger norm
+    cosine = build("evaluation/zero_shot", linear_probe=None)
+    assert cosine.retrieval_similarity == "cosine"
+    assert recall_at(cosine.similarity(reports, volumes), (1,)) == {"recall@1": 1.0}
+    dot = build("evaluation/zero_shot", linear_probe=None, retrieval_similarity="dot")
+    assert recall_at(dot.similarity(reports, volumes), (1,)) == {"recall@1": 0.5}  # report 0 picks volume 1
+
+
+def test_official_prompt_pairs_are_selectable_by_name():
+    """SadVoxel/GreenRFM inference/zero_shot.py: p1-p5, p1 the default."""
+    from greenlab.evaluation.zero_shot import prompt_pairs
+
+    assert build("evaluation/zero_shot", linear_probe=None).templates == [("{finding}.", "not {finding}.")]
+    pairs = prompt_pairs(["p2", "p5", ["A {finding}.", "No {finding}."]])
+    assert pairs[1] == ("Findings are compatible with {finding}.", "Findings are not compatible with {finding}.")
+    assert prompts("pleural_effusion", pairs[:1]) == (["pleural effusion."], [""])
+    assert pairs[2] == ("A {finding}.", "No {finding}.")
+    with pytest.raises(ValueError, match="p6"):
+        prompt_pairs(["p6"])

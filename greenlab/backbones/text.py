@@ -125,13 +125,17 @@ class TextEncoder(nn.Module):
 
 
 def _load_pretrained(name: str, download: bool):
-    from transformers import AutoModel, AutoTokenizer
+    """(model, tokenizer) from a local folder or the hub. CXR-BERT's own model class needs remote code; its
+    BERT encoder loads as a plain ``BertModel``, as the official GreenRFM code does."""
+    from transformers import AutoModel, AutoTokenizer, BertModel, PretrainedConfig
 
     local = Path(name).expanduser()
     source = str(local) if local.exists() else name
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=not download)
+    kind = PretrainedConfig.get_config_dict(source, local_files_only=not download)[0].get("model_type")
+    cls = BertModel if kind in ("bert", "cxr-bert") else AutoModel
     try:  # BERT-family models: drop the unused pooler (its parameters would get no gradient)
-        model = AutoModel.from_pretrained(source, local_files_only=not download, add_pooling_layer=False)
+        model = cls.from_pretrained(source, local_files_only=not download, add_pooling_layer=False)
     except TypeError:
-        model = AutoModel.from_pretrained(source, local_files_only=not download)
+        model = cls.from_pretrained(source, local_files_only=not download)
     return model, tokenizer

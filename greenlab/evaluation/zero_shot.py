@@ -8,8 +8,11 @@ text latents are averaged over templates x phrases (prompt ensembling), and
     p_c(x) = softmax(u·v⁺_c, u·v⁻_c)[0],   u = the volume's latent,
 
 scored by AUROC on the held-out volumes labelled present / absent for c (uncertain and missing left out);
-macro = mean over findings with both classes. Retrieval: each held-out report ranks all held-out volumes
-by u·v; Recall@K = fraction whose own volume is in the top K.
+macro = mean over findings with both classes (raw dot products, as the official ``inference/zero_shot.py``).
+Retrieval: each held-out report ranks all held-out volumes by cosine similarity (the official
+``report_to_volume.py`` L2-normalises both sides; ``retrieval_similarity=dot`` ranks by u·v); Recall@K =
+fraction whose own volume is in the top K. Templates are pairs of format strings or the official pairs by
+name, ``OFFICIAL_PROMPTS`` p1-p5 (p1 is the official default).
 """
 
 from __future__ import annotations
@@ -24,6 +27,27 @@ from tqdm.auto import tqdm
 
 from greenlab.contracts import ReportsSource, TextAligned
 from greenlab.evaluation.linear_probe import LinearProbe
+
+
+OFFICIAL_PROMPTS = {  # SadVoxel/GreenRFM inference/zero_shot.py
+    "p1": ("{finding}.", "not {finding}."),
+    "p2": ("{finding}.", ""),
+    "p3": ("There is {finding}.", "There is no {finding}."),
+    "p4": ("{finding} is present.", "{finding} is not present."),
+    "p5": ("Findings are compatible with {finding}.", "Findings are not compatible with {finding}."),
+}
+
+
+def prompt_pairs(templates) -> list[tuple[str, str]]:
+    """Each template as a (positive, negative) pair: a name in ``OFFICIAL_PROMPTS`` or a pair itself."""
+    pairs = []
+    for template in templates:
+        if isinstance(template, str):
+            if template not in OFFICIAL_PROMPTS:
+                raise ValueError(f"prompt template {template!r}: not one of {sorted(OFFICIAL_PROMPTS)} nor a pair")
+            template = OFFICIAL_PROMPTS[template]
+        pairs.append(tuple(template))
+    return pairs
 
 
 def prompts(finding: str, templates, phrases: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
@@ -55,17 +79,20 @@ def macro_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
 
 
 class ZeroShot:
-    """Args: templates (pairs of format strings with {finding} / {Finding}), vocabulary (a labeller vocabulary,
-    name or YAML: its mention phrases fill {finding}; None: the finding names), linear_probe (also probe the
-    frozen image latents with labels, as a supervised reference), bootstrap (resamples of the held-out
-    volumes for a 95 % interval of the macro AUROC), seed, bf16 (autocast on GPU)."""
+    """Args: templates (official pair names p1-p5, or pairs of format strings with {finding} / {Finding}),
+    vocabulary (a labeller vocabulary, name or YAML: its mention phrases fill {finding}; None: the finding
+    names), retrieval_similarity (cosine | dot), linear_probe (also probe the frozen image latents with
+    labels, as a supervised reference), bootstrap (resamples of the held-out volumes for a 95 % interval of
+    the macro AUROC), bf16 (autocast on GPU), seed."""
 
     requires = (ReportsSource,)
     optimized_metric = "zero_shot_auroc_macro"
 
-    def __init__(self, templates: list, vocabulary: str | None, linear_probe: LinearProbe | None, bootstrap: int,
-                 bf16: bool, seed: int = 42):  # fmt: skip
-        self.templates = [tuple(pair) for pair in templates]
+    def __init__(self, templates: list, vocabulary: str | None, retrieval_similarity: str,
+                 linear_probe: LinearProbe | None, bootstrap: int, bf16: bool, seed: int = 42):  # fmt: skip
+        if retrieval_similarity not in ("cosine", "dot"):
+            raise ValueError(f"retrieval_similarity must be cosine or dot, not {retrieval_similarity!r}")
+        self.templates, self.retrieval_similarity = prompt_pairs(templates), retrieval_similarity
         self.phrases = {}
         if vocabulary:
             from greenlab.labels.vocabulary import load_vocabulary
@@ -121,7 +148,8 @@ class ZeroShot:
             "zero_shot_auroc_macro_ci95": self.bootstrap_ci(labels, probabilities),
             "zero_shot_findings_scored": len(valid),
             **{f"zero_shot_auroc/{name}": value for name, value in scores.items()},
-            **{f"report_to_volume_{k}": v for k, v in recall_at(reports @ image.T).items()},
+            **{f"report_to_volume_{k}": v for k, v in recall_at(self.similarity(reports, image)).items()},
+            "retrieval_similarity": self.retrieval_similarity,
             "retrieval_pool_size": len(image),
             "prompt_templates": [list(t) for t in self.templates],
             "prompt_phrases": {
@@ -137,6 +165,13 @@ class ZeroShot:
             "throughput_method": f"image encoder + projection (no data loading), {device.type}",
         }
         return {"metrics": metrics, "embedding": embedding}
+
+    def similarity(self, reports: np.ndarray, volumes: np.ndarray) -> np.ndarray:
+        """(N reports, N volumes) retrieval scores: cosine (both sides L2-normalised) or raw dot products."""
+        if self.retrieval_similarity == "cosine":
+            reports = reports / np.linalg.norm(reports, axis=1, keepdims=True).clip(1e-12)
+            volumes = volumes / np.linalg.norm(volumes, axis=1, keepdims=True).clip(1e-12)
+        return reports @ volumes.T
 
     def markdown(self, m: dict) -> list[str]:
         """The linear probes' section (when probed), then the zero-shot table and the retrieval line."""

@@ -60,6 +60,7 @@ CHOICES = {  # the values each option takes
     "uncertain": ("mask", "positive", "negative"),
     "unmentioned": ("mask", "negative"),
     "stage2.start": ("random", "stage1_heads"),
+    "stage2.projection_init": ("default", "unit_norm"),
 }
 
 
@@ -70,20 +71,23 @@ class AlignedEncoders(nn.Module):
     ``encode_text(texts)`` -> (B, latent_dim); ``classifier(latent)`` -> (B, C) logits.
     """
 
-    def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, latent_dim: int, num_findings: int):
+    def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, latent_dim: int, num_findings: int,
+                 projection_init: str = "default"):  # fmt: skip
         super().__init__()
         self.image_encoder, self.text_encoder = image_encoder, text_encoder
         self.image_projection = nn.Linear(image_encoder.num_features, latent_dim, bias=False)
         self.text_projection = nn.Linear(text_encoder.num_features, latent_dim, bias=False)
-        # raw dot products (temperature 1): start each latent with a norm of about its features' RMS (~1),
-        # so the first contrastive logits are O(1), not in the tens as with PyTorch's default init
-        for projection in (self.image_projection, self.text_projection):
-            nn.init.normal_(projection.weight, std=(projection.in_features * latent_dim) ** -0.5)
+        if projection_init == "unit_norm":  # PyTorch's default init is the official start ("default")
+            # raw dot products (temperature 1): start each latent with a norm of about its features' RMS (~1),
+            # so the first contrastive logits are O(1), not in the tens as with PyTorch's default init
+            for projection in (self.image_projection, self.text_projection):
+                nn.init.normal_(projection.weight, std=(projection.in_features * latent_dim) ** -0.5)
         self.classifier = nn.Linear(latent_dim, num_findings)
         self.num_features = latent_dim
         self.init_record = {"image": image_encoder.init_record, "text": text_encoder.init_record}
         self.recipe = {"factory": f"{__name__}.{type(self).__name__}", "image_encoder": image_encoder.recipe,
-                       "text_encoder": text_encoder.recipe, "latent_dim": latent_dim, "num_findings": num_findings}  # fmt: skip
+                       "text_encoder": text_encoder.recipe, "latent_dim": latent_dim, "num_findings": num_findings,
+                       "projection_init": projection_init}  # fmt: skip
 
     def forward(self, volumes) -> torch.Tensor:
         return self.image_projection(self.image_encoder(volumes))
@@ -133,7 +137,8 @@ class MUST(PretrainingModule):
         self.stage1_epochs = 0 if stage1_weights else stage1_epochs
         self.settings = {"stage1": dict(stage1), "stage2": dict(stage2)}
         for name, value in (("uncertain", uncertain), ("unmentioned", unmentioned),
-                            ("stage2.start", self.settings["stage2"]["start"])):  # fmt: skip
+                            ("stage2.start", self.settings["stage2"]["start"]),
+                            ("stage2.projection_init", self.settings["stage2"]["projection_init"])):  # fmt: skip
             if value not in CHOICES[name]:
                 raise ValueError(f"{name} must be one of {CHOICES[name]}, not {value!r}")
         self.image_head = self.text_head = self.aligned = None
@@ -168,8 +173,9 @@ class MUST(PretrainingModule):
             self.image_head = nn.Linear(self.image_encoder.num_features, len(tasks))
             self.text_head = nn.Linear(self.text_encoder.num_features, len(tasks))
             self.aligned = AlignedEncoders(
-                self.image_encoder, self.text_encoder, self.hparams.latent_dim, len(tasks)
-            )
+                self.image_encoder, self.text_encoder, self.hparams.latent_dim, len(tasks),
+                self.settings["stage2"]["projection_init"],
+            )  # fmt: skip
         if self.hparams.stage1_weights:
             self._load_stage1(Path(self.hparams.stage1_weights))
 
@@ -184,6 +190,10 @@ class MUST(PretrainingModule):
             self.text_encoder.tokenizer = AutoTokenizer.from_pretrained(str(directory / "text_tokenizer"))
 
     def on_train_epoch_start(self) -> None:
+        for optimizer in self.trainer.optimizers:  # each stage's weight decay (official stage 2: none)
+            for group in optimizer.param_groups:
+                if group.get("decayed"):
+                    group["weight_decay"] = self.settings[self.stage]["weight_decay"]
         if self.current_epoch != self.stage1_epochs:
             return
         if self.stage1_epochs > 0:  # the switch to stage 2
@@ -251,9 +261,6 @@ class MUST(PretrainingModule):
         the projections and classifier in stage 1) is left untouched by it. lr per epoch below; the text
         side (encoder + head) runs at ``stage1.text_lr`` in stage 1, the shared classifier at
         ``stage2.classifier_lr`` in stage 2 (default: the stage's lr)."""
-        wd = self.settings["stage1"]["weight_decay"], self.settings["stage2"]["weight_decay"]
-        if wd[0] != wd[1]:
-            raise ValueError("stage1.weight_decay and stage2.weight_decay must match (one optimiser)")
         projections = [self.aligned.image_projection, self.aligned.text_projection]
         parts = {
             "image": [self.image_encoder, self.image_head, *projections],
@@ -262,7 +269,8 @@ class MUST(PretrainingModule):
         }
         groups, schedules = [], []
         for part, modules in parts.items():
-            part_groups = decay_param_groups(modules, wd[0])
+            part_groups = decay_param_groups(modules, self.settings["stage1"]["weight_decay"])
+            part_groups[0]["decayed"] = True  # set to the stage's weight decay at each epoch's start
             groups += part_groups
             schedules += [partial(self.lr_at_epoch, part=part)] * len(part_groups)
         return adamw(groups, 1.0, schedules)
