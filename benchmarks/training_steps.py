@@ -66,8 +66,8 @@ def build(name: str, size: str, device: torch.device):
     if name == "spark":
         width = "rexnet_300" if size == "paper" else "rexnet_100"
         objective = build_option("objective/spark", backbone=build_option("backbone/nn_mobilenet", model_name=width),
-                                 sparse_backend="masked_dense", decoder_width=512 if size == "paper" else 64,
-                                 figure_every_n_epochs=0)  # fmt: skip
+                                 sparse_backend="masked_dense", figure_every_n_epochs=0,
+                                 **({} if size == "paper" else {"decoder_width": 64}))  # fmt: skip
         batch = (torch.randn(spec["batch"], 3, spec["img"], spec["img"]),)
         return (
             objective,

@@ -106,3 +106,28 @@ def test_perfect_prediction_of_normalised_patches_has_zero_loss():
     normed = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
     visible = torch.tensor([True, False, False, True]).view(1, 1, 2, 2).repeat(2, 1, 1, 1)
     assert masked_patch_loss(unpatchify(normed, 3, 64, 64, 32), images, visible).item() < 1e-10
+
+
+def test_spark_decoder_width_and_weight_decay_groups_as_sparks_code():
+    """SparK: decoder width 768; mask tokens, biases and norms are not decayed."""
+    backbone = build("backbone/nn_mobilenet", model_name="rexnet_100")
+    objective = build("objective/spark", backbone=backbone, sparse_backend="masked_dense")
+    assert objective.decoder[0].up.in_channels == 768
+    decayed, undecayed = objective.configure_optimizers()["optimizer"].param_groups[:2]
+    assert all(p.ndim > 1 for p in decayed["params"]) and decayed["weight_decay"] == 0.04
+    assert {id(d.mask_token) for d in objective.densify} <= {id(p) for p in undecayed["params"]}
+
+
+def test_spatial_dropout_follows_each_blocks_output_as_nn_mobilenet():
+    """nn-MobileNet's model/resnext.py: Dropout2d on each LinearBottleneck's output, after the residual add;
+    p = main.py's --drop_path 0.3."""
+    from timm.models.rexnet import LinearBottleneck
+
+    default = build("backbone/nn_mobilenet", model_name="rexnet_100")
+    blocks = [b for b in default.features if isinstance(b, LinearBottleneck)]
+    assert len(blocks) == 16 and all(b.spatial_dropout.p == 0.3 for b in blocks)
+    full = build("backbone/nn_mobilenet", model_name="rexnet_100", spatial_dropout=1.0)
+    block = next(b for b in full.features if isinstance(b, LinearBottleneck) and b.use_shortcut)
+    x = torch.randn(2, block.in_channels, 8, 8)
+    assert torch.count_nonzero(block.train()(x)) == 0, "dropped after the residual: nothing passes"
+    assert torch.count_nonzero(block.eval()(x)) > 0

@@ -2,14 +2,16 @@
 
 Hierarchical feature maps at strides 2 / 4 / 8 / 16 / 32 with 48 / 116 / 183 / 386 / 3840 channels at
 width 3.0 (the /32 map is the final 1x1 conv to 3840 channels, SiLU). ~30.9M parameters without a head.
-Spatial dropout (``nn.Dropout2d``) follows each block's depthwise activation; it has no parameters, so the
-state dict is timm's ``rexnet_300`` without its head and loads into it.
+Spatial dropout (``nn.Dropout2d``) is applied to each inverted-residual block's output, after the residual
+add, as nn-MobileNet's released ``model/resnext.py`` (``LinearBottleneck.drop``, p = ``--drop_path`` 0.3 in its
+``main.py``); it has no parameters, so the state dict is timm's ``rexnet_300`` without its head.
 """
 
 from __future__ import annotations
 
 import timm
 import torch
+from timm.models.rexnet import LinearBottleneck
 from torch import nn
 
 from greenlab.backbones.weights import load_weights
@@ -24,8 +26,9 @@ class NNMobileNet(nn.Module):
         trunk = timm.create_model(model_name, pretrained=False, num_classes=0)
         self.stem, self.features = trunk.stem, trunk.features
         for block in self.features:
-            if hasattr(block, "act_dw"):
-                block.act_dw = nn.Sequential(block.act_dw, nn.Dropout2d(spatial_dropout))
+            if isinstance(block, LinearBottleneck):
+                block.spatial_dropout = nn.Dropout2d(spatial_dropout)
+                block.register_forward_hook(_dropout_after_block)
         info = {f["reduction"]: f for f in trunk.feature_info}
         self.tap_names = [info[r]["module"] for r in (2, 4, 8, 16)] + [f"features.{len(self.features) - 1}"]
         self.strides = [2, 4, 8, 16, 32]
@@ -49,3 +52,8 @@ class NNMobileNet(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, num_features, H/32, W/32)."""
         return self.features(self.stem(x))
+
+
+def _dropout_after_block(block: nn.Module, inputs, output):
+    """Forward hook: the block's spatial dropout on its output (after the residual add)."""
+    return block.spatial_dropout(output)

@@ -12,16 +12,18 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 
-def decay_param_groups(modules: list[nn.Module], weight_decay: float) -> list[dict]:
+def decay_param_groups(modules: list[nn.Module], weight_decay: float, no_decay_names: tuple[str, ...] = ()) -> list[dict]:
     """AdamW groups: weight decay on weight matrices only; biases, norms, tokens and position embeddings
-    (1-D tensors and names listed by a timm model's ``no_weight_decay()``) are not decayed."""
+    (1-D tensors, names listed by a timm model's ``no_weight_decay()``, and parameters whose last name is
+    in ``no_decay_names``) are not decayed."""
     decay, no_decay = [], []
     for module in modules:
         skip = set(module.no_weight_decay()) if hasattr(module, "no_weight_decay") else set()
         for name, param in module.named_parameters():
             if not param.requires_grad:
                 continue
-            (no_decay if param.ndim <= 1 or name in skip else decay).append(param)
+            undecayed = param.ndim <= 1 or name in skip or name.rsplit(".", 1)[-1] in no_decay_names
+            (no_decay if undecayed else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

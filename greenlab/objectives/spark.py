@@ -192,8 +192,8 @@ class SparKPretraining(PretrainingModule):
     def configure_optimizers(self):
         hp = self.hparams
         lr = hp.base_lr * hp.batch_size / 256
-        groups = decay_param_groups(
-            [self.encoder, self.densify, self.decoder, self.to_pixels], hp.weight_decay
+        groups = decay_param_groups(  # SparK: mask tokens, biases and norms are never decayed
+            [self.encoder, self.densify, self.decoder, self.to_pixels], hp.weight_decay, ("mask_token",)
         )
         return adamw_warmup_cosine(
             groups, lr, hp.start_lr, hp.min_lr, hp.warmup_epochs, hp.cosine_epochs, hp.betas
