@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-POOLINGS = ("mean_all", "mean_patch", "cls", "cls_mean_patch")
+POOLINGS = ("mean_all", "mean_patch", "cls", "cls_mean_patch", "fc_norm_mean_patch")
 
 
 def pool(features: torch.Tensor, pooling: str, num_prefix_tokens: int) -> torch.Tensor:
@@ -20,7 +20,10 @@ def pool(features: torch.Tensor, pooling: str, num_prefix_tokens: int) -> torch.
     features: (B, T, D) tokens ([CLS], registers, then patches), (B, C, H, W[, D]) CNN maps (averaged),
     or (B, E) vectors (kept).
     pooling: ``mean_all`` mean of all T tokens (RETFound-Green's code); ``mean_patch`` mean of patch tokens
-    (timm ``global_pool='avg'``); ``cls`` the [CLS] token; ``cls_mean_patch`` both, concatenated (2D).
+    (timm ``global_pool='avg'``); ``cls`` the [CLS] token; ``cls_mean_patch`` both, concatenated (2D);
+    ``fc_norm_mean_patch`` the MAE / RETFound-MEH global-pool feature: LayerNorm (eps 1e-6, the fine-tuning
+    model's fc_norm, untrained: no affine) of the mean patch token, taken before the final norm
+    (``features_for`` gives those tokens).
     """
     if features.ndim == 2:  # already one vector per image (e.g. an image-text model's latent)
         return features
@@ -32,9 +35,20 @@ def pool(features: torch.Tensor, pooling: str, num_prefix_tokens: int) -> torch.
         return features[:, num_prefix_tokens:].mean(1)
     if pooling == "cls":
         return features[:, 0]
+    if pooling == "fc_norm_mean_patch":
+        mean = features[:, num_prefix_tokens:].mean(1)
+        return torch.nn.functional.layer_norm(mean, mean.shape[-1:], eps=1e-6)
     if pooling == "cls_mean_patch":
         return torch.cat([features[:, 0], features[:, num_prefix_tokens:].mean(1)], dim=-1)
     raise ValueError(f"pooling must be one of {POOLINGS}, not {pooling!r}")
+
+
+def features_for(backbone: nn.Module, images: torch.Tensor, pooling: str) -> torch.Tensor:
+    """``backbone.forward_features``; for ``fc_norm_mean_patch`` a timm ViT's tokens before its final norm."""
+    if pooling != "fc_norm_mean_patch":
+        return backbone.forward_features(images)
+    vit = backbone
+    return vit.blocks(vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images)))))
 
 
 @torch.no_grad()
@@ -60,7 +74,7 @@ def embed(
         _sync(device)
         start = time.perf_counter()
         with autocast:
-            features = backbone.forward_features(images)
+            features = features_for(backbone, images, pooling)
         vector = pool(features, pooling, prefix).float()
         _sync(device)
         seconds += time.perf_counter() - start

@@ -11,21 +11,50 @@ token at each dropped position and predicts the pixels of every patch::
     target = (P - mean(P)) / sqrt(var(P) + 1e-6)      per patch (norm_pix_loss; else P)
     L      = Σ_masked mean_pixels (ŷ - target)² / #masked
 
-Decoder: ``decoder_depth`` transformer blocks of ``decoder_dim`` (8 x 512, 16 heads), fixed 2D sin-cos
-position embeddings. Values: shared/REFERENCE.md §1 (DERETFound / RETFound-MEH: ViT-L/16, 224 px, mask 0.75,
+Decoder: ``decoder_depth`` transformer blocks of ``decoder_dim`` (8 x 512, 16 heads). As the official MAE code
+(facebookresearch/mae, also RETFound_MAE): fixed 2D sin-cos position embeddings in encoder and decoder (never
+trained; [CLS] row zero), xavier-uniform linear layers, LayerNorm eps 1e-6. Values: shared/REFERENCE.md §1 (DERETFound / RETFound-MEH: ViT-L/16, 224 px, mask 0.75,
 norm-pix loss, AdamW blr 1.5e-4 x batch / 256, betas (0.9, 0.95), wd 0.05).
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
-from timm.layers import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
 from torch import nn
 
 from greenlab.objectives.base import PretrainingModule
 from greenlab.objectives.optim import adamw_warmup_cosine, decay_param_groups, log_train_loss
 from greenlab.objectives.patches import masked_patch_mse, normalised_patches, patchify
+
+
+def mae_sincos_pos_embed(dim: int, grid: tuple[int, int]) -> torch.Tensor:
+    """MAE's fixed 2D sin-cos position embedding (``get_2d_sincos_pos_embed``): (h·w, dim), patches row-major;
+    the first dim/2 channels encode the column, the last dim/2 the row, each as [sin | cos] of
+    position x 1/10000^(k / (dim/4))."""
+    h, w = grid
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    rows, columns = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
+                                   indexing="ij")  # fmt: skip
+
+    def encode(positions: torch.Tensor) -> torch.Tensor:
+        angles = positions.reshape(-1, 1) * omega[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([encode(columns), encode(rows)], dim=1).float()
+
+
+def mae_init(module: nn.Module) -> None:
+    """MAE's ``_init_weights``: xavier-uniform linear weights, zero biases; LayerNorm weight 1, bias 0."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
 
 
 class MaskedAutoencoder(PretrainingModule):
@@ -55,17 +84,29 @@ class MaskedAutoencoder(PretrainingModule):
         patch = backbone.patch_embed.patch_size
         grid = backbone.patch_embed.grid_size
         self.patch_size = patch[0]
+        if backbone.init_record["used"] == "random":  # MAE's own initialisation of a new encoder
+            backbone.apply(mae_init)
+            nn.init.xavier_uniform_(backbone.patch_embed.proj.weight.view(backbone.embed_dim, -1))
+            nn.init.normal_(backbone.cls_token, std=0.02)
+            with torch.no_grad():
+                backbone.pos_embed[0, 1:] = mae_sincos_pos_embed(backbone.embed_dim, tuple(grid))
+                backbone.pos_embed[0, :1] = 0.0
+        backbone.pos_embed.requires_grad_(False)  # fixed sin-cos, as MAE's encoder
         self.decoder_embed = nn.Linear(backbone.embed_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
-        nn.init.normal_(self.mask_token, std=0.02)
-        self.register_buffer("decoder_pos_embed", build_sincos2d_pos_embed(list(grid), decoder_dim)[None],
+        self.register_buffer("decoder_pos_embed", mae_sincos_pos_embed(decoder_dim, tuple(grid))[None],
                              persistent=False)  # fmt: skip
+        norm = partial(nn.LayerNorm, eps=1e-6)
         self.decoder_blocks = nn.Sequential(
-            *(Block(decoder_dim, decoder_heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(decoder_depth))
-        )
-        self.decoder_norm = nn.LayerNorm(decoder_dim)
+            *(Block(decoder_dim, decoder_heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=norm)
+              for _ in range(decoder_depth))
+        )  # fmt: skip
+        self.decoder_norm = norm(decoder_dim)
         in_chans = backbone.patch_embed.proj.in_channels
         self.decoder_pred = nn.Linear(decoder_dim, patch[0] * patch[1] * in_chans)
+        for part in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
+            part.apply(mae_init)
+        nn.init.normal_(self.mask_token, std=0.02)
 
     def random_masking(self, batch: int, num_patches: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(keep (B, K) indices of the visible patches, mask (B, N) with 1 = hidden)."""
