@@ -12,6 +12,7 @@ from tests.conftest import shared_data
 
 CT_YAML = OmegaConf.load(CONFIG_DIR / "data" / "ct.yaml")
 CHEST_CT = {k: tuple(CT_YAML[k]) for k in ("spacing", "hu_window", "pad_size")}  # the GreenRFM chest values
+CHEST_CT["pad_value"] = CT_YAML.pad_value
 
 nib = pytest.importorskip("nibabel")
 pydicom = pytest.importorskip("pydicom")
@@ -57,10 +58,11 @@ def test_real_ct_is_resampled_windowed_and_cropped():
     path = shared_data("totalsegmentator", "example_ct.nii.gz")  # 122 x 101 x 112 voxels of 3 mm, RAS
     volume = ct_preprocessing(**{**CHEST_CT, "pad_size": (256, 256, 128)})({"image": str(path)})["image"]
     assert tuple(np.round(volume.meta["pixdim"][1:4], 3)) == (1.5, 1.5, 3.0)
-    # 366 x 303 x 336 mm -> 244 x 202 x 112 voxels, padded with air (-1) to 256 x 256 x 128
+    # 366 x 303 x 336 mm -> 244 x 202 x 112 voxels, padded to 256 x 256 x 128 with 0 (the official pad value)
     assert volume.shape == (1, 256, 256, 128)
     inside = torch.as_tensor(volume)[0, 6:250, 27:229, 8:120]
     assert volume.min() == -1.0 and volume.max() == 1.0 and (inside > -1).float().mean() > 0.3
+    assert torch.as_tensor(volume)[0, :, :5].abs().max() == 0.0, "the padded rows hold the official 0"
     crop = ct_crop((64, 64, 32), train=False)({"image": volume})["image"]
     assert crop.shape == (1, 64, 64, 32)
 

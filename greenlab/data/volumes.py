@@ -118,7 +118,8 @@ class VolumeDataModule(ImageDataModule):
 
     def cache_key(self, geometry: dict) -> str:
         """A cache sub-folder per preprocessing: changing spacing, window or size never reuses stale tensors."""
-        text = json.dumps([type(self).__name__, {k: list(map(float, v)) for k, v in geometry.items()}])
+        values = {k: list(map(float, v)) if isinstance(v, list | tuple) else float(v) for k, v in geometry.items()}
+        text = json.dumps([type(self).__name__, values])
         return hashlib.sha1(text.encode()).hexdigest()[:12]
 
     def volume_sources(self, row) -> dict[str, str]:
