@@ -7,6 +7,8 @@ import json
 import math
 from pathlib import Path
 
+from greenlab import recipe
+
 
 def write_results(results: dict, output_dir: Path, evaluation_section: list[str]) -> tuple[Path, Path]:
     """Write results.json + results.md (``evaluation_section``: the evaluation's own lines) into
@@ -37,6 +39,7 @@ def markdown(results: dict, evaluation_section: list[str]) -> str:
         + (" (reduced demo budget, not the paper's schedule)" if results.get("scale") == "demo" else ""),
         f"- data: {results['data'].get('name')} ({results['data'].get('pretrain_images')} pre-training images)",
         "- initialisation: " + _initialisation(init),
+        *recipe.markdown(results["recipe"]),
     ]
     lines += evaluation_section
     lines += [

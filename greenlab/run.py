@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import greenlab
 import greenlab.config
-from greenlab import contracts
+from greenlab import contracts, recipe
 from greenlab.callbacks.compute_monitor import JOULES_PER_KWH, ComputeMonitor
 from greenlab.compute.energy import EnergyMeter, co2e_kg
 from greenlab.report import write_results
@@ -35,6 +35,7 @@ CONFIG_DIR = str(greenlab.config.CONFIG_DIR)
 
 def run(cfg: DictConfig) -> dict:
     """Run the configured experiment; returns the results dict also written to results.json."""
+    composed = OmegaConf.to_container(cfg, resolve=False)  # as composed (instantiating resolves parts of cfg)
     output_dir = Path(cfg.paths.output_dir)
     resume_from = resume_checkpoint(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -58,6 +59,7 @@ def run(cfg: DictConfig) -> dict:
     scores, eval_kwh = evaluate(evaluation, backbone, initial_backbone, datamodule, trainer, cfg)
     account(budget, eval_kwh, backbone, objective)
     results = {
+        "recipe": paper_recipe(composed, backbone.init_record),
         "experiment": cfg.name,
         "scale": cfg.get("scale_name", "custom"),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -81,6 +83,23 @@ def run(cfg: DictConfig) -> dict:
     }
     report(results, evaluation, trainer, output_dir)
     return results
+
+
+def paper_recipe(composed: dict, init_record: dict) -> dict:
+    """This run's config (``composed``) against its experiment's paper recipe (greenlab/recipe.py)."""
+    from hydra import compose
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    experiment, scale = hydra_cfg.runtime.choices.get("experiment"), hydra_cfg.runtime.choices.get("scale")
+    if experiment is None:
+        return {"experiment": None, "faithful": None, "deviations": [], "note": "no +experiment: no paper recipe"}
+    searchpath = [f"hydra.searchpath=[{','.join(hydra_cfg.searchpath)}]"] if hydra_cfg.searchpath else []
+    paper, scaled = (
+        OmegaConf.to_container(compose("config", overrides=[f"+experiment={experiment}", f"scale={s}", *searchpath]))
+        for s in ("paper", scale)
+    )
+    return {"experiment": experiment, **recipe.deviations(composed, paper, scaled, init_record)}
 
 
 def check_parts(objective, evaluation, datamodule) -> None:
@@ -197,8 +216,11 @@ def _log_final(trainer, results: dict) -> None:
         flat.update(
             {f"final/{section}/{k}": v for k, v in results[section].items() if isinstance(v, int | float)}
         )
+    deviations = [[str(d[k]) for k in ("key", "paper", "used", "why")] for d in results["recipe"]["deviations"]]
     for lg in trainer.loggers:
         lg.log_metrics(flat, step=trainer.global_step)
+        if deviations and hasattr(lg, "log_table"):  # W&B: the recipe's deviations as a table
+            lg.log_table(key="recipe/deviations", columns=["key", "paper", "used", "why"], data=deviations)
         lg.save()
 
 
