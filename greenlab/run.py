@@ -93,10 +93,17 @@ def paper_recipe(composed: dict, init_record: dict) -> dict:
     hydra_cfg = HydraConfig.get()
     experiment, scale = hydra_cfg.runtime.choices.get("experiment"), hydra_cfg.runtime.choices.get("scale")
     if experiment is None:
-        return {"experiment": None, "faithful": None, "deviations": [], "note": "no +experiment: no paper recipe"}
+        return {
+            "experiment": None,
+            "faithful": None,
+            "deviations": [],
+            "note": "no +experiment: no paper recipe",
+        }
     searchpath = [f"hydra.searchpath=[{','.join(hydra_cfg.searchpath)}]"] if hydra_cfg.searchpath else []
     paper, scaled = (
-        OmegaConf.to_container(compose("config", overrides=[f"+experiment={experiment}", f"scale={s}", *searchpath]))
+        OmegaConf.to_container(
+            compose("config", overrides=[f"+experiment={experiment}", f"scale={s}", *searchpath])
+        )
         for s in ("paper", scale)
     )
     return {"experiment": experiment, **recipe.deviations(composed, paper, scaled, init_record)}
@@ -216,7 +223,9 @@ def _log_final(trainer, results: dict) -> None:
         flat.update(
             {f"final/{section}/{k}": v for k, v in results[section].items() if isinstance(v, int | float)}
         )
-    deviations = [[str(d[k]) for k in ("key", "paper", "used", "why")] for d in results["recipe"]["deviations"]]
+    deviations = [
+        [str(d[k]) for k in ("key", "paper", "used", "why")] for d in results["recipe"]["deviations"]
+    ]
     for lg in trainer.loggers:
         lg.log_metrics(flat, step=trainer.global_step)
         if deviations and hasattr(lg, "log_table"):  # W&B: the recipe's deviations as a table

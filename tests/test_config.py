@@ -58,7 +58,9 @@ INTENTIONAL = {  # dotted key: the (before, now) pairs allowed
     "objective.cosine_from_zero": [(None, True)],  # timm CosineLRScheduler(warmup_prefix=False)
     "backbone.spatial_dropout": [(0.1, 0.3)],  # nn-MobileNet's Dropout2d p (main.py --drop_path)
     "objective.decoder_width": [(512, 768)],  # SparK's decoder width (the demo keeps 256)
-    "backbone.stem_kernel": [(2, 4)],  # the greenrfm demo: the lite stem (r3d_18 without a max-pool at k=2: ~8x)
+    "backbone.stem_kernel": [
+        (2, 4)
+    ],  # the greenrfm demo: the lite stem (r3d_18 without a max-pool at k=2: ~8x)
 }
 
 

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from torch import nn
@@ -54,6 +55,12 @@ def test_kfold_finetune_learns_and_reports_every_fold():
         weight_decay=0.0,
         num_workers=0,
         head_dropout=0.0,
+        img_size=None,  # the data's; no warm-up, mixup, smoothing or EMA in 15 epochs of a tiny CNN
+        warmup_epochs=0,
+        mixup=0.0,
+        cutmix=0.0,
+        label_smoothing=0.0,
+        ema_decay=None,
     )
     backbone = TinyCNN()
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
@@ -69,3 +76,24 @@ def test_kfold_finetune_learns_and_reports_every_fold():
             "each fold fine-tunes a copy; the backbone itself is untouched"
         )
     assert result["embedding"]["dim"] == 8
+
+
+def test_nn_mobilenet_recipe_trains_with_mixup_and_scores_the_ema():
+    """nn-MobileNet main.py: mixup 0.8 / CutMix 1.0 with label smoothing 0.1, EMA 0.9999 scored, warm-up + cosine."""
+    evaluation = build("evaluation/finetune", folds=2, epochs=1, batch_size=8, img_size=None, num_workers=0)
+    assert (evaluation.mixup, evaluation.cutmix, evaluation.label_smoothing, evaluation.ema_decay) == (
+        0.8,
+        1.0,
+        0.1,
+        0.9999,
+    )
+    assert (evaluation.lr, evaluation.min_lr, evaluation.warmup_epochs) == (1e-3, 1e-6, 20)
+    assert build("evaluation/finetune").epochs == 1000 and build("evaluation/finetune").img_size == 512
+    assert evaluation.lr_factor(0, total=100, warmup=10) == 0.0 and evaluation.lr_factor(10, 100, 10) == 1.0
+    assert evaluation.lr_factor(100, 100, 10) * evaluation.lr == pytest.approx(1e-6)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 3))
+    dataset = torch.utils.data.TensorDataset(torch.randn(16, 3, 16, 16), torch.arange(16)[:, None] % 3)
+    scored = evaluation._train(model, dataset, 0, 3, torch.device("cpu"), "test")
+    assert scored is not model
+    ema_weight, weight = scored[1].weight, model[1].weight  # EMA 0.9999 over 2 steps: still near the start
+    assert not torch.equal(ema_weight, weight)

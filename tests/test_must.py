@@ -105,7 +105,9 @@ def test_stage_two_starts_from_the_saved_stage_one_encoders(ct_data, tmp_path):
     assert not torch.equal(stage2["projection"], objective.aligned.image_projection.weight)
     assert torch.equal(stage2["image_head"], objective.image_head.weight)  # stage-1 heads left alone
     assert stage2["optimizer_state"] == 0  # a fresh AdamW for stage 2
-    assert stage1["weight_decay"] == {1e-4, 0.0} and stage2["weight_decay"] == {0.0}  # official: none in stage 2
+    assert stage1["weight_decay"] == {1e-4, 0.0} and stage2["weight_decay"] == {
+        0.0
+    }  # official: none in stage 2
     assert (tmp_path / STAGE1_FILES["text_encoder"]).is_file() and (tmp_path / "text_tokenizer").is_dir()
     with pytest.raises(FileExistsError, match="refusing to overwrite"):
         objective.save_stage1(tmp_path)
@@ -172,7 +174,10 @@ def test_stage_two_starts_as_the_official_code_by_default():
     weight = aligned.image_projection.weight.detach()  # nn.Linear's default: U(-1/sqrt(in), 1/sqrt(in))
     assert weight.abs().max() <= 512**-0.5 and weight.std() == pytest.approx((3 * 512) ** -0.5, rel=0.05)
     objective = build("objective/must", image_encoder=tiny_image_encoder(), text_encoder=tiny_text_encoder())
-    assert objective.settings["stage2"]["weight_decay"] == 0.0 and objective.settings["stage2"]["start"] == "random"
+    assert (
+        objective.settings["stage2"]["weight_decay"] == 0.0
+        and objective.settings["stage2"]["start"] == "random"
+    )
 
 
 def test_text_only_reports_join_the_text_encoders_stage1_batches(tmp_path):
@@ -348,7 +353,10 @@ def test_official_prompt_pairs_are_selectable_by_name():
 
     assert build("evaluation/zero_shot", linear_probe=None).templates == [("{finding}.", "not {finding}.")]
     pairs = prompt_pairs(["p2", "p5", ["A {finding}.", "No {finding}."]])
-    assert pairs[1] == ("Findings are compatible with {finding}.", "Findings are not compatible with {finding}.")
+    assert pairs[1] == (
+        "Findings are compatible with {finding}.",
+        "Findings are not compatible with {finding}.",
+    )
     assert prompts("pleural_effusion", pairs[:1]) == (["pleural effusion."], [""])
     assert pairs[2] == ("A {finding}.", "No {finding}.")
     with pytest.raises(ValueError, match="p6"):

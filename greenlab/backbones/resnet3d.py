@@ -42,7 +42,9 @@ class ResNet3D(nn.Module):
         self.recipe = {"factory": f"{__name__}.ResNet3D", "depth": depth, "stem_kernel": stem_kernel}
         self.init_record, own_weights = self._initial_weights(weights, depth)
         # the official stem swap, after the Kinetics weights are in (their RGB stem does not fit one channel)
-        self.net.stem[0] = nn.Conv3d(1, 64, kernel_size=stem_kernel, stride=stem_kernel, padding=0, bias=False)
+        self.net.stem[0] = nn.Conv3d(
+            1, 64, kernel_size=stem_kernel, stride=stem_kernel, padding=0, bias=False
+        )
         self.net.avgpool, self.net.fc = nn.AdaptiveAvgPool3d(1), nn.Identity()
         if own_weights is not None:  # a file of this encoder (its 1-channel stem included)
             load_exactly(self, own_weights, Path(weights))
@@ -58,9 +60,13 @@ class ResNet3D(nn.Module):
             if "net.stem.0.weight" in state:
                 return init_record(weights, "file", str(path.resolve())), state
             self._load_trunk(state, path)
-            return init_record(weights, "file", str(path.resolve()), "torchvision r3d_18 trunk; new stem"), None
+            return init_record(
+                weights, "file", str(path.resolve()), "torchvision r3d_18 trunk; new stem"
+            ), None
         file = Path(torch.hub.get_dir()) / "checkpoints" / Path(KINETICS.url).name
-        note = f"Kinetics-400 r3d_18 weights not in torchvision's cache ({file}); weights=cached never downloads"
+        note = (
+            f"Kinetics-400 r3d_18 weights not in torchvision's cache ({file}); weights=cached never downloads"
+        )
         if depth == 18 and (file.is_file() or weights == "hub"):
             try:
                 state = torch.hub.load_state_dict_from_url(KINETICS.url, map_location="cpu", progress=False)

@@ -95,15 +95,30 @@ def spark_transform(img_size: int, mean: tuple[float, ...], std: tuple[float, ..
 
 
 def finetune_transform(img_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> v2.Compose:
-    """Fine-tuning augmentation in nn-MobileNet's "heavy augmentation" family (exact recipe not published):
-    resized crop, both flips, rotation, colour jitter."""
+    """nn-MobileNet's released fine-tuning augmentation (``dataset.py``, its default MICCAI / MMAC data):
+    RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3, bicubic), both flips, rotation by up to 180 degrees
+    (bicubic, black fill), colour jitter 0.4 (brightness, contrast, saturation, hue), normalisation, then
+    random erasing p 0.4."""
+    bicubic = v2.InterpolationMode.BICUBIC
     return v2.Compose(
         [
-            v2.RandomResizedCrop(img_size, scale=(0.7, 1.0), ratio=(0.9, 1.1)),
+            v2.RandomResizedCrop(img_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation=bicubic),
             v2.RandomHorizontalFlip(),
             v2.RandomVerticalFlip(),
-            v2.RandomRotation(30),
-            v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.1),
+            v2.RandomRotation(180, interpolation=bicubic, fill=0),
+            v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.4),
+            *_to_normalised_tensor(mean, std),
+            v2.RandomErasing(p=0.4),
+        ]
+    )
+
+
+def finetune_eval_transform(img_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> v2.Compose:
+    """nn-MobileNet's evaluation transform: resize the short side to img_size / 0.875 (bicubic), centre crop."""
+    return v2.Compose(
+        [
+            v2.Resize(int(img_size / (224 / 256)), interpolation=v2.InterpolationMode.BICUBIC),
+            v2.CenterCrop(img_size),
             *_to_normalised_tensor(mean, std),
         ]
     )

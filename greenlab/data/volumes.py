@@ -118,7 +118,9 @@ class VolumeDataModule(ImageDataModule):
 
     def cache_key(self, geometry: dict) -> str:
         """A cache sub-folder per preprocessing: changing spacing, window or size never reuses stale tensors."""
-        values = {k: list(map(float, v)) if isinstance(v, list | tuple) else float(v) for k, v in geometry.items()}
+        values = {
+            k: list(map(float, v)) if isinstance(v, list | tuple) else float(v) for k, v in geometry.items()
+        }
         text = json.dumps([type(self).__name__, values])
         return hashlib.sha1(text.encode()).hexdigest()[:12]
 

@@ -2,9 +2,15 @@
 
 For one label task, all labelled images (probe-train and held-out pooled) are split by
 ``StratifiedKFold(k, shuffle, seed)``; in each fold a fresh copy of the backbone + [global average pool ->
-dropout -> linear] head is trained on the other folds with augmentation and scored on this one after the
-last epoch (no checkpoint picked on the scored fold). Metrics per fold and mean ± std: accuracy, AUROC
-(binary or macro one-vs-rest), Cohen's kappa (quadratic when ``ordinal``), weighted F1.
+dropout -> linear] head is trained on the other folds and scored on this one after the last epoch (no
+checkpoint picked on the scored fold). Metrics per fold and mean ± std: accuracy, AUROC (binary or macro
+one-vs-rest), Cohen's kappa (quadratic when ``ordinal``), weighted F1.
+
+The recipe is nn-MobileNet's released ``main.py`` (values and sources in conf/evaluation/finetune.yaml):
+AdamW, a per-step linear warm-up from 0 then cosine to ``min_lr``, mixup / CutMix (timm ``Mixup``, switch
+0.5, per batch) with label smoothing and soft-target cross-entropy, its augmentation
+(``data/fundus.finetune_transform``), and an exponential moving average of the weights, which is what is
+scored (``--model_ema_eval``).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import copy
 import math
 import time
 from contextlib import nullcontext
+from functools import partial
 
 import numpy as np
 import torch
@@ -25,7 +32,7 @@ from tqdm.auto import tqdm
 
 from greenlab.contracts import FoldSource
 from greenlab.data.base import ItemDataset
-from greenlab.data.fundus import eval_transform, finetune_transform
+from greenlab.data.fundus import finetune_eval_transform, finetune_transform
 from greenlab.evaluation.embeddings import pool
 from greenlab.evaluation.linear_probe import auroc
 
@@ -50,22 +57,27 @@ class Classifier(nn.Module):
 
 
 class KFoldFineTune:
-    """Args: folds, epochs, batch_size, lr (AdamW, cosine per step), weight_decay, head_dropout,
-    task (label column; default the first), ordinal (quadratic kappa), seed, bf16 (autocast on GPU),
-    num_workers."""
+    """Args: folds, epochs, batch_size, img_size (None: the data's), lr / min_lr / warmup_epochs (AdamW,
+    warm-up + cosine per step), weight_decay, head_dropout, label_smoothing, mixup / cutmix (alphas; 0 turns
+    each off), ema_decay (None: score the weights themselves), task (label column; default the first),
+    ordinal (quadratic kappa), seed, bf16 (autocast on GPU), num_workers."""
 
     requires = (FoldSource,)
     optimized_metric = "finetune_auroc_mean"
 
-    def __init__(self, folds: int, epochs: int, batch_size: int, lr: float, weight_decay: float, head_dropout: float,
-                 task: str | None, ordinal: bool, seed: int, bf16: bool, num_workers: int):  # fmt: skip
-        self.folds, self.epochs, self.batch_size, self.lr = folds, epochs, batch_size, lr
-        self.weight_decay, self.head_dropout, self.task, self.ordinal = (
-            weight_decay,
+    def __init__(self, folds: int, epochs: int, batch_size: int, img_size: int | None, lr: float, min_lr: float,
+                 warmup_epochs: int, weight_decay: float, head_dropout: float, label_smoothing: float, mixup: float,
+                 cutmix: float, ema_decay: float | None, task: str | None, ordinal: bool, seed: int, bf16: bool,
+                 num_workers: int):  # fmt: skip
+        self.folds, self.epochs, self.batch_size, self.img_size = folds, epochs, batch_size, img_size
+        self.lr, self.min_lr, self.warmup_epochs, self.weight_decay = lr, min_lr, warmup_epochs, weight_decay
+        self.head_dropout, self.label_smoothing, self.mixup, self.cutmix = (
             head_dropout,
-            task,
-            ordinal,
+            label_smoothing,
+            mixup,
+            cutmix,
         )
+        self.ema_decay, self.task, self.ordinal = ema_decay, task, ordinal
         self.seed, self.bf16, self.num_workers = seed, bf16, num_workers
 
     def __call__(self, backbone: nn.Module, datamodule, device: torch.device) -> dict:
@@ -74,8 +86,9 @@ class KFoldFineTune:
         names = [t.name for t in datamodule.tasks]
         column = names.index(self.task) if self.task else 0
         task = datamodule.tasks[column]
-        train_tf = finetune_transform(datamodule.img_size, datamodule.mean, datamodule.std)
-        eval_tf = eval_transform(datamodule.img_size, datamodule.mean, datamodule.std)
+        size = self.img_size or datamodule.img_size
+        train_tf = finetune_transform(size, datamodule.mean, datamodule.std)
+        eval_tf = finetune_eval_transform(size, datamodule.mean, datamodule.std)
         sources = [datamodule.probe_train_set, datamodule.probe_test_set]
         labels = torch.cat([s.labels[:, column] for s in sources]).numpy()
         labelled = np.flatnonzero(labels >= 0)
@@ -88,14 +101,17 @@ class KFoldFineTune:
             model = Classifier(
                 copy.deepcopy(backbone), backbone.num_features, task.num_classes, self.head_dropout
             ).to(device)
-            self._train(
+            scored = self._train(
                 model,
                 Subset(augmented, labelled[train_idx].tolist()),
                 column,
+                task.num_classes,
                 device,
                 f"fold {fold + 1}/{self.folds}",
             )
-            y, proba, img_s = self._predict(model, Subset(plain, labelled[test_idx].tolist()), column, device)
+            y, proba, img_s = self._predict(
+                scored, Subset(plain, labelled[test_idx].tolist()), column, device
+            )
             throughput.append(img_s)
             folds.append(self._score(y, proba, task.num_classes))
         metrics = {"finetune_task": task.name, "finetune_folds": folds}
@@ -120,7 +136,13 @@ class KFoldFineTune:
             else nullcontext()
         )
 
-    def _train(self, model: nn.Module, dataset, column: int, device, desc: str) -> None:
+    def _train(
+        self, model: nn.Module, dataset, column: int, num_classes: int, device, desc: str
+    ) -> nn.Module:
+        """Train ``model`` on ``dataset``; returns the model to score (its EMA when ``ema_decay``)."""
+        from timm.data import Mixup
+        from timm.utils import ModelEmaV2
+
         loader = DataLoader(
             dataset,
             self.batch_size,
@@ -129,20 +151,43 @@ class KFoldFineTune:
             drop_last=len(dataset) > self.batch_size,
         )
         optimizer = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        total = max(1, self.epochs * len(loader))
+        total, warmup = max(1, self.epochs * len(loader)), self.warmup_epochs * len(loader)
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total))
+            optimizer, partial(self.lr_factor, total=total, warmup=warmup)
         )
+        mix = None
+        if self.mixup > 0 or self.cutmix > 0:
+            mix = Mixup(mixup_alpha=self.mixup, cutmix_alpha=self.cutmix, prob=1.0, switch_prob=0.5, mode="batch",
+                        label_smoothing=self.label_smoothing, num_classes=num_classes)  # fmt: skip
+        ema = ModelEmaV2(model, decay=self.ema_decay) if self.ema_decay else None
         model.train()
         for _ in tqdm(range(self.epochs), desc=f"fine-tuning {desc}", unit="epoch"):
             for images, labels in loader:
                 images, labels = images.to(device), labels[:, column].to(device)
+                targets = None
+                if mix is not None and len(images) % 2 == 0:  # timm's Mixup needs an even batch
+                    images, targets = mix(images, labels)  # mixed images, smoothed soft targets
                 with self._autocast(device):
-                    loss = F.cross_entropy(model(images).float(), labels)
+                    logits = model(images).float()
+                if targets is not None:  # timm SoftTargetCrossEntropy
+                    loss = torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
+                else:
+                    loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 schedule.step()
+                if ema is not None:
+                    ema.update(model)
+        return ema.module if ema is not None else model
+
+    def lr_factor(self, step: int, total: int, warmup: int) -> float:
+        """Multiplier of ``lr`` at optimiser step ``step``: linear from 0 over ``warmup`` steps, then a half
+        cosine to ``min_lr`` at ``total`` (nn-MobileNet / ConvNeXt ``utils.cosine_scheduler``)."""
+        if step < warmup:
+            return step / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return (self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * progress))) / self.lr
 
     @torch.no_grad()
     def _predict(

@@ -44,7 +44,9 @@ def prompt_pairs(templates) -> list[tuple[str, str]]:
     for template in templates:
         if isinstance(template, str):
             if template not in OFFICIAL_PROMPTS:
-                raise ValueError(f"prompt template {template!r}: not one of {sorted(OFFICIAL_PROMPTS)} nor a pair")
+                raise ValueError(
+                    f"prompt template {template!r}: not one of {sorted(OFFICIAL_PROMPTS)} nor a pair"
+                )
             template = OFFICIAL_PROMPTS[template]
         pairs.append(tuple(template))
     return pairs

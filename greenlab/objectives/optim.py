@@ -12,7 +12,9 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 
-def decay_param_groups(modules: list[nn.Module], weight_decay: float, no_decay_names: tuple[str, ...] = ()) -> list[dict]:
+def decay_param_groups(
+    modules: list[nn.Module], weight_decay: float, no_decay_names: tuple[str, ...] = ()
+) -> list[dict]:
     """AdamW groups: weight decay on weight matrices only; biases, norms, tokens and position embeddings
     (1-D tensors, names listed by a timm model's ``no_weight_decay()``, and parameters whose last name is
     in ``no_decay_names``) are not decayed."""
