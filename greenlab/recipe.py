@@ -10,7 +10,6 @@ DINOv2 / Kinetics / CXR-BERT weights is a deviation).
 
 from __future__ import annotations
 
-
 NOT_RECIPE = (  # keys (and everything below them) that do not change the method
     "name", "scale_name", "seed", "paths", "hydra", "logger", "callbacks", "compute", "evaluate_initial_backbone",
     "ddp_find_unused_parameters", "trainer.accelerator", "trainer.devices", "trainer.num_nodes",

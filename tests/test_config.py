@@ -58,9 +58,17 @@ INTENTIONAL = {  # dotted key: the (before, now) pairs allowed
     "objective.cosine_from_zero": [(None, True)],  # timm CosineLRScheduler(warmup_prefix=False)
     "backbone.spatial_dropout": [(0.1, 0.3)],  # nn-MobileNet's Dropout2d p (main.py --drop_path)
     "objective.decoder_width": [(512, 768)],  # SparK's decoder width (the demo keeps 256)
-    "backbone.stem_kernel": [
-        (2, 4)
-    ],  # the greenrfm demo: the lite stem (r3d_18 without a max-pool at k=2: ~8x)
+    # the greenrfm demo: the lite stem (r3d_18 without a max-pool at k=2: ~8x)
+    "backbone.stem_kernel": [(2, 4)],
+    # nn-MobileNet's fine-tuning recipe (main.py); the 2-epoch demo: no warm-up, mixup, CutMix or EMA
+    "evaluation.epochs": [(30, 1000)],
+    "evaluation.img_size": [(None, 512), (None, "${img_size}")],
+    "evaluation.min_lr": [(None, 1e-06)],
+    "evaluation.warmup_epochs": [(None, 20), (None, 0)],
+    "evaluation.label_smoothing": [(None, 0.1)],
+    "evaluation.mixup": [(None, 0.8), (None, 0.0)],
+    "evaluation.cutmix": [(None, 1.0), (None, 0.0)],
+    "evaluation.ema_decay": [(None, 0.9999)],
 }
 
 

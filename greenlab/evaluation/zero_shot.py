@@ -28,7 +28,6 @@ from tqdm.auto import tqdm
 from greenlab.contracts import ReportsSource, TextAligned
 from greenlab.evaluation.linear_probe import LinearProbe
 
-
 OFFICIAL_PROMPTS = {  # SadVoxel/GreenRFM inference/zero_shot.py
     "p1": ("{finding}.", "not {finding}."),
     "p2": ("{finding}.", ""),
