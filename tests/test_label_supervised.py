@@ -47,9 +47,14 @@ def test_greenrfm_encoder_is_torchvisions_r3d_18_with_the_official_stem():
     input 1x1x48x96x96 (D, H, W), k = 2 and 4; greenlab's volumes are (X, Y, Z), read as (Z, Y, X)."""
     volume = torch.randn(1, 1, 48, 96, 96)
     for k, grid in ((2, (3, 6, 6)), (4, (2, 3, 3))):
-        ours, official = build("backbone/resnet3d18", stem_kernel=k, weights="random").eval(), official_r3d_18(k)
+        ours, official = (
+            build("backbone/resnet3d18", stem_kernel=k, weights="random").eval(),
+            official_r3d_18(k),
+        )
         assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in official.parameters())
-        official.load_state_dict({name.removeprefix("net."): v for name, v in ours.state_dict().items()})  # strict
+        official.load_state_dict(
+            {name.removeprefix("net."): v for name, v in ours.state_dict().items()}
+        )  # strict
         ours_volume = volume.permute(0, 1, 4, 3, 2)  # (X, Y, Z)
         assert ours.forward_features(ours_volume).shape == (1, 512, *grid)
         torch.testing.assert_close(ours(ours_volume), official(volume))
