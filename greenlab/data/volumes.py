@@ -119,7 +119,7 @@ class VolumeDataModule(ImageDataModule):
     def cache_key(self, geometry: dict) -> str:
         """A cache sub-folder per preprocessing: changing spacing, window or size never reuses stale tensors."""
         values = {
-            k: list(map(float, v)) if isinstance(v, list | tuple) else float(v) for k, v in geometry.items()
+            k: float(v) if isinstance(v, int | float) else list(map(float, v)) for k, v in geometry.items()
         }
         text = json.dumps([type(self).__name__, values])
         return hashlib.sha1(text.encode()).hexdigest()[:12]
