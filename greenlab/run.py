@@ -100,11 +100,12 @@ def paper_recipe(composed: dict, init_record: dict) -> dict:
             "note": "no +experiment: no paper recipe",
         }
     searchpath = [f"hydra.searchpath=[{','.join(hydra_cfg.searchpath)}]"] if hydra_cfg.searchpath else []
+    scales = (
+        (["scale=paper"], [f"scale={scale}"]) if scale else ([], [])
+    )  # an experiment without a scale: as is
     paper, scaled = (
-        OmegaConf.to_container(
-            compose("config", overrides=[f"+experiment={experiment}", f"scale={s}", *searchpath])
-        )
-        for s in ("paper", scale)
+        OmegaConf.to_container(compose("config", overrides=[f"+experiment={experiment}", *s, *searchpath]))
+        for s in scales
     )
     return {"experiment": experiment, **recipe.deviations(composed, paper, scaled, init_record)}
 
