@@ -55,7 +55,7 @@ def run(cfg: DictConfig) -> dict:
         return {"metrics": {}}
     backbone = objective.trained_backbone()
     contracts.conform(backbone, contracts.Backbone, "backbone")
-    recipe = objective.export(output_dir)
+    exported = objective.export(output_dir)
     scores, eval_kwh = evaluate(evaluation, backbone, initial_backbone, datamodule, trainer, cfg)
     account(budget, eval_kwh, backbone, objective)
     results = {
@@ -74,7 +74,7 @@ def run(cfg: DictConfig) -> dict:
         "energy": budget["energy"],
         "embedding": scores["embedding"],
         "artifacts": {
-            "backbone_weights": recipe["weights"],
+            "backbone_weights": exported["weights"],
             "checkpoints": str(output_dir / "checkpoints"),
             "csv_metrics": str(output_dir / "csv" / "metrics.csv"),
             "wandb_dir": str(output_dir / "wandb"),

@@ -16,7 +16,6 @@ scored (``--model_ema_eval``).
 from __future__ import annotations
 
 import copy
-import math
 import time
 from contextlib import nullcontext
 from functools import partial
@@ -35,6 +34,7 @@ from greenlab.data.base import ItemDataset
 from greenlab.data.fundus import finetune_eval_transform, finetune_transform
 from greenlab.evaluation.embeddings import pool
 from greenlab.evaluation.linear_probe import auroc
+from greenlab.objectives.optim import warmup_cosine_factor
 
 METRICS = ("accuracy", "auroc", "kappa", "f1_weighted")
 
@@ -184,10 +184,7 @@ class KFoldFineTune:
     def lr_factor(self, step: int, total: int, warmup: int) -> float:
         """Multiplier of ``lr`` at optimiser step ``step``: linear from 0 over ``warmup`` steps, then a half
         cosine to ``min_lr`` at ``total`` (nn-MobileNet / ConvNeXt ``utils.cosine_scheduler``)."""
-        if step < warmup:
-            return step / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return (self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * progress))) / self.lr
+        return warmup_cosine_factor(step, self.lr, 0.0, self.min_lr, warmup, total)
 
     @torch.no_grad()
     def _predict(
