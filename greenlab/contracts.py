@@ -54,7 +54,8 @@ class Objective(Protocol):
 class Evaluation(Protocol):
     """Scores a frozen (or fine-tuned copy of a) backbone on a datamodule's labelled sets.
 
-    ``__call__(backbone, datamodule, device)`` -> ``{"metrics": {...}, "embedding": {...}}``;
+    ``__call__(backbone, datamodule, device)`` -> ``{"metrics": {...}, "embedding": {...}}`` and, where it
+    resamples, ``"arrays": {name: np.ndarray}`` (saved as bootstrap.npz beside results.json);
     ``markdown(metrics)``: its section of results.md; ``optimized_metric``: the metrics key a sweeper
     optimises; ``requires``: protocols the datamodule must satisfy.
     """
@@ -72,12 +73,17 @@ class DataModule(Protocol):
     """A LightningDataModule with label tasks and held-out probe sets.
 
     ``tasks``: one ``Task`` per label column; ``probe_dataloaders()``: (probe-train, held-out) loaders of
-    ``(image, labels)``; ``describe()``: sizes and tasks for results.json.
+    ``(image, labels)``; ``held_out_ids()``: the held-out items' ids in that loader's order;
+    ``dataset_name``: what evaluations and ``greenlab.compare`` call the data; ``describe()``: sizes, tasks
+    and split for results.json.
     """
 
     tasks: list
+    dataset_name: str
 
     def probe_dataloaders(self) -> tuple: ...
+
+    def held_out_ids(self) -> list[str]: ...
 
     def describe(self) -> dict: ...
 

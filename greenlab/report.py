@@ -7,17 +7,24 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
+
 from greenlab import recipe
 
 
-def write_results(results: dict, output_dir: Path, evaluation_section: list[str]) -> tuple[Path, Path]:
-    """Write results.json + results.md (``evaluation_section``: the evaluation's own lines) into
-    ``output_dir``; refuses to replace an existing results.json."""
-    json_path, md_path = output_dir / "results.json", output_dir / "results.md"
-    if json_path.exists():
-        raise FileExistsError(
-            f"{json_path} already exists: greenlab never overwrites an earlier run's results"
-        )
+def write_results(
+    results: dict, output_dir: Path, evaluation_section: list[str], arrays: dict | None = None
+) -> tuple[Path, Path]:
+    """Write results.json + results.md (``evaluation_section``: the evaluation's own lines) and, when the
+    evaluation resampled, bootstrap.npz (``arrays``) into ``output_dir``; never replaces any of them."""
+    json_path, md_path, npz_path = (output_dir / n for n in ("results.json", "results.md", "bootstrap.npz"))
+    for path in (json_path, npz_path):
+        if path.exists():
+            raise FileExistsError(
+                f"{path} already exists: greenlab never overwrites an earlier run's results"
+            )
+    if arrays:
+        np.savez_compressed(npz_path, **arrays)
     json_path.write_text(json.dumps(_finite(results), indent=2, default=str))
     md_path.write_text(markdown(results, evaluation_section))
     return json_path, md_path
@@ -42,7 +49,38 @@ def markdown(results: dict, evaluation_section: list[str]) -> str:
         *recipe.markdown(results["recipe"]),
     ]
     lines += evaluation_section
+    lines += (
+        _compute(c, e)
+        if "train_flops" in c
+        else [
+            "",
+            "## Compute and energy (evaluation only)",
+            "",
+            f"No pre-training: {results.get('pretraining')}.",
+            "",
+            f"- parameters (backbone): {c['params']:,}",
+            f"- energy, evaluation: {e['kwh']:.6f} kWh; CO2e {e['co2e_kg'] * 1000:.3f} g "
+            f"(x {e['carbon_intensity_kg_per_kwh']} kg/kWh, PUE {e['pue']}); {e['method']}",
+        ]
+    )
     lines += [
+        "",
+        "## Embeddings",
+        "",
+    ]
+    if emb:
+        lines += [
+            f"- {emb['dim']}-d {emb['dtype']} ({emb['bytes_per_image']} bytes per image), pooling `{emb['pooling']}`",
+            f"- throughput {emb['throughput_img_s']:.1f} img/s ({emb['throughput_method']})",
+        ]
+    else:
+        lines.append("- not computed (no labelled data)")
+    return "\n".join(lines) + "\n"
+
+
+def _compute(c: dict, e: dict) -> list[str]:
+    """The pre-training compute and energy table."""
+    return [
         "",
         "## Compute and energy (pre-training)",
         "",
@@ -59,18 +97,7 @@ def markdown(results: dict, evaluation_section: list[str]) -> str:
         f"| energy, whole run | {e['kwh']:.6f} kWh |",
         f"| CO2e, whole run | {e['co2e_kg'] * 1000:.3f} g (x {e['carbon_intensity_kg_per_kwh']} kg/kWh, PUE {e['pue']}) |",
         f"| energy method | {e['method']} |",
-        "",
-        "## Embeddings",
-        "",
     ]
-    if emb:
-        lines += [
-            f"- {emb['dim']}-d {emb['dtype']} ({emb['bytes_per_image']} bytes per image), pooling `{emb['pooling']}`",
-            f"- throughput {emb['throughput_img_s']:.1f} img/s ({emb['throughput_method']})",
-        ]
-    else:
-        lines.append("- not computed (no labelled data)")
-    return "\n".join(lines) + "\n"
 
 
 def _initialisation(init: dict) -> str:

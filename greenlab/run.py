@@ -75,13 +75,14 @@ def run(cfg: DictConfig) -> dict:
         "embedding": scores["embedding"],
         "artifacts": {
             "backbone_weights": exported["weights"],
+            "bootstrap": str(output_dir / "bootstrap.npz") if scores.get("arrays") else None,
             "checkpoints": str(output_dir / "checkpoints"),
             "csv_metrics": str(output_dir / "csv" / "metrics.csv"),
             "wandb_dir": str(output_dir / "wandb"),
         },
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    report(results, evaluation, trainer, output_dir)
+    report(results, evaluation, trainer, output_dir, scores.get("arrays"))
     return results
 
 
@@ -152,6 +153,7 @@ def evaluate(
     scores = evaluation(backbone, datamodule, device)
     if initial_backbone is not None:
         scores["metrics"]["initial_backbone"] = evaluation(initial_backbone, datamodule, device)["metrics"]
+        scores["metrics"]["initial_backbone"].pop("probe_datasets", None)  # described once, above
     return scores, meter.read() / JOULES_PER_KWH
 
 
@@ -166,15 +168,16 @@ def account(budget: dict, eval_kwh: float, backbone, objective) -> None:
     )
 
 
-def report(results: dict, evaluation, trainer, output_dir: Path) -> None:
-    """results.json, results.md (the evaluation's own section inside), the final values to every logger."""
-    json_path, md_path = write_results(results, output_dir, evaluation.markdown(results["metrics"]))
-    _log_final(trainer, results)
+def report(results: dict, evaluation, trainer, output_dir: Path, arrays: dict | None) -> None:
+    """results.json, results.md (the evaluation's own section inside), bootstrap.npz (``arrays``), the final
+    values to every logger."""
+    json_path, md_path = write_results(results, output_dir, evaluation.markdown(results["metrics"]), arrays)
+    log_final(trainer.loggers, trainer.global_step, results)
     print(
         f"\ngreenlab: {results['experiment']} finished\n  results: {json_path}\n  report:  {md_path}\n"
         f"  weights: {results['artifacts']['backbone_weights']}"
     )
-    _finish_wandb()
+    finish_wandb()
 
 
 def resume_checkpoint(output_dir: Path) -> Path | None:
@@ -218,23 +221,29 @@ def _final_loss(trainer) -> float | None:
     return float(value) if value is not None else None
 
 
-def _log_final(trainer, results: dict) -> None:
+def log_final(loggers: list, step: int, results: dict) -> None:
+    """The final metrics, compute, energy and embedding figures (``final/...``) and the recipe's deviations
+    (a W&B table) to each logger."""
     flat = {f"final/{k}": v for k, v in results["metrics"].items() if isinstance(v, int | float)}
     for section in ("compute", "energy", "embedding"):
         flat.update(
-            {f"final/{section}/{k}": v for k, v in results[section].items() if isinstance(v, int | float)}
+            {
+                f"final/{section}/{k}": v
+                for k, v in (results[section] or {}).items()
+                if isinstance(v, int | float)
+            }
         )
     deviations = [
         [str(d[k]) for k in ("key", "paper", "used", "why")] for d in results["recipe"]["deviations"]
     ]
-    for lg in trainer.loggers:
-        lg.log_metrics(flat, step=trainer.global_step)
+    for lg in loggers:
+        lg.log_metrics(flat, step=step)
         if deviations and hasattr(lg, "log_table"):  # W&B: the recipe's deviations as a table
             lg.log_table(key="recipe/deviations", columns=["key", "paper", "used", "why"], data=deviations)
         lg.save()
 
 
-def _finish_wandb() -> None:
+def finish_wandb() -> None:
     wandb = sys.modules.get("wandb")  # imported only when a W&B logger was configured
     if wandb is not None and wandb.run is not None:
         wandb.finish()

@@ -28,7 +28,8 @@ TINY_RUN = [  # retfound_green
     "+backbone.model_kwargs.depth=2",
     "+backbone.model_kwargs.num_heads=2",
     *TINY_DATA,
-    "evaluation.bootstrap=10",
+    "evaluation.bootstrap_resamples=10",
+    "evaluation.ci_resamples=10",
 ]
 TINY_SPARSE_CNN = [  # sparse_cnn_mae: ReXNet width 1.0, 64 px (a 2x2 mask grid), 2 folds of 1 epoch
     "img_size=64",
@@ -49,7 +50,8 @@ TINY_MAE = [  # mae_baseline: a 2-block ViT/16 at 32 px (4 patches, 1 visible), 
     "objective.decoder_depth=1",
     "objective.decoder_heads=2",
     *TINY_DATA,
-    "evaluation.bootstrap=10",
+    "evaluation.bootstrap_resamples=10",
+    "evaluation.ci_resamples=10",
 ]
 TINY_3D = [  # greenrfm_stage1_medmnist3d: ResNet-10 on 16^3 volumes, {npz_3d} is filled in by the test
     "data.path={npz_3d}",
@@ -57,7 +59,8 @@ TINY_3D = [  # greenrfm_stage1_medmnist3d: ResNet-10 on 16^3 volumes, {npz_3d} i
     "data.batch_size=4",
     "data.num_workers=0",
     "trainer.max_epochs=1",
-    "evaluation.bootstrap=10",
+    "evaluation.bootstrap_resamples=10",
+    "evaluation.ci_resamples=10",
 ]
 TINY_GREENRFM = [  # greenrfm(_lite): 24 generated studies at 20 x 20 x 30 mm, ResNet-10, a 1-layer BERT
     "data.num_volumes=24",
@@ -76,7 +79,8 @@ TINY_GREENRFM = [  # greenrfm(_lite): 24 generated studies at 20 x 20 x 30 mm, R
     "objective.latent_dim=16",
     "objective.stage1_epochs=1",
     "trainer.max_epochs=2",
-    "evaluation.linear_probe.bootstrap=10",
+    "evaluation.linear_probe.bootstrap_resamples=10",
+    "evaluation.linear_probe.ci_resamples=10",
 ]
 TINY = {
     "retfound_green": TINY_RUN,

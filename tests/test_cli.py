@@ -204,7 +204,7 @@ def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path, data_dir):
     common = [
         "objective=label_supervised", "data=medmnist", f"data.path={tmp_path / 'tiny2d.npz'}", "data.augmentation=none",
         "data.num_workers=0", "img_size=28", "backbone.weights=random", "+backbone.model_kwargs.embed_dim=48",
-        "+backbone.model_kwargs.depth=2", "+backbone.model_kwargs.num_heads=2", "evaluation.bootstrap=10",
+        "+backbone.model_kwargs.depth=2", "+backbone.model_kwargs.num_heads=2", "evaluation.bootstrap_resamples=10", "evaluation.ci_resamples=10",
         "trainer.max_epochs=3", f"paths.data_dir={data_dir}",
     ]  # fmt: skip
     ddp, single = tmp_path / "ddp", tmp_path / "single"

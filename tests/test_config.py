@@ -19,7 +19,9 @@ SNAPSHOTS = REPO / "tests" / "config_snapshots"
 RULES = {"_target_": "greenlab.labels.rules.RuleLabeller", "vocabulary": "ctrate18"}
 PROBE_IN_ZERO_SHOT_BEFORE = {"_target_": "greenlab.evaluation.linear_probe.LinearProbe", "pooling": "mean_all",
                              "bootstrap": 100}  # fmt: skip
-PROBE_IN_ZERO_SHOT_NOW = {**PROBE_IN_ZERO_SHOT_BEFORE, "C": 1.0, "max_iter": 20000, "seed": 42, "bf16": False}
+PROBE_IN_ZERO_SHOT_NOW = {"_target_": "greenlab.evaluation.linear_probe.LinearProbe", "pooling": "mean_all", "C": 1.0,
+                          "max_iter": 20000, "bootstrap_resamples": 100, "ci_resamples": 1000, "seed": 42,
+                          "bf16": False, "datasets": {}}  # fmt: skip
 DEMO_TEMPLATES = [["There is {finding}.", "There is no {finding}."], ["{Finding} is present.", "{Finding} is not present."],
                   ["Findings consistent with {finding}.", "No evidence of {finding}."]]  # fmt: skip
 INTENTIONAL = {  # dotted key: the (before, now) pairs allowed
@@ -69,6 +71,15 @@ INTENTIONAL = {  # dotted key: the (before, now) pairs allowed
     "evaluation.mixup": [(None, 0.8), (None, 0.0)],
     "evaluation.cutmix": [(None, 1.0), (None, 0.0)],
     "evaluation.ema_decay": [(None, 0.9999)],
+    # --- issue #14, comparisons: the paper's 100 resamples named as such, 1,000 for the interval, external probe
+    # sets (data.group_column / split_column: new, null)
+    "evaluation.bootstrap": [(100, None)],
+    "evaluation.bootstrap_resamples": [(None, 100)],
+    "evaluation.ci_resamples": [(None, 1000)],
+    "evaluation.datasets": [(None, {})],
+    # the normalisation a ViT's weights expect, in its backbone config (python -m greenlab.evaluate feeds the data)
+    "backbone.mean": [(None, [0.5, 0.5, 0.5]), (None, [0.485, 0.456, 0.406])],
+    "backbone.std": [(None, [0.5, 0.5, 0.5]), (None, [0.229, 0.224, 0.225])],
 }
 
 

@@ -4,9 +4,9 @@ import torch
 from PIL import Image
 
 from greenlab.config import build
-from greenlab.data.base import held_out
 from greenlab.data.embedded import generate
 from greenlab.data.fundus import field_of_view_box
+from greenlab.data.splits import held_out
 from tests.conftest import shared_data
 
 

@@ -5,7 +5,11 @@ import torch
 from greenlab.compute.energy import EnergyMeter, co2e_kg
 from greenlab.config import build
 from greenlab.evaluation.embeddings import pool
-from greenlab.evaluation.linear_probe import auroc
+from greenlab.evaluation.statistics import MACRO, one_vs_rest_auroc
+
+
+def auroc(y, proba, classes):
+    return one_vs_rest_auroc(y, proba, classes)[MACRO]
 
 
 def test_auroc_binary_and_multiclass():
@@ -22,13 +26,13 @@ def test_probe_separates_separable_embeddings_and_fails_on_noise():
     rng = np.random.default_rng(0)
     y_train, y_test = rng.integers(0, 2, 200), rng.integers(0, 2, 100)
     signal = lambda y: rng.normal(0, 1, (len(y), 16)) + 3.0 * y[:, None]  # noqa: E731
-    good = build("evaluation/linear_probe", bootstrap=20).probe_task(
+    good = build("evaluation/linear_probe", bootstrap_resamples=20, ci_resamples=20).probe_task(
         signal(y_train), y_train, signal(y_test), y_test
-    )
+    )[0]
     assert good["auroc"] > 0.99 and good["accuracy"] > 0.95 and good["auroc_ci95"][0] > 0.95
-    noise = build("evaluation/linear_probe", bootstrap=20).probe_task(
+    noise = build("evaluation/linear_probe", bootstrap_resamples=20, ci_resamples=20).probe_task(
         rng.normal(size=(200, 16)), y_train, rng.normal(size=(100, 16)), y_test
-    )
+    )[0]
     assert 0.3 < noise["auroc"] < 0.7
 
 
@@ -38,7 +42,7 @@ def test_probe_ignores_missing_labels():
     x = rng.normal(size=(100, 4)) + 4.0 * y[:, None]
     y_missing = y.copy()
     y_missing[:30] = -1
-    result = build("evaluation/linear_probe", bootstrap=0).probe_task(x, y_missing, x, y_missing)
+    result = build("evaluation/linear_probe", bootstrap_resamples=0).probe_task(x, y_missing, x, y_missing)[0]
     assert result["n_train"] == 70 and result["n_test"] == 70
 
 

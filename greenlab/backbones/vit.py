@@ -29,13 +29,27 @@ from greenlab.warnings_banner import loud_warning
 log = logging.getLogger(__name__)
 
 
-def create_vit(model_name: str, img_size: int, weights: str, model_kwargs: dict | None) -> nn.Module:
-    """A timm ViT without classifier head (``num_classes=0``) at ``img_size`` px.
+PRETRAINING_ONLY = ("decoder", "mask_token", "dino_head", "ibot_head", "head.")  # key prefixes no encoder has
+
+
+def create_vit(
+    model_name: str, img_size: int, weights: str, mean: list, std: list, model_kwargs: dict | None
+) -> nn.Module:
+    """A timm model without classifier head (``num_classes=0``): a ViT at ``img_size`` px, or any other
+    timm model by name (CNNs take any input size). ``mean`` / ``std``: the normalisation its weights expect
+    (``pretrained_cfg``; ``python -m greenlab.evaluate`` gives them to the data).
 
     Returns the model with ``init_record`` and ``recipe`` (see greenlab/backbones/weights.py).
     """
     kwargs = dict(model_kwargs or {})
-    model = timm.create_model(model_name, pretrained=False, img_size=img_size, num_classes=0, **kwargs)
+    try:
+        model = timm.create_model(model_name, pretrained=False, img_size=img_size, num_classes=0, **kwargs)
+    except TypeError as err:  # a model without an input size (CNNs)
+        if "img_size" not in str(err):
+            raise
+        model = timm.create_model(model_name, pretrained=False, num_classes=0, **kwargs)
+    model.pretrained_cfg = {**model.pretrained_cfg, "mean": tuple(mean), "std": tuple(std),
+                            "input_size": (3, img_size, img_size)}  # fmt: skip
     init = init_record(weights)
 
     if weights in ("cached", "hub"):
@@ -59,8 +73,11 @@ def create_vit(model_name: str, img_size: int, weights: str, model_kwargs: dict 
             )
     elif weights != "random":
         path = Path(weights).expanduser()
-        load_weights_file(model, path)
+        dropped = load_weights_file(model, path)
         init.update(used="file", source=str(path.resolve()))
+        if dropped:
+            init["note"] = f"pre-training-only keys left out: {_summary(dropped)}"
+            log.info("%s: %s", path, init["note"])
 
     if init["used"] == "random" and weights != "random":
         loud_warning(
@@ -71,8 +88,17 @@ def create_vit(model_name: str, img_size: int, weights: str, model_kwargs: dict 
         )
     model.init_record = init
     model.recipe = {"factory": f"{__name__}.create_vit", "model_name": model_name, "img_size": img_size,
-                    "model_kwargs": kwargs}  # fmt: skip
+                    "mean": list(mean), "std": list(std), "model_kwargs": kwargs}  # fmt: skip
     return model
+
+
+def _summary(keys: list[str]) -> str:
+    """``decoder_blocks.* (96 keys), mask_token``: dropped keys grouped by their first name part."""
+    groups: dict[str, int] = {}
+    for key in keys:
+        head = key.split(".")[0]
+        groups[head] = groups.get(head, 0) + 1
+    return ", ".join(f"{h}.* ({n} keys)" if n > 1 else h for h, n in groups.items())
 
 
 def _cached_hub_file(hub_id: str) -> Path | None:
@@ -110,18 +136,20 @@ def is_dinov2_format(state: dict[str, torch.Tensor]) -> bool:
     return "mask_token" in keys or "register_tokens" in keys
 
 
-def load_weights_file(model: nn.Module, path: Path) -> None:
-    """Load a timm- or DINOv2-format file into ``model``; position embeddings resampled to its grid."""
-    state = read_state_dict(Path(path))
-    state = (
-        convert_dinov2_state_dict(state)
-        if is_dinov2_format(state)
-        else {strip_prefix(k): v for k, v in state.items()}
-    )
-    state = {k: v for k, v in state.items() if not k.startswith("head.")}  # we build with num_classes=0
+def load_weights_file(model: nn.Module, path: Path) -> list[str]:
+    """Load a timm-, MAE- (RETFound-MEH) or DINOv2-format (RETFound-DINOv2: its teacher) file into
+    ``model``; position embeddings resampled to its grid. Returns the keys left out: a pre-training decoder,
+    mask token, DINO / iBOT heads, a classifier head (``PRETRAINING_ONLY``)."""
+    state = {strip_prefix(k): v for k, v in read_state_dict(Path(path)).items()}
+    dinov2 = is_dinov2_format(state)
+    dropped = sorted(k for k in state if k.startswith(PRETRAINING_ONLY))
+    state = {k: v for k, v in state.items() if k not in dropped}
+    if dinov2:
+        state = convert_dinov2_state_dict(state)
     if "pos_embed" in state and state["pos_embed"].shape != model.pos_embed.shape:
         prefix = 0 if model.no_embed_class else model.num_prefix_tokens
         state["pos_embed"] = resample_abs_pos_embed(
             state["pos_embed"], new_size=model.patch_embed.grid_size, num_prefix_tokens=prefix
         )
     load_exactly(model, state, path)
+    return dropped

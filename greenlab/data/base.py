@@ -8,7 +8,6 @@ A sample is ``(image, labels)``: image (C, H, W) float tensor (or (1, D, H, W) f
 from __future__ import annotations
 
 import csv
-import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +60,7 @@ class ImageDataModule(L.LightningDataModule):
         self.pretrain_set: Dataset | None = None
         self.probe_train_set: Dataset | None = None
         self.probe_test_set: Dataset | None = None
+        self.split: dict = {}  # how the held-out images were chosen (greenlab/data/splits.py), for results.json
 
     worker_init_fn = None  # a DataLoader worker_init_fn (None: Lightning seeds the workers)
 
@@ -82,8 +82,19 @@ class ImageDataModule(L.LightningDataModule):
             "pretrain_images": size(self.pretrain_set),
             "probe_train_images": size(self.probe_train_set),
             "probe_test_images": size(self.probe_test_set),
+            "dataset": self.dataset_name,
             "tasks": [{"name": t.name, "num_classes": t.num_classes} for t in self.tasks],
+            "split": self.split,
         }
+
+    def held_out_ids(self) -> list[str]:
+        """The held-out images' ids, in the order of the held-out loader (``greenlab.compare`` checks them)."""
+        return list(self.probe_test_set.ids)
+
+    @property
+    def dataset_name(self) -> str:
+        """The name evaluations and ``greenlab.compare`` know this data by (a file's or folder's name)."""
+        return type(self).__name__
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
         if dataset is None:
@@ -108,9 +119,3 @@ class ImageDataModule(L.LightningDataModule):
             writer.writerow(["path", "reason"])
             writer.writerows(skipped)
         return path
-
-
-def held_out(item_id: str, fraction: float, seed: int) -> bool:
-    """Deterministic split: the same id always lands on the same side, whatever the other files are."""
-    digest = hashlib.sha1(f"{seed}:{item_id}".encode()).hexdigest()
-    return int(digest[:8], 16) / 0xFFFFFFFF < fraction

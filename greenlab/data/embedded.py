@@ -136,7 +136,7 @@ class EmbeddedFundusDataModule(FundusFolderDataModule):
         self.cache_dir = Path(cache_dir)
         # the generated folder's layout and handling: labels.csv by image_id, a field of view to crop, no bad file
         super().__init__(root=str(self.cache_dir), labels_csv=None, id_column="image_id", label_columns=None,
-                         fov_crop=True, verify=True, skip_bad=False, **kwargs)  # fmt: skip
+                         group_column=None, split_column=None, fov_crop=True, verify=True, skip_bad=False, **kwargs)  # fmt: skip
 
     def prepare_data(self) -> None:
         generate(self.cache_dir, **self.generator_args)
@@ -145,3 +145,7 @@ class EmbeddedFundusDataModule(FundusFolderDataModule):
         folder = generate(self.cache_dir, **self.generator_args)
         self.root, self.labels_csv = folder / "images", folder / "labels.csv"
         super().setup(stage)
+
+    @property
+    def dataset_name(self) -> str:
+        return "embedded_fundus"

@@ -263,7 +263,8 @@ class EmbeddedCTDataModule(CTDataModule):
         self.generated_root = Path(root)
         # the generated manifest's layout; labels come from the reports, text-only reports from the generator
         super().__init__(manifest=str(self.generated_root / "pending.csv"), volume_column="volume",
-                         report_column="report", label_columns=None, text_only_reports=None, **kwargs)  # fmt: skip
+                         report_column="report", label_columns=None, text_only_reports=None,
+                         group_column=None, **kwargs)  # fmt: skip
 
     def prepare_data(self) -> None:
         self._generate()

@@ -3,6 +3,8 @@
 Labels CSV: one row per image, an id column (matched against the image's path relative to the folder,
 with or without extension, or its file name / stem) and one column per label task. Integer labels are
 used as they are; text labels are numbered in sorted order. An empty cell = no label for that task.
+Optional columns that are not tasks: a group column (patient / subject id; all images of a group land on
+one side of the held-out split) and a split column (the dataset's official train / val / test).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from greenlab.data.base import ImageDataModule, ItemDataset, Task, held_out
+from greenlab.data import splits
+from greenlab.data.base import ImageDataModule, ItemDataset, Task
 from greenlab.data.fundus import PRETRAIN_TRANSFORMS, crop_field_of_view, eval_transform
 
 log = logging.getLogger(__name__)
@@ -26,8 +29,11 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 class FundusFolderDataModule(ImageDataModule):
     """Args:
     root: folder of photographs. labels_csv: optional CSV (see module doc); id_column: its id column;
-    label_columns: task columns (default: every other column). held_out_fraction / split_seed: the
-    deterministic held-out split (by image id) for probe evaluation; pre-training uses the other images.
+    label_columns: task columns (default: every other column but the group and split columns).
+    group_column: patient / subject id column (None: ``splits.GROUP_COLUMNS`` when the CSV has one); the
+    held-out split is then by group, stratified by the first task. split_column: the official split column
+    (train / val / test) instead. held_out_fraction / split_seed: the deterministic held-out split for
+    probe evaluation (by group, else by image id); pre-training uses the other images.
     img_size: network input px; mean/std: normalisation; augmentation: pre-training augmentations,
     ``retfound_green`` or ``spark`` (greenlab/data/fundus.py). fov_crop: crop the black border first.
     max_side: downsample after cropping (px). verify: decode every image in ``setup`` so a bad file fails
@@ -41,6 +47,8 @@ class FundusFolderDataModule(ImageDataModule):
         labels_csv: str | None,
         id_column: str,
         label_columns: list[str] | None,
+        group_column: str | None,
+        split_column: str | None,
         held_out_fraction: float,
         split_seed: int,
         img_size: int,
@@ -57,6 +65,7 @@ class FundusFolderDataModule(ImageDataModule):
         self.root = Path(root).expanduser()
         self.labels_csv = Path(labels_csv).expanduser() if labels_csv else None
         self.id_column, self.label_columns = id_column, label_columns
+        self.group_column, self.split_column = group_column, split_column
         self.held_out_fraction, self.split_seed = held_out_fraction, split_seed
         self.img_size, self.mean, self.std = img_size, tuple(mean), tuple(std)
         self.augmentation = augmentation
@@ -71,21 +80,21 @@ class FundusFolderDataModule(ImageDataModule):
         if self.verify:
             paths = self._verified(paths, skipped)
         ids = [p.relative_to(self.root).with_suffix("").as_posix() for p in paths]
-        labels = self._read_labels(paths, ids, skipped) if self.labels_csv else torch.full((len(ids), 0), -1)
-        if self.labels_csv:  # drop the images listed for having no label row (skip_bad)
+        labels, meta = torch.full((len(ids), 0), -1), {}
+        if self.labels_csv:
+            labels, meta = self._read_labels(paths, ids, skipped)
+            # drop the images listed for having no label row (skip_bad)
             unlabelled = {path for path, _ in skipped}
             keep = [i for i, p in enumerate(paths) if str(p) not in unlabelled]
             paths, ids, labels = [paths[i] for i in keep], [ids[i] for i in keep], labels[keep]
+            meta = {k: v if isinstance(v, str) else [v[i] for i in keep] for k, v in meta.items()}
         if skipped:
             listed = self.write_skip_list(skipped)
             log.warning(
                 "skipped %d of the images under %s; the list is in %s", len(skipped), self.root, listed
             )
         self.skipped = skipped
-        # the held-out split only serves evaluation: without labels every image is for pre-training
-        test = [bool(self.tasks) and held_out(i, self.held_out_fraction, self.split_seed) for i in ids]
-        train_idx = [i for i, t in enumerate(test) if not t]
-        test_idx = [i for i, t in enumerate(test) if t]
+        train_idx, probe_train_idx, test_idx = self._split(ids, labels, meta)
         train_tf = PRETRAIN_TRANSFORMS[self.augmentation](self.img_size, self.mean, self.std)
         eval_tf = eval_transform(self.img_size, self.mean, self.std)
 
@@ -97,8 +106,42 @@ class FundusFolderDataModule(ImageDataModule):
 
         self.pretrain_set = subset(train_idx, train_tf)
         if self.tasks:
-            self.probe_train_set = subset(train_idx, eval_tf)
+            self.probe_train_set = subset(probe_train_idx, eval_tf)
             self.probe_test_set = subset(test_idx, eval_tf)
+
+    def _split(self, ids: list[str], labels: torch.Tensor, meta: dict) -> tuple[list, list, list]:
+        """(pre-training, probe-train, held-out) indices; the method into ``self.split``. Without labels
+        every image is for pre-training (the held-out split only serves evaluation)."""
+        everything = list(range(len(ids)))
+        if not self.tasks:
+            self.split = {"method": "none (no labels: every image pre-trains)", "images_train": len(ids)}
+            return everything, [], []
+        if "split" in meta:
+            sides, self.split = splits.official(meta["split"], self.split_column, str(self.labels_csv))
+            scored = "test" if "test" in sides else "val"
+            self.split["held_out_side"] = scored
+            test = [i for i in everything if sides[i] == scored]
+            return (
+                [i for i in everything if sides[i] != scored],
+                [i for i in everything if sides[i] == "train"],
+                test,
+            )
+        if "group" in meta:
+            flags, self.split = splits.by_group(
+                meta["group"],
+                labels[:, 0].tolist(),
+                self.held_out_fraction,
+                self.split_seed,
+                meta["group_column"],
+            )
+        else:
+            flags, self.split = splits.by_id(ids, self.held_out_fraction, self.split_seed)
+        train = [i for i in everything if not flags[i]]
+        return train, train, [i for i in everything if flags[i]]
+
+    @property
+    def dataset_name(self) -> str:
+        return self.root.name
 
     def load(self, path: Path) -> Image.Image:
         """One photograph as RGB, field-of-view cropped when configured."""
@@ -133,8 +176,9 @@ class FundusFolderDataModule(ImageDataModule):
                 skipped.append((str(path), reason))
         return good
 
-    def _read_labels(self, paths: list[Path], ids: list[str], skipped: list) -> torch.Tensor:
-        """(N, T) int64 labels for ``paths`` (-1 = no label); fills ``self.tasks``."""
+    def _read_labels(self, paths: list[Path], ids: list[str], skipped: list) -> tuple[torch.Tensor, dict]:
+        """(N, T) int64 labels for ``paths`` (-1 = no label), and {"group": [...], "split": [...]} for the
+        columns that are given; fills ``self.tasks``."""
         if not self.labels_csv.is_file():
             raise FileNotFoundError(f"labels CSV not found: {self.labels_csv}")
         table = pd.read_csv(self.labels_csv, dtype={self.id_column: str})
@@ -145,10 +189,20 @@ class FundusFolderDataModule(ImageDataModule):
         if table[self.id_column].duplicated().any():
             dup = table[self.id_column][table[self.id_column].duplicated()].tolist()[:5]
             raise ValueError(f"{self.labels_csv}: duplicate ids in {self.id_column!r}: {dup}")
-        columns = list(self.label_columns or [c for c in table.columns if c != self.id_column])
-        missing_cols = [c for c in columns if c not in table.columns]
+        group_column = self.group_column or next(
+            (c for c in splits.GROUP_COLUMNS if c in table.columns), None
+        )
+        if group_column and not self.group_column:
+            log.info(
+                "%s: images grouped by its %r column for the held-out split", self.labels_csv, group_column
+            )
+        not_tasks = {self.id_column, group_column, self.split_column} - {None}
+        columns = list(self.label_columns or [c for c in table.columns if c not in not_tasks])
+        missing_cols = [c for c in [*columns, *not_tasks] if c not in table.columns]
         if missing_cols:
-            raise ValueError(f"{self.labels_csv}: label columns {missing_cols} not found")
+            raise ValueError(
+                f"{self.labels_csv}: columns {missing_cols} not found (columns: {list(table.columns)})"
+            )
         coded = {}
         self.tasks = []
         for column in columns:
@@ -167,6 +221,8 @@ class FundusFolderDataModule(ImageDataModule):
             self.tasks.append(Task(column, max(2, int(numbers.max()) + 1)))
         row_of = {key: r for r, key in enumerate(table[self.id_column])}
         labels = torch.full((len(paths), len(columns)), -1, dtype=torch.int64)
+        meta_columns = {"group": group_column, "split": self.split_column}
+        meta = {k: [None] * len(paths) for k, c in meta_columns.items() if c}
         for i, (path, image_id) in enumerate(zip(paths, ids)):
             row = next((row_of[k] for k in (image_id, path.name, path.stem) if k in row_of), None)
             if row is None:
@@ -178,4 +234,8 @@ class FundusFolderDataModule(ImageDataModule):
                 skipped.append((str(path), reason))
                 continue
             labels[i] = torch.tensor([coded[c][row] for c in columns])
-        return labels
+            for key in meta:
+                meta[key][i] = table[meta_columns[key]].iloc[row]
+        if "group" in meta:
+            meta["group_column"] = group_column
+        return labels, meta

@@ -63,6 +63,15 @@ class MedMNISTDataModule(ImageDataModule):
         self.pretrain_set = self._dataset(arrays, "train", labels["train"], train_tf)
         self.probe_train_set = self._dataset(arrays, "train", labels["train"], eval_tf)
         self.probe_test_set = self._dataset(arrays, self.eval_split, labels[self.eval_split], eval_tf)
+        self.split = {
+            "method": f"official (probes fit on train, scored on {self.eval_split})",
+            "images_train": len(self.probe_train_set),
+            "images_held_out": len(self.probe_test_set),
+        }
+
+    @property
+    def dataset_name(self) -> str:
+        return self.path.stem
 
     def describe(self) -> dict:
         return {

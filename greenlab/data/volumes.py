@@ -26,7 +26,8 @@ from monai.data.utils import set_rnd
 from monai.data.utils import worker_init_fn as monai_worker_init_fn
 from tqdm.auto import tqdm
 
-from greenlab.data.base import MISSING, UNCERTAIN, ImageDataModule, Task, held_out
+from greenlab.data import splits
+from greenlab.data.base import MISSING, UNCERTAIN, ImageDataModule, Task
 from greenlab.labels import label_reports
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,8 @@ class VolumeDataModule(ImageDataModule):
     column), labeller (distil the labels from the reports instead: a ``conf/data/labeller`` object; written
     to report_labels.csv in the run folder and reused from there), pair_reports (training samples are
     (volume, report, labels), for image-text objectives), cache_dir (persistent cache of the deterministic
-    part), held_out_fraction / split_seed,
+    part), group_column (patient id: all studies of a patient on one side of the held-out split; None: a
+    ``splits.GROUP_COLUMNS`` column when the manifest has one, else by study id), held_out_fraction / split_seed,
     skip_bad (list bad volumes in skipped_inputs.csv instead of failing), text_only_reports (a CSV of more
     reports without a volume, ``report_column``, labelled by the ``labeller``: with ``pair_reports``, each
     training batch is then {"paired": (volumes, reports, labels), "text_only": (reports, labels)}, the
@@ -94,7 +96,7 @@ class VolumeDataModule(ImageDataModule):
     def __init__(self, manifest: str, volumes: dict[str, str], preprocessing: mt.Compose,
                  crops: tuple[mt.Compose, mt.Compose], geometry: dict, report_column: str | None,
                  label_columns: list[str] | None, labeller, pair_reports: bool, cache_dir: str | None,
-                 held_out_fraction: float, split_seed: int, skip_bad: bool, text_only_reports: str | None,
+                 group_column: str | None, held_out_fraction: float, split_seed: int, skip_bad: bool, text_only_reports: str | None,
                  text_only_batch_size: int, **loader_kwargs):  # fmt: skip
         super().__init__(**loader_kwargs)
         self.manifest = Path(manifest).expanduser()
@@ -102,7 +104,11 @@ class VolumeDataModule(ImageDataModule):
         self.label_columns, self.labeller, self.pair_reports = label_columns, labeller, pair_reports
         self.preprocess, self.crops, self.skip_bad = preprocessing, crops, skip_bad
         self.cache_dir = cache_dir and Path(cache_dir) / self.cache_key(geometry)
-        self.held_out_fraction, self.split_seed = held_out_fraction, split_seed
+        self.group_column, self.held_out_fraction, self.split_seed = (
+            group_column,
+            held_out_fraction,
+            split_seed,
+        )
         self.train_reports: list[str] = []
         self.test_reports: list[str] = []
         self.dropped_findings: list[str] = []
@@ -166,7 +172,12 @@ class VolumeDataModule(ImageDataModule):
         # split on the manifest's own (relative) entries: the same study lands on the same side wherever the
         # data folder lives
         ids = table[self.id_column].astype(str).tolist()
-        test = [held_out(i, self.held_out_fraction, self.split_seed) for i in ids]
+        group = self.group_column or next((c for c in splits.GROUP_COLUMNS if c in table.columns), None)
+        if group:  # by patient (hash of the patient id: multi-label findings, no stratification)
+            groups = table[group].astype(str).tolist()
+            test, self.split = splits.by_group(groups, None, self.held_out_fraction, self.split_seed, group)
+        else:
+            test, self.split = splits.by_id(ids, self.held_out_fraction, self.split_seed)
         train = torch.tensor([not t for t in test])
         labelled = ((labels[train] == 0) | (labels[train] == 1)).any(0)
         self.dropped_findings = [n for n, ok in zip(names, labelled.tolist()) if not ok]
@@ -234,7 +245,7 @@ class VolumeDataModule(ImageDataModule):
         return list(frame.columns), torch.from_numpy(array.astype(np.int64))
 
     def _non_label_columns(self) -> set:
-        return {*self.volumes.values(), self.report_column}
+        return {*self.volumes.values(), self.report_column, self.group_column, *splits.GROUP_COLUMNS}
 
     def _distilled_labels(self, table: pd.DataFrame, reports: list[str], cache: str) -> pd.DataFrame:
         """Labels from the report text (greenlab.labels), cached in the run folder: never recomputed."""
@@ -278,8 +289,8 @@ class VolumeDataModule(ImageDataModule):
         if not self.manifest.is_file():
             raise FileNotFoundError(f"manifest not found: {self.manifest}")
         table = pd.read_csv(self.manifest)
-        needed = [c for c in self._non_label_columns() if c]
-        absent = [c for c in needed if c not in table.columns and c != self.report_column]
+        needed = [*self.volumes.values(), self.group_column]
+        absent = [c for c in needed if c and c not in table.columns]
         if absent:
             raise ValueError(f"{self.manifest}: no column {absent[0]!r} (columns: {list(table.columns)})")
         if self.labeller and self.report_column not in table.columns:

@@ -33,7 +33,7 @@ from greenlab.contracts import FoldSource
 from greenlab.data.base import ItemDataset
 from greenlab.data.fundus import finetune_eval_transform, finetune_transform
 from greenlab.evaluation.embeddings import pool
-from greenlab.evaluation.linear_probe import auroc
+from greenlab.evaluation.statistics import MACRO, one_vs_rest_auroc
 from greenlab.objectives.optim import warmup_cosine_factor
 
 METRICS = ("accuracy", "auroc", "kappa", "f1_weighted")
@@ -208,7 +208,7 @@ class KFoldFineTune:
         return {
             "n_test": int(len(y)),
             "accuracy": float(accuracy_score(y, predicted)),
-            "auroc": auroc(y, proba, np.arange(num_classes)),
+            "auroc": one_vs_rest_auroc(y, proba, np.arange(num_classes))[MACRO],
             "kappa": float(cohen_kappa_score(y, predicted, weights=weights)),
             "f1_weighted": float(f1_score(y, predicted, average="weighted")),
         }
