@@ -207,7 +207,7 @@ def log_wandb(runs: list[Run], outcome: dict, files: dict, out: Path, mode: str)
 def _first_difference(a: np.ndarray, b: np.ndarray) -> str:
     for i, (x, y) in enumerate(zip(a, b)):
         if x != y:
-            return f"; first difference at position {i}: {x!r} vs {y!r}"
+            return f"; first difference at position {i}: {str(x)!r} vs {str(y)!r}"
     return ""
 
 

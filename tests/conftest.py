@@ -120,11 +120,13 @@ def shared_data(*parts: str) -> Path:
     return path
 
 
-def run_cli(*args: str, cwd: Path = REPO, check: bool = True) -> subprocess.CompletedProcess:
-    """``python -m greenlab <args>`` in a subprocess, offline; output captured."""
+def run_cli(
+    *args: str, cwd: Path = REPO, check: bool = True, module: str = "greenlab"
+) -> subprocess.CompletedProcess:
+    """``python -m <module> <args>`` (greenlab, greenlab.evaluate, ...) in a subprocess, offline; output captured."""
     env = {**os.environ, "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "greenlab", *args],
+        [sys.executable, "-m", module, *args],
         cwd=cwd,
         env=env,
         capture_output=True,
@@ -133,7 +135,7 @@ def run_cli(*args: str, cwd: Path = REPO, check: bool = True) -> subprocess.Comp
     )
     if check and proc.returncode != 0:
         raise AssertionError(
-            f"greenlab exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-6000:]}"
+            f"{module} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-6000:]}"
         )
     return proc
 

@@ -3,6 +3,7 @@
 import csv
 import json
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -80,6 +81,27 @@ def test_student_weights_saved_alone_and_timm_loadable(main_run):
     model.load_state_dict(state)  # strict
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert not any(k.startswith("teacher.") for k in checkpoint["state_dict"]), "the teacher is never saved"
+
+
+def test_evaluate_only_gives_the_training_runs_probe_numbers(main_run, data_dir, tmp_path):
+    """python -m greenlab.evaluate on the run's backbone.pth = the evaluation inside the training run."""
+    run_dir, _ = main_run
+    tiny = [o for o in TINY_RUN if not o.startswith(("trainer.", "data.batch_size"))]
+    run_cli(*tiny, f"backbone.weights={run_dir / 'backbone.pth'}", f"paths.data_dir={data_dir}",
+            f"hydra.run.dir={tmp_path / 'eval'}", module="greenlab.evaluate")  # fmt: skip
+    trained, evaluated = (json.loads((d / "results.json").read_text()) for d in (run_dir, tmp_path / "eval"))
+    assert evaluated["init"]["used"] == "file" and evaluated["objective"] is None
+    assert (
+        evaluated["preprocessing"]["mean"] == [0.5, 0.5, 0.5] and evaluated["preprocessing"]["img_size"] == 28
+    )
+    for name, task in trained["metrics"]["probe_tasks"].items():
+        again = evaluated["metrics"]["probe_tasks"][name]
+        for key in ("auroc", "auroc_point", "auprc", "balanced_accuracy"):
+            assert again[key] == pytest.approx(task[key], abs=1e-6), (name, key)
+    with np.load(run_dir / "bootstrap.npz") as a, np.load(tmp_path / "eval" / "bootstrap.npz") as b:
+        assert a.files == b.files and all(np.allclose(a[k], b[k], atol=1e-6, equal_nan=True) for k in a.files
+                                          if not k.startswith("ids/"))  # fmt: skip
+    assert "evaluation only" in (tmp_path / "eval" / "results.md").read_text()
 
 
 def test_metrics_logged_to_csv_and_wandb_offline(main_run):

@@ -36,8 +36,9 @@ def by_group(
 ) -> tuple[list[bool], dict]:
     """All images of a group on one side. With ``strata`` (one label per image, -1 = none), scikit-learn's
     ``StratifiedGroupKFold(round(1 / fraction), shuffle=True, random_state=seed)`` and its first fold held
-    out: the classes' shares kept on both sides as far as whole groups allow. Without, each group by the
-    hash of its name."""
+    out: the classes' shares kept on both sides as far as whole groups allow. Without, the
+    ``max(1, round(fraction x groups))`` groups first in the order of their names' hashes (a group keeps
+    its side when others are added, unless it sits at the boundary)."""
     groups = [str(g) for g in groups]
     distinct = sorted(set(groups))
     folds = max(2, round(1 / fraction))
@@ -47,8 +48,10 @@ def by_group(
             f"of {fraction} needs"
         )
     if strata is None:
-        flags = [held_out(g, fraction, seed) for g in groups]
-        method = f"grouped by {column!r} (hash of the group)"
+        by_hash = sorted(distinct, key=lambda g: hashlib.sha1(f"{seed}:{g}".encode()).hexdigest())
+        chosen = set(by_hash[: max(1, round(fraction * len(distinct)))])
+        flags = [g in chosen for g in groups]
+        method = f"grouped by {column!r} (groups in hash order)"
     else:
         splitter = StratifiedGroupKFold(folds, shuffle=True, random_state=seed)
         with warnings.catch_warnings():  # a class with fewer groups than folds: stratified as far as it goes

@@ -79,6 +79,11 @@ def macro_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
+def _mean(scores: dict) -> float:
+    valid = [v for v in scores.values() if not np.isnan(v)]
+    return float(np.mean(valid)) if valid else float("nan")
+
+
 class ZeroShot:
     """Args: templates (official pair names p1-p5, or pairs of format strings with {finding} / {Finding}),
     vocabulary (a labeller vocabulary, name or YAML: its mention phrases fill {finding}; None: the finding
@@ -133,25 +138,25 @@ class ZeroShot:
             image = torch.cat(latents).numpy()
             labels = torch.cat(labels).numpy()
             reports = model.encode_text(datamodule.test_reports).float().cpu().numpy()
-            scores, probabilities = {}, np.zeros(labels.shape)
-            for k, task in enumerate(datamodule.tasks):
-                positive, negative = prompts(task.name, self.templates, self.phrases.get(task.name, ()))
-                v_pos = model.encode_text(positive).float().mean(0).cpu().numpy()
-                v_neg = model.encode_text(negative).float().mean(0).cpu().numpy()
-                logits = np.stack([image @ v_pos, image @ v_neg], axis=1)
-                probabilities[:, k] = torch.softmax(torch.from_numpy(logits), dim=1)[:, 0].numpy()
-                scores[task.name] = macro_auroc(labels[:, k : k + 1], probabilities[:, k : k + 1])
+            scores, probabilities = self.diagnose(model, image, labels, datamodule.tasks, self.templates)
+            by_prompt = {name: self.diagnose(model, image, labels, datamodule.tasks, prompt_pairs([name]))[0]
+                         for name in OFFICIAL_PROMPTS}  # fmt: skip
+            by_prompt["p1-p5 averaged"] = self.diagnose(
+                model, image, labels, datamodule.tasks, prompt_pairs(OFFICIAL_PROMPTS)
+            )[0]
         model.train(was_training)
-        valid = [v for v in scores.values() if not np.isnan(v)]
+        pool = len(image)
         metrics = {
             **probed["metrics"],
-            "zero_shot_auroc_macro": float(np.mean(valid)) if valid else float("nan"),
+            "zero_shot_auroc_macro": _mean(scores),
             "zero_shot_auroc_macro_ci95": self.bootstrap_ci(labels, probabilities),
-            "zero_shot_findings_scored": len(valid),
+            "zero_shot_findings_scored": sum(not np.isnan(v) for v in scores.values()),
+            "zero_shot_auroc_macro_by_prompt": {name: _mean(v) for name, v in by_prompt.items()},
             **{f"zero_shot_auroc/{name}": value for name, value in scores.items()},
             **{f"report_to_volume_{k}": v for k, v in recall_at(self.similarity(reports, image)).items()},
             "retrieval_similarity": self.retrieval_similarity,
-            "retrieval_pool_size": len(image),
+            "retrieval_pool_size": pool,
+            **{f"report_to_volume_chance@{k}": min(k, pool) / pool for k in (1, 5, 10)},
             "prompt_templates": [list(t) for t in self.templates],
             "prompt_phrases": {
                 t.name: list(self.phrases.get(t.name, ())) or [t.name] for t in datamodule.tasks
@@ -165,7 +170,21 @@ class ZeroShot:
             "throughput_img_s": len(image) / seconds if seconds else float("nan"),
             "throughput_method": f"image encoder + projection (no data loading), {device.type}",
         }
-        return {"metrics": metrics, "embedding": embedding}
+        return {"metrics": metrics, "embedding": embedding, "arrays": probed.get("arrays", {})}
+
+    def diagnose(
+        self, model, image: np.ndarray, labels: np.ndarray, tasks, templates
+    ) -> tuple[dict, np.ndarray]:
+        """({finding: AUROC}, (N, findings) probabilities) of the zero-shot rule with these prompt pairs."""
+        scores, probabilities = {}, np.zeros(labels.shape)
+        for k, task in enumerate(tasks):
+            positive, negative = prompts(task.name, templates, self.phrases.get(task.name, ()))
+            v_pos = model.encode_text(positive).float().mean(0).cpu().numpy()
+            v_neg = model.encode_text(negative).float().mean(0).cpu().numpy()
+            logits = np.stack([image @ v_pos, image @ v_neg], axis=1)
+            probabilities[:, k] = torch.softmax(torch.from_numpy(logits), dim=1)[:, 0].numpy()
+            scores[task.name] = macro_auroc(labels[:, k : k + 1], probabilities[:, k : k + 1])
+        return scores, probabilities
 
     def similarity(self, reports: np.ndarray, volumes: np.ndarray) -> np.ndarray:
         """(N reports, N volumes) retrieval scores: cosine (both sides L2-normalised) or raw dot products."""
@@ -197,7 +216,11 @@ class ZeroShot:
             f"Report-to-volume retrieval over {pool} held-out studies: "
             + ", ".join(f"Recall@{k} {m[f'report_to_volume_recall@{k}']:.3f}" for k in (1, 5, 10))
             + " (chance "
-            + ", ".join(f"{min(k, pool) / pool:.3f}" for k in (1, 5, 10))
+            + ", ".join(f"{m[f'report_to_volume_chance@{k}']:.3f}" for k in (1, 5, 10))
             + ").",
+            "",
+            "Zero-shot macro AUROC per prompt pair (official p1-p5, and the five averaged): "
+            + ", ".join(f"{n} {v:.3f}" for n, v in m["zero_shot_auroc_macro_by_prompt"].items())
+            + ".",
         ]
         return lines
