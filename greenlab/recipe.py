@@ -4,7 +4,7 @@ used, why}]}``.
 An experiment's paper recipe is written once: its config at ``scale=paper`` (``conf/experiment/<name>.yaml``
 over the groups). A run's composed config is compared with it key by key, leaving out what does not change
 the method (hardware, paths, logging, the data source itself: only settings that both data configs have
-are compared), and the initialisation actually used is compared with the one asked for (random instead of
+are compared; the probe datasets are data too), and the initialisation actually used is compared with the one asked for (random instead of
 DINOv2 / Kinetics / CXR-BERT weights is a deviation).
 """
 
@@ -46,6 +46,8 @@ def deviations(used: dict, paper: dict, scaled: dict, init_record: dict) -> dict
     for key in sorted(set(now) | set(recipe)):
         if key.startswith("data.") and (key not in now or key not in recipe):
             continue  # the data source itself: its own settings, not the recipe's
+        if key.startswith("evaluation.datasets."):
+            continue  # which labelled sets are probed: data, not method (results.json names them)
         if now.get(key) != recipe.get(key):
             why = f"scale={used.get('scale_name')}" if by_scale.get(key) == now.get(key) else "override"
             found.append({"key": key, "paper": recipe.get(key), "used": now.get(key), "why": why})

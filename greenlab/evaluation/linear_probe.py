@@ -38,8 +38,8 @@ log = logging.getLogger(__name__)
 class LinearProbe:
     """Args: pooling (see ``embeddings.pool``), C / max_iter (logistic regression), bootstrap_resamples
     (the headline median and the saved vectors; 0 = point estimates only), ci_resamples (the 95 % interval),
-    seed, bf16 (autocast the embedding pass on GPU), datasets ({name: datamodule}: labelled probe sets; empty:
-    the run's own held-out split)."""
+    seed, bf16 (autocast the embedding pass on GPU), datasets ({key: datamodule}: labelled probe sets, each
+    reported under its own ``dataset_name``, e.g. a MedMNIST file's stem; empty: the run's own held-out split)."""
 
     requires = ()
     optimized_metric = "probe_auroc_macro"
@@ -48,11 +48,15 @@ class LinearProbe:
                  seed: int, bf16: bool, datasets: dict | None):  # fmt: skip
         self.pooling, self.C, self.max_iter, self.seed, self.bf16 = pooling, C, max_iter, seed, bf16
         self.bootstrap_resamples, self.ci_resamples = bootstrap_resamples, ci_resamples
-        self.datasets = dict(datasets or {})
+        self.datasets = list((datasets or {}).values())  # known by their own names (``dataset_name``)
 
     def __call__(self, backbone: nn.Module, datamodule, device: torch.device) -> dict:
         """Returns {"metrics": {...}, "embedding": {...}, "arrays": {...}} (arrays: bootstrap.npz)."""
-        sources = self.datasets or {datamodule.dataset_name: datamodule}
+        sources = {d.dataset_name: d for d in self.datasets or [datamodule]}
+        if len(sources) < len(self.datasets):
+            raise ValueError(
+                f"evaluation.datasets: two probe sets share a name ({[d.dataset_name for d in self.datasets]})"
+            )
         bf16 = self.bf16 and device.type == "cuda"
         tasks, arrays, embedding, started = {}, {}, {}, time.perf_counter()
         for name, source in sources.items():
