@@ -293,6 +293,10 @@ def test_zero_shot_scores_an_oracle_perfectly():
     )["metrics"]
     assert metrics["zero_shot_auroc/pleural_effusion"] == 1.0 and metrics["zero_shot_auroc_macro"] == 1.0
     assert metrics["zero_shot_findings_scored"] == 2 and metrics["report_to_volume_recall@5"] == 1.0
+    by_prompt = metrics["zero_shot_auroc_macro_by_prompt"]  # each official pair, and the five averaged
+    assert list(by_prompt) == ["p1", "p2", "p3", "p4", "p5", "p1-p5 averaged"]
+    assert by_prompt["p1"] == metrics["zero_shot_auroc_macro"]  # the configured templates are [p1]
+    assert metrics["report_to_volume_chance@1"] == 0.2 and metrics["report_to_volume_chance@10"] == 1.0
 
 
 def test_greenrfm_main_command_end_to_end(tmp_path, data_dir):
