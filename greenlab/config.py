@@ -1,6 +1,6 @@
 """Where the configs live, the OmegaConf resolvers they use, and ``build``: one config-group option as an object.
 
-Values have one home: the group YAML under ``conf/`` (the Python signatures restate none of them). In code,
+Values have one home: the group YAML under ``greenlab/conf/`` (the Python signatures restate none of them). In code,
 ``build("objective/mae", backbone=vit, mask_ratio=0.5)`` gives the object the YAML describes, with the
 arguments given replacing its values.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"  # the repository's conf/ (editable install)
+CONFIG_DIR = Path(__file__).resolve().parent / "conf"  # greenlab/conf/, package data: installed with greenlab
 
 
 def auto_precision() -> str:
@@ -44,7 +44,7 @@ def register_resolvers() -> None:
 
 
 def experiments() -> list[str]:
-    """The names of the experiments in ``conf/experiment``."""
+    """The names of the experiments in ``greenlab/conf/experiment``."""
     return sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 
 

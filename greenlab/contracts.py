@@ -1,6 +1,6 @@
 """The contracts between the parts of a run: what ``run.py`` and ``report.py`` may rely on, and nothing else.
 
-A run composes four parts from the config (``conf/``): a backbone, an objective that pre-trains it, a
+A run composes four parts from the config (``greenlab/conf/``): a backbone, an objective that pre-trains it, a
 datamodule, and an evaluation. Each part is a plain class of its own package; these protocols say what
 each one offers the pipeline. ``check_requirements`` refuses, before any training, a datamodule that
 lacks what the objective or the evaluation declares it needs (``requires``).

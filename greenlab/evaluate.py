@@ -3,7 +3,7 @@ training run, the pre-training sections absent (and said so).
 
     python -m greenlab.evaluate backbone=retfound_meh backbone.weights=FILE evaluation=linear_probe data=...
 
-Any backbone group, any evaluation, any data (``conf/evaluate.yaml``). The data's ``img_size`` / ``mean`` /
+Any backbone group, any evaluation, any data (``greenlab/conf/evaluate.yaml``). The data's ``img_size`` / ``mean`` /
 ``std`` follow the backbone config's where it names them (the normalisation its weights expect), unless the
 command line sets them; results.json records what was used (``preprocessing``).
 """

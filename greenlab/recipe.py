@@ -1,7 +1,7 @@
 """How a run differs from its paper's recipe: results.json ``recipe = {faithful, deviations: [{key, paper,
 used, why}]}``.
 
-An experiment's paper recipe is written once: its config at ``scale=paper`` (``conf/experiment/<name>.yaml``
+An experiment's paper recipe is written once: its config at ``scale=paper`` (``greenlab/conf/experiment/<name>.yaml``
 over the groups). A run's composed config is compared with it key by key, leaving out what does not change
 the method (hardware, paths, logging, the data source itself: only settings that both data configs have
 are compared; the probe datasets are data too), and the initialisation actually used is compared with the one asked for (random instead of

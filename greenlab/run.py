@@ -2,7 +2,7 @@
 
     python -m greenlab +experiment=retfound_green [overrides]
 
-Everything is built from the composed config with ``hydra.utils.instantiate``; see ``conf/``.
+Everything is built from the composed config with ``hydra.utils.instantiate``; see ``greenlab/conf/``.
 """
 
 from __future__ import annotations

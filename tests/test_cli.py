@@ -9,9 +9,10 @@ import timm
 import torch
 from hydra import compose, initialize_config_dir
 
-from tests.conftest import REPO, TINY, TINY_RUN, run_cli, write_npz_3d, write_tiny_npz
+from greenlab.config import CONFIG_DIR
+from tests.conftest import TINY, TINY_RUN, run_cli, write_npz_3d, write_tiny_npz
 
-EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
+EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 RESULT_KEYS = {
     "experiment": None,
     "init": ["used"],
@@ -189,7 +190,7 @@ def test_experiment_config_composes(experiment, scale):
     overrides = [f"+experiment={experiment}", "paths.output_dir=/tmp/x"] + (
         [f"scale={scale}"] if scale else []
     )
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
     assert cfg.name == experiment and (
         cfg.scale_name == scale if scale else cfg.scale_name in ("demo", "paper")
@@ -248,7 +249,7 @@ def test_slurm_launcher_config_composes():
     """hydra/launcher=slurm: one SLURM task per device, nodes from the trainer."""
     overrides = ["+experiment=retfound_green", "hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4",
                  "trainer.num_nodes=2", "paths.output_dir=/tmp/x"]  # fmt: skip
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("config", overrides=overrides, return_hydra_config=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")

@@ -26,7 +26,7 @@ DEMO_TEMPLATES = [["There is {finding}.", "There is no {finding}."], ["{Finding}
                   ["Findings consistent with {finding}.", "No evidence of {finding}."]]  # fmt: skip
 INTENTIONAL = {  # dotted key: the (before, now) pairs allowed
     # --- issue #12, the contracts refactor
-    # the labeller is a config group with a _target_ (conf/data/labeller/), no longer a {backend: ...} switch
+    # the labeller is a config group with a _target_ (greenlab/conf/data/labeller/), no longer a {backend: ...} switch
     "data.labeller": [({"backend": "rules", "findings": "ctrate18"}, RULES)],
     # the zero-shot's probes compose evaluation/linear_probe.yaml: its values, once the Python defaults, now shown
     # (and, #13, fp32 embeddings as the official evaluation)

@@ -20,7 +20,7 @@ JOULES_PER_KWH = 3.6e6
 
 
 class ComputeMonitor(L.Callback):
-    """Args: carbon_intensity_kg_per_kwh, pue, cpu_watts_per_core (see conf/compute/default.yaml),
+    """Args: carbon_intensity_kg_per_kwh, pue, cpu_watts_per_core (see greenlab/conf/compute/default.yaml),
     count_flops, log_every_n_steps."""
 
     def __init__(self, carbon_intensity_kg_per_kwh: float, pue: float, cpu_watts_per_core: float,

@@ -80,7 +80,7 @@ class VolumeDataModule(ImageDataModule):
     {key: path} -> {"image": tensor}, deterministic: cached), crops ((training, evaluation) chains on
     {"image"}), geometry (the preprocessing's parameters: the cache folder's key), report_column (optional
     free text), label_columns (1 present, 0 absent, -1 uncertain, blank missing; default every other
-    column), labeller (distil the labels from the reports instead: a ``conf/data/labeller`` object; written
+    column), labeller (distil the labels from the reports instead: a ``greenlab/conf/data/labeller`` object; written
     to report_labels.csv in the run folder and reused from there), pair_reports (training samples are
     (volume, report, labels), for image-text objectives), cache_dir (persistent cache of the deterministic
     part), group_column (patient id: all studies of a patient on one side of the held-out split; None: a

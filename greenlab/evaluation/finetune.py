@@ -6,7 +6,7 @@ dropout -> linear] head is trained on the other folds and scored on this one aft
 checkpoint picked on the scored fold). Metrics per fold and mean ± std: accuracy, AUROC (binary or macro
 one-vs-rest), Cohen's kappa (quadratic when ``ordinal``), weighted F1.
 
-The recipe is nn-MobileNet's released ``main.py`` (values and sources in conf/evaluation/finetune.yaml):
+The recipe is nn-MobileNet's released ``main.py`` (values and sources in greenlab/conf/evaluation/finetune.yaml):
 AdamW, a per-step linear warm-up from 0 then cosine to ``min_lr``, mixup / CutMix (timm ``Mixup``, switch
 0.5, per batch) with label smoothing and soft-target cross-entropy, its augmentation
 (``data/fundus.finetune_transform``), and an exponential moving average of the weights, which is what is

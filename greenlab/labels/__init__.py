@@ -1,7 +1,7 @@
 """Report -> label distillation: radiology reports become present (1) / absent (0) / uncertain (-1) /
 not mentioned (blank) labels per finding, by rules (CheXpert-labeller style) or an LLM.
 
-A labeller (``conf/data/labeller/``: rules | llm) has ``vocabulary`` and ``label_many(texts, ids)``.
+A labeller (``greenlab/conf/data/labeller/``: rules | llm) has ``vocabulary`` and ``label_many(texts, ids)``.
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", choices=["rules", "llm"], default="rules")
     parser.add_argument("--output", type=Path, required=True)
     llm = parser.add_argument_group(
-        "llm backend (any OpenAI-compatible endpoint; defaults: conf/data/labeller/llm.yaml)"
+        "llm backend (any OpenAI-compatible endpoint; defaults: greenlab/conf/data/labeller/llm.yaml)"
     )
     defaults = OmegaConf.load(CONFIG_DIR / "data" / "labeller" / "llm.yaml")
     llm.add_argument(

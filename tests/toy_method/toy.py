@@ -1,5 +1,5 @@
 """A method added from outside the package: a toy backbone, objective and evaluation, configured by the YAML
-beside this file (reached through Hydra's search path). Nothing under greenlab/ or conf/ knows of them."""
+beside this file (reached through Hydra's search path). Nothing under greenlab/ or greenlab/conf/ knows of them."""
 
 from __future__ import annotations
 
