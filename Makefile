@@ -4,7 +4,7 @@ PYTHON ?= python3
 .PHONY: install test lint format bench efficiency
 
 install:  ## greenlab + every dependency (MinkowskiEngine built from source); safe to re-run
-	$(PYTHON) -m pip install -e ".[dev]"
+	$(PYTHON) -m pip install -e ".[dev,sweep]"
 	PYTHON=$(PYTHON) bash scripts/install_minkowski.sh
 
 test:

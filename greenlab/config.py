@@ -38,6 +38,7 @@ def register_resolvers() -> None:
         ("greenlab.auto_precision", auto_precision),
         ("greenlab.on_cuda", on_cuda),
         ("greenlab.run_group", run_group),
+        ("greenlab.experiment_examples", experiment_examples),
     ):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, function)
@@ -46,6 +47,17 @@ def register_resolvers() -> None:
 def experiments() -> list[str]:
     """The names of the experiments in ``greenlab/conf/experiment``."""
     return sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+
+
+def experiment_examples() -> str:
+    """One line per experiment: its name and the first example command in its file's header."""
+    lines = []
+    for name in experiments():
+        header = (CONFIG_DIR / "experiment" / f"{name}.yaml").read_text().splitlines()
+        example = next((h.lstrip("# ").split("  #")[0].strip() for h in header if f"+experiment={name}" in h),
+                       f"greenlab +experiment={name}")  # fmt: skip
+        lines.append(f"  {name:<28} {example.replace('python -m greenlab', 'greenlab')}")
+    return "\n".join(lines)
 
 
 def build(option: str, /, overrides: list[str] = (), select: str | None = None, **arguments):

@@ -269,7 +269,5 @@ def main() -> None:
 
 
 def experiment_list() -> str:
-    lines = ["greenlab experiments (python -m greenlab +experiment=NAME [overrides]):"]
-    for name in greenlab.config.experiments():
-        lines.append(f"  {name}")
-    return "\n".join(lines)
+    """The experiments, one example command each (also the head of ``greenlab --help``)."""
+    return "greenlab experiments (greenlab +experiment=NAME [overrides]):\n" + greenlab.config.experiment_examples()

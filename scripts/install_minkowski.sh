@@ -2,7 +2,8 @@
 # Build and install MinkowskiEngine 0.5.4 (a source-only release) against the installed torch.
 # Idempotent: does nothing when it already imports. Fails loudly on any error.
 # Recipe measured on our machines (DEVELOPERS.md): OpenBLAS, wheel, no build isolation,
-# SETUPTOOLS_USE_DISTUTILS=stdlib; --cpu_only unless torch sees a CUDA GPU and nvcc exists.
+# SETUPTOOLS_USE_DISTUTILS=stdlib (Python < 3.12; from 3.12 on, stdlib has no distutils: setuptools' own, "local");
+# --cpu_only unless torch sees a CUDA GPU and nvcc exists.
 set -euo pipefail
 PYTHON="${PYTHON:-python3}"
 
@@ -25,6 +26,8 @@ else
     echo "install_minkowski: building CPU-only (about 6 min on 2 cores)"
     BUILD_OPTS+=(--config-settings="--build-option=--cpu_only")
 fi
-SETUPTOOLS_USE_DISTUTILS=stdlib "$PYTHON" -m pip install --no-build-isolation "${BUILD_OPTS[@]}" minkowskiengine==0.5.4
+DISTUTILS=$("$PYTHON" -c "import sys; print('stdlib' if sys.version_info < (3, 12) else 'local')")
+"$PYTHON" -m pip install setuptools  # (3.12+: setuptools is not preinstalled in a new environment)
+SETUPTOOLS_USE_DISTUTILS=$DISTUTILS "$PYTHON" -m pip install --no-build-isolation "${BUILD_OPTS[@]}" minkowskiengine==0.5.4
 
 "$PYTHON" -c "from greenlab.compat import import_minkowski; ME = import_minkowski(); print('install_minkowski: MinkowskiEngine', ME.__version__, 'OK')"

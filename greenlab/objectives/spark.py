@@ -33,7 +33,7 @@ from greenlab.objectives.patches import (
     patchify,
     unpatchify,
 )
-from greenlab.sparse import BACKENDS, fastest_backend, masked_dense
+from greenlab.sparse import choose_backend, masked_dense
 
 DOWNSAMPLE = 32  # patch size = mask cell = the encoder's total stride
 
@@ -91,7 +91,8 @@ class SparKPretraining(PretrainingModule):
     """Args:
     backbone: a CNN with ``forward_hierarchy``, ``channels`` and ``strides`` (e.g. ``NNMobileNet``).
     sparse_backend: ``masked_dense`` or ``minkowski`` (same semantics; see greenlab/sparse), or ``auto``:
-    the faster one on this device type according to ``make bench`` (``greenlab.sparse.fastest_backend``).
+    the faster one on this device type according to ``make bench`` (``greenlab.sparse.fastest_backend``),
+    masked_dense when MinkowskiEngine is not installed (recorded; ``minkowski`` then fails at start-up).
     mask_ratio: masked fraction of the input/32 cells. decoder_width: width after the deepest level
     (halved at each upsampling). base_lr: lr = base_lr x batch / 256 (AdamW). weight_decay ->
     weight_decay_end: cosine weight-decay schedule. figure_dir / figure_every_n_epochs: reconstruction
@@ -117,14 +118,7 @@ class SparKPretraining(PretrainingModule):
         figure_every_n_epochs: int,
     ):
         super().__init__()
-        if sparse_backend == "auto":
-            sparse_backend, why = fastest_backend("gpu" if torch.cuda.is_available() else "cpu")
-        else:
-            why = "set in the config"
-        if sparse_backend not in BACKENDS:
-            raise ValueError(
-                f"sparse_backend must be auto, masked_dense or minkowski, not {sparse_backend!r}"
-            )
+        sparse_backend, why = choose_backend(sparse_backend, "gpu" if torch.cuda.is_available() else "cpu")
         self.backend_choice = {"sparse_backend": sparse_backend, "sparse_backend_reason": why}
         if list(backbone.strides) != [2, 4, 8, 16, 32]:
             raise ValueError(f"the backbone must give strides 2..32, gives {backbone.strides}")

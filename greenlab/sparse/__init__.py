@@ -35,3 +35,38 @@ def fastest_backend(device_type: str) -> tuple[str, str]:
     runs = {r["backend"]: r["step_seconds_median"] for r in result["runs"]}
     machine = result["machine"].get("gpu") or result["machine"].get("cpu")
     return result["faster_backend"], f"faster in {path} ({runs} s/step on {machine})"
+
+
+INSTALL_MINKOWSKI = (
+    "make install (from a checkout) or: bash scripts/install_minkowski.sh; MinkowskiEngine 0.5.4 is built from "
+    "source (the [sparse] extra), see README"
+)
+
+
+def minkowski_missing() -> str | None:
+    """Why MinkowskiEngine cannot be used here (not installed, or fails to import), or None when it can."""
+    try:
+        from greenlab.compat import import_minkowski
+
+        import_minkowski()
+    except Exception as err:  # ImportError, or a build for another torch (undefined symbols)
+        return f"MinkowskiEngine does not import ({type(err).__name__}: {str(err).splitlines()[0]})"
+    return None
+
+
+def choose_backend(requested: str, device_type: str) -> tuple[str, str]:
+    """(backend, why) for ``requested`` (auto | masked_dense | minkowski) on ``device_type`` (cpu | gpu).
+    ``auto`` falls back to masked_dense (same semantics) when MinkowskiEngine is missing, saying so;
+    ``minkowski`` asked for explicitly and missing is an error naming the install command."""
+    if requested not in (*BACKENDS, "auto"):
+        raise ValueError(f"sparse_backend must be auto, masked_dense or minkowski, not {requested!r}")
+    backend, why = fastest_backend(device_type) if requested == "auto" else (requested, "set in the config")
+    missing = minkowski_missing() if backend == "minkowski" else None
+    if missing and requested == "minkowski":
+        raise RuntimeError(f"objective.sparse_backend=minkowski: {missing}. Install it: {INSTALL_MINKOWSKI}")
+    if missing:
+        return (
+            "masked_dense",
+            f"{missing}: masked_dense instead (same semantics; auto would pick minkowski: {why})",
+        )
+    return backend, why
