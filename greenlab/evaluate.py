@@ -21,11 +21,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import greenlab
-from greenlab import contracts
+from greenlab import contracts, wandb_run
 from greenlab.callbacks.compute_monitor import JOULES_PER_KWH
-from greenlab.compute.energy import EnergyMeter, co2e_kg
+from greenlab.compute.energy import EnergyMeter, co2e_kg, grid_intensity
 from greenlab.report import write_results
-from greenlab.run import CONFIG_DIR, finish_wandb, log_final
+from greenlab.run import CONFIG_DIR, finish_wandb, log_final, optimized_metric, sweep_value
 
 FOLLOWED = ("img_size", "mean", "std")  # data keys taken from the backbone config
 
@@ -49,13 +49,13 @@ def evaluate_only(cfg: DictConfig) -> dict:
     contracts.conform(evaluation, contracts.Evaluation, "evaluation")
     contracts.conform(datamodule, contracts.DataModule, "data")
     contracts.check_requirements(evaluation, "evaluation", datamodule)
-    loggers = [
-        instantiate(c, **({"job_type": "evaluate"} if "job_type" in c else {})) for c in cfg.logger.values()
-    ]
+    loggers = [instantiate(c, **({"job_type": "evaluate"} if "job_type" in c else {}),
+                           **wandb_run.resume_arguments(c, output_dir)) for c in cfg.logger.values()]  # fmt: skip
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     energy = cfg.compute
+    grid = grid_intensity(energy.region, energy.carbon_intensity_kg_per_kwh)
     meter = EnergyMeter(energy.cpu_watts_per_core)
     meter.start()
     datamodule.setup("fit")
@@ -79,13 +79,14 @@ def evaluate_only(cfg: DictConfig) -> dict:
         "preprocessing": preprocessing,
         "data": datamodule.describe(),
         "metrics": scores["metrics"],
-        "optimized_metric": evaluation.optimized_metric,
+        "optimized_metric": optimized_metric(cfg, evaluation, scores["metrics"]),
         "compute": {"params": sum(p.numel() for p in backbone.parameters())},
         "energy": {
             "eval_kwh": kwh,
             "kwh": kwh,
-            "co2e_kg": co2e_kg(kwh, energy.carbon_intensity_kg_per_kwh, energy.pue),
-            "carbon_intensity_kg_per_kwh": energy.carbon_intensity_kg_per_kwh,
+            "co2e_kg": co2e_kg(kwh, grid["kg_per_kwh"], energy.pue),
+            "carbon_intensity_kg_per_kwh": grid["kg_per_kwh"],
+            "carbon_intensity_source": grid["source"],
             "pue": energy.pue,
             "method": meter.method,
         },
@@ -134,7 +135,7 @@ def device_for(name: str) -> torch.device:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
 def main(cfg: DictConfig) -> float | None:
     results = evaluate_only(cfg)
-    return results["metrics"].get(results["optimized_metric"])  # the value a Hydra sweeper optimises
+    return sweep_value(results)  # the value a Hydra sweeper optimises
 
 
 if __name__ == "__main__":

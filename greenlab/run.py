@@ -19,11 +19,13 @@ from pathlib import Path
 import hydra
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 import greenlab
 import greenlab.config
-from greenlab import contracts, recipe
+from greenlab import contracts, recipe, wandb_run
+from greenlab.backbones import weights
 from greenlab.callbacks.compute_monitor import JOULES_PER_KWH, ComputeMonitor
 from greenlab.compute.energy import EnergyMeter, co2e_kg
 from greenlab.report import write_results
@@ -56,6 +58,9 @@ def run(cfg: DictConfig) -> dict:
     backbone = objective.trained_backbone()
     contracts.conform(backbone, contracts.Backbone, "backbone")
     exported = objective.export(output_dir)
+    timm_folder = weights.export_timm_folder(
+        backbone, output_dir / "backbone_hf", datamodule.describe().get("preprocessing")
+    )
     scores, eval_kwh = evaluate(evaluation, backbone, initial_backbone, datamodule, trainer, cfg)
     account(budget, eval_kwh, backbone, objective)
     results = {
@@ -69,12 +74,13 @@ def run(cfg: DictConfig) -> dict:
         "objective": objective.run_notes(),
         "data": datamodule.describe(),
         "metrics": {**scores["metrics"], "final_train_loss": _final_loss(trainer)},
-        "optimized_metric": evaluation.optimized_metric,
+        "optimized_metric": optimized_metric(cfg, evaluation, scores["metrics"]),
         "compute": budget["compute"],
         "energy": budget["energy"],
         "embedding": scores["embedding"],
         "artifacts": {
             "backbone_weights": exported["weights"],
+            "backbone_timm_folder": str(timm_folder) if timm_folder else None,
             "bootstrap": str(output_dir / "bootstrap.npz") if scores.get("arrays") else None,
             "checkpoints": str(output_dir / "checkpoints"),
             "csv_metrics": str(output_dir / "csv" / "metrics.csv"),
@@ -84,6 +90,22 @@ def run(cfg: DictConfig) -> dict:
     }
     report(results, evaluation, trainer, output_dir, scores.get("arrays"))
     return results
+
+
+def optimized_metric(cfg: DictConfig, evaluation, metrics: dict) -> str:
+    """``cfg.optimized_metric``, else the evaluation's own (``sweep_value`` refuses it, once the results are
+    written, when it names no number in ``metrics``)."""
+    return cfg.optimized_metric or evaluation.optimized_metric
+
+
+def sweep_value(results: dict) -> float:
+    """The value of ``results["optimized_metric"]``, returned to a Hydra sweeper."""
+    key, metrics = results["optimized_metric"], results["metrics"]
+    if not isinstance(metrics.get(key), int | float):
+        numbers = sorted(k for k, v in metrics.items() if isinstance(v, int | float))
+        raise KeyError(f"optimized_metric={key!r} is not a number this evaluation reports (results are saved in "
+                       f"{results['run_dir']}); it reports {numbers}")  # fmt: skip
+    return float(metrics[key])
 
 
 def paper_recipe(composed: dict, init_record: dict) -> dict:
@@ -123,7 +145,9 @@ def check_parts(objective, evaluation, datamodule) -> None:
 def build_trainer(cfg: DictConfig) -> tuple[L.Trainer, ComputeMonitor]:
     """The Lightning Trainer with the configured callbacks and loggers (the config logged to each)."""
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
-    loggers = [instantiate(c) for c in cfg.logger.values()]
+    loggers = [
+        instantiate(c, **wandb_run.resume_arguments(c, cfg.paths.output_dir)) for c in cfg.logger.values()
+    ]
     monitor = next(c for c in callbacks if isinstance(c, ComputeMonitor))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     for lg in loggers:
@@ -222,8 +246,8 @@ def _final_loss(trainer) -> float | None:
 
 
 def log_final(loggers: list, step: int, results: dict) -> None:
-    """The final metrics, compute, energy and embedding figures (``final/...``) and the recipe's deviations
-    (a W&B table) to each logger."""
+    """The final metrics, compute, energy and embedding figures (``final/...``) to each logger; to W&B also
+    the recipe's deviations and the rest of the outcome (greenlab/wandb_run.py)."""
     flat = {f"final/{k}": v for k, v in results["metrics"].items() if isinstance(v, int | float)}
     for section in ("compute", "energy", "embedding"):
         flat.update(
@@ -238,8 +262,12 @@ def log_final(loggers: list, step: int, results: dict) -> None:
     ]
     for lg in loggers:
         lg.log_metrics(flat, step=step)
-        if deviations and hasattr(lg, "log_table"):  # W&B: the recipe's deviations as a table
-            lg.log_table(key="recipe/deviations", columns=["key", "paper", "used", "why"], data=deviations)
+        if isinstance(lg, WandbLogger):
+            if deviations:
+                lg.log_table(
+                    key="recipe/deviations", columns=["key", "paper", "used", "why"], data=deviations
+                )
+            wandb_run.log_outcome(lg, results)
         lg.save()
 
 
@@ -257,7 +285,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
             + experiment_list()
         )
     results = run(cfg)
-    return results["metrics"].get(results.get("optimized_metric"))  # the value a Hydra sweeper optimises
+    return sweep_value(results)  # the value a Hydra sweeper optimises
 
 
 def main() -> None:
@@ -270,4 +298,7 @@ def main() -> None:
 
 def experiment_list() -> str:
     """The experiments, one example command each (also the head of ``greenlab --help``)."""
-    return "greenlab experiments (greenlab +experiment=NAME [overrides]):\n" + greenlab.config.experiment_examples()
+    return (
+        "greenlab experiments (greenlab +experiment=NAME [overrides]):\n"
+        + greenlab.config.experiment_examples()
+    )

@@ -77,6 +77,8 @@ INTENTIONAL = {  # dotted key: the (before, now) pairs allowed
     "evaluation.bootstrap_resamples": [(None, 100)],
     "evaluation.ci_resamples": [(None, 1000)],
     "evaluation.datasets": [(None, {})],
+    # #15: the grid's carbon intensity by country (compute.region: new, null)
+    "callbacks.compute_monitor.region": [(None, "${compute.region}")],
     # the normalisation a ViT's weights expect, in its backbone config (python -m greenlab.evaluate feeds the data)
     "backbone.mean": [(None, [0.5, 0.5, 0.5]), (None, [0.485, 0.456, 0.406])],
     "backbone.std": [(None, [0.5, 0.5, 0.5]), (None, [0.229, 0.224, 0.225])],

@@ -79,9 +79,14 @@ def load_weights(module: nn.Module, weights: str | None, drop_head: bool = False
 
 def save_weights(module: nn.Module, path: Path) -> Path:
     """``module``'s state dict to ``path``; never overwrites an existing file."""
+    return save_state(module.state_dict(), path)
+
+
+def save_state(state: dict, path: Path) -> Path:
+    """A state dict (or a dict of them) to ``path``; never overwrites an existing file."""
     if path.exists():
         raise FileExistsError(f"{path} already exists; refusing to overwrite trained weights")
-    torch.save(module.state_dict(), path)
+    torch.save(state, path)
     return path
 
 
@@ -97,3 +102,28 @@ def export(module: nn.Module, output_dir: Path, name: str = "backbone") -> dict:
     recipe = {**module.recipe, "weights": str(weights.resolve())}
     recipe_path.write_text(json.dumps(recipe, indent=2))
     return recipe
+
+
+def export_timm_folder(module: nn.Module, folder: Path, preprocessing: dict | None) -> Path | None:
+    """A timm model as a Hugging Face style folder (``config.json``: architecture, num_features,
+    pretrained_cfg with mean / std / input size / crop, and ``greenlab_preprocessing``: the data's field-of-view
+    crop and resize; ``model.safetensors``),
+    loadable with ``timm.create_model("local-dir:" + folder, pretrained=True)``. None (nothing written) for
+    a module that is not a timm model. Never overwrites."""
+    if not hasattr(module, "pretrained_cfg") or not hasattr(module, "default_cfg"):
+        return None
+    from timm.models import save_for_hf
+
+    if folder.exists():
+        raise FileExistsError(f"{folder} already exists; refusing to overwrite it")
+    preprocessing = dict(preprocessing or {})
+    size = preprocessing.get("resize") or list(module.pretrained_cfg["input_size"][1:])
+    data_config = {"input_size": (3, *size), "interpolation": preprocessing.get("interpolation", "bicubic"),
+                   "crop_pct": preprocessing.get("crop_pct", 1.0), "crop_mode": "center",
+                   "mean": tuple(preprocessing.get("mean", module.pretrained_cfg["mean"])),
+                   "std": tuple(preprocessing.get("std", module.pretrained_cfg["std"]))}  # fmt: skip
+    config = {
+        "greenlab_preprocessing": preprocessing
+    }  # beside pretrained_cfg (timm refuses unknown keys in it)
+    save_for_hf(module, str(folder), model_config=config, data_config=data_config, safe_serialization=True)
+    return folder

@@ -14,18 +14,19 @@ import lightning as L
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from greenlab.compute.energy import EnergyMeter, co2e_kg, peak_host_memory_bytes
+from greenlab.compute.energy import EnergyMeter, co2e_kg, grid_intensity, peak_host_memory_bytes
 
 JOULES_PER_KWH = 3.6e6
 
 
 class ComputeMonitor(L.Callback):
-    """Args: carbon_intensity_kg_per_kwh, pue, cpu_watts_per_core (see greenlab/conf/compute/default.yaml),
-    count_flops, log_every_n_steps."""
+    """Args: region / carbon_intensity_kg_per_kwh (the grid: ``energy.grid_intensity``), pue,
+    cpu_watts_per_core (see greenlab/conf/compute/default.yaml), count_flops, log_every_n_steps."""
 
-    def __init__(self, carbon_intensity_kg_per_kwh: float, pue: float, cpu_watts_per_core: float,
-                 count_flops: bool, log_every_n_steps: int):  # fmt: skip
-        self.carbon_intensity, self.pue = carbon_intensity_kg_per_kwh, pue
+    def __init__(self, region: str | None, carbon_intensity_kg_per_kwh: float, pue: float,
+                 cpu_watts_per_core: float, count_flops: bool, log_every_n_steps: int):  # fmt: skip
+        self.grid = grid_intensity(region, carbon_intensity_kg_per_kwh)
+        self.carbon_intensity, self.pue = self.grid["kg_per_kwh"], pue
         self.cpu_watts_per_core, self.count_flops, self.log_every_n_steps = (
             cpu_watts_per_core,
             count_flops,
@@ -137,6 +138,7 @@ class ComputeMonitor(L.Callback):
             "train_kwh": kwh,
             "method": self.meter.method if self.meter else "not measured",
             "carbon_intensity_kg_per_kwh": self.carbon_intensity,
+            "carbon_intensity_source": self.grid["source"],
             "pue": self.pue,
         }
         return {"compute": compute, "energy": energy}

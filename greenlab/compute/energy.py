@@ -2,17 +2,22 @@
 
 - GPUs: NVML's cumulative energy counter (``nvmlDeviceGetTotalEnergyConsumption``, mJ) of each GPU this
   process uses: measured.
-- CPU: Intel/AMD RAPL package counters (``/sys/class/powercap/intel-rapl:N/energy_uj``) when readable:
-  measured, whole package (other processes included). Otherwise an ESTIMATE: CPU-seconds of this process
-  and its finished children x ``cpu_watts_per_core``.
+- CPU: Intel/AMD RAPL counters when readable: every package domain (``intel-rapl:N``) and each DRAM
+  sub-domain (``intel-rapl:N:M`` named ``dram``; the package count excludes memory): measured, whole
+  machine (other processes included). Otherwise an ESTIMATE: CPU-seconds of this process and its finished
+  children x ``cpu_watts_per_core``.
 
-kWh -> CO2e: kWh x PUE x grid carbon intensity (kg CO2e / kWh), both configurable.
+kWh -> CO2e: kWh x PUE x grid carbon intensity (kg CO2e / kWh): the country's (``compute.region``, from
+``carbon_intensity.csv`` shipped beside this file, its source and year in its header) or, unset, the
+configured world average.
 """
 
 from __future__ import annotations
 
+import csv
 import logging
 import resource
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -20,6 +25,34 @@ import torch
 log = logging.getLogger(__name__)
 
 RAPL_ROOT = Path("/sys/class/powercap")
+CARBON_TABLE = Path(__file__).with_name("carbon_intensity.csv")
+
+
+@cache
+def carbon_table() -> dict[str, dict]:
+    """{ISO 3166 alpha-3 code: {"country", "kg_co2e_per_kwh", "year"}} from ``CARBON_TABLE``."""
+    with CARBON_TABLE.open() as handle:
+        rows = csv.DictReader(line for line in handle if not line.startswith("#"))
+        return {r["iso3"]: {"country": r["country"], "kg_co2e_per_kwh": float(r["kg_co2e_per_kwh"]),
+                            "year": int(r["year"])} for r in rows}  # fmt: skip
+
+
+def grid_intensity(region: str | None, world_kg_per_kwh: float) -> dict:
+    """{"kg_per_kwh", "source"}: the country ``region`` (alpha-3 code or English name, any case) from the
+    shipped table, or ``world_kg_per_kwh`` when ``region`` is None. An unknown region is an error."""
+    if region is None:
+        return {"kg_per_kwh": world_kg_per_kwh,
+                "source": "compute.carbon_intensity_kg_per_kwh (world average unless set; compute.region unset)"}  # fmt: skip
+    table = carbon_table()
+    key = str(region).strip().upper()
+    code = key if key in table else next((c for c, r in table.items() if r["country"].upper() == key), None)
+    if code is None:
+        raise ValueError(
+            f"compute.region={region!r}: not a country code or name in {CARBON_TABLE} (e.g. FRA, DEU, USA, GBR)"
+        )
+    row = table[code]
+    return {"kg_per_kwh": row["kg_co2e_per_kwh"],
+            "source": f"{row['country']} ({code}) {row['year']}: Our World in Data / Ember ({CARBON_TABLE.name})"}  # fmt: skip
 
 
 def process_cpu_seconds() -> float:
@@ -52,7 +85,8 @@ class EnergyMeter:
         elif torch.cuda.is_available():
             parts.append("GPU energy NOT measured (NVML energy counter unavailable)")
         if self._rapl:
-            parts.append(f"rapl: measured, {len(self._rapl)} CPU package(s)")
+            dram = sum(k.count(":") == 2 for k in self._rapl)
+            parts.append(f"rapl: measured, {len(self._rapl) - dram} CPU package(s), {dram} DRAM domain(s)")
         elif self._rapl_elsewhere:
             parts.append("rapl: read by local rank 0 of this node")
         else:
@@ -112,9 +146,16 @@ class EnergyMeter:
 
     @staticmethod
     def _rapl_files() -> dict[str, tuple[Path, int]]:
+        """Readable package domains and their DRAM sub-domains (core / uncore sub-domains are inside the
+        package count; psys covers the packages: both left out)."""
         found = {}
         for domain in sorted(RAPL_ROOT.glob("intel-rapl:*")):
-            if domain.name.count(":") != 1:  # sub-domains (core, dram) are inside the package count
+            try:
+                name = (domain / "name").read_text().strip()
+            except OSError:
+                name = ""
+            is_package = domain.name.count(":") == 1 and name != "psys"
+            if not (is_package or name == "dram"):
                 continue
             try:
                 int((domain / "energy_uj").read_text())

@@ -143,6 +143,13 @@ class FundusFolderDataModule(ImageDataModule):
     def dataset_name(self) -> str:
         return self.root.name
 
+    def describe(self) -> dict:
+        fov = {"threshold": 5, "margin": 0.025, "pad_to_square": True, "max_side": self.max_side}
+        return {**super().describe(), "preprocessing": {
+            "field_of_view_crop": fov if self.fov_crop else None,
+            "resize": [self.img_size, self.img_size], "interpolation": "bilinear", "crop_pct": 1.0,
+            "mean": list(self.mean), "std": list(self.std)}}  # fmt: skip
+
     def load(self, path: Path) -> Image.Image:
         """One photograph as RGB, field-of-view cropped when configured."""
         try:

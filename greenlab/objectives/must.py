@@ -293,8 +293,24 @@ class MUST(PretrainingModule):
 
     def export(self, output_dir: Path) -> dict:
         """The whole stage-2 model (both encoders, projections, shared classifier) as ``backbone.pth`` +
-        ``backbone.json``, and the text tokenizer beside them (``text_tokenizer/``)."""
-        recipe = weights.export(self.aligned, Path(output_dir))
-        if not (Path(output_dir) / "text_tokenizer").exists():  # stage 1 saved it already in a fresh run
-            self.text_encoder.save_tokenizer(Path(output_dir) / "text_tokenizer")
+        ``backbone.json``, the text tokenizer beside them (``text_tokenizer/``), and each encoder in its
+        library's own format: ``image_encoder_torchvision.pth`` (the torchvision VideoResNet's state dict,
+        per plane for MRI) and ``text_encoder/`` (a transformers folder: model + tokenizer)."""
+        output_dir = Path(output_dir)
+        recipe = weights.export(self.aligned, output_dir)
+        if not (output_dir / "text_tokenizer").exists():  # stage 1 saved it already in a fresh run
+            self.text_encoder.save_tokenizer(output_dir / "text_tokenizer")
+        image = self.aligned.image_encoder
+        nets = [b.net for b in image.branches] if hasattr(image, "branches") else [image.net]
+        torchvision_state = (
+            nets[0].state_dict()
+            if len(nets) == 1
+            else {p: n.state_dict() for p, n in zip(("sagittal", "coronal", "axial"), nets)}
+        )
+        weights.save_state(torchvision_state, output_dir / "image_encoder_torchvision.pth")
+        text_folder = output_dir / "text_encoder"
+        if text_folder.exists():
+            raise FileExistsError(f"{text_folder} already exists; refusing to overwrite it")
+        self.aligned.text_encoder.model.save_pretrained(str(text_folder))
+        self.text_encoder.save_tokenizer(text_folder)
         return recipe
