@@ -88,7 +88,7 @@ def test_evaluate_only_gives_the_training_runs_probe_numbers(main_run, data_dir,
     """python -m greenlab.evaluate on the run's backbone.pth = the evaluation inside the training run."""
     run_dir, _ = main_run
     tiny = [o for o in TINY_RUN if not o.startswith(("trainer.", "data.batch_size"))]
-    run_cli(*tiny, f"backbone.weights={run_dir / 'backbone.pth'}", f"paths.data_dir={data_dir}",
+    run_cli(*tiny, f"backbone.weights={run_dir / 'backbone.pth'}", f"paths.data_dir={data_dir}", "compute.region=FRA",
             f"hydra.run.dir={tmp_path / 'eval'}", module="greenlab.evaluate")  # fmt: skip
     trained, evaluated = (json.loads((d / "results.json").read_text()) for d in (run_dir, tmp_path / "eval"))
     assert evaluated["init"]["used"] == "file" and evaluated["objective"] is None
@@ -103,6 +103,32 @@ def test_evaluate_only_gives_the_training_runs_probe_numbers(main_run, data_dir,
         assert a.files == b.files and all(np.allclose(a[k], b[k], atol=1e-6, equal_nan=True) for k in a.files
                                           if not k.startswith("ids/"))  # fmt: skip
     assert "evaluation only" in (tmp_path / "eval" / "results.md").read_text()
+    energy = evaluated["energy"]  # France's grid from the shipped table: 0.056039 kg/kWh (2023)
+    assert (
+        energy["carbon_intensity_kg_per_kwh"] == 0.056039
+        and "France (FRA) 2023" in energy["carbon_intensity_source"]
+    )
+    assert energy["co2e_kg"] == pytest.approx(energy["kwh"] * energy["pue"] * 0.056039, rel=1e-12)
+
+
+def test_exported_timm_folder_gives_the_embeddings_of_backbone_pth(main_run):
+    """backbone_hf/ loads with timm.create_model("local-dir:...") alone, with the data's preprocessing."""
+    run_dir, _ = main_run
+    config = json.loads((run_dir / "backbone_hf" / "config.json").read_text())
+    assert config["pretrained_cfg"]["mean"] == [0.5, 0.5, 0.5] and config["pretrained_cfg"]["input_size"] == [
+        3,
+        28,
+        28,
+    ]
+    assert config["greenlab_preprocessing"]["field_of_view_crop"]["threshold"] == 5
+    from_folder = timm.create_model(f"local-dir:{run_dir / 'backbone_hf'}", pretrained=True).eval()
+    recipe = json.loads((run_dir / "backbone.json").read_text())
+    from_pth = timm.create_model(recipe["model_name"], img_size=recipe["img_size"], num_classes=0,
+                                 **recipe["model_kwargs"]).eval()  # fmt: skip
+    from_pth.load_state_dict(torch.load(run_dir / "backbone.pth", weights_only=True))
+    images = torch.randn(3, 3, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(from_folder.forward_features(images), from_pth.forward_features(images))
 
 
 def test_metrics_logged_to_csv_and_wandb_offline(main_run):
@@ -162,6 +188,10 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, data_dir):
         assert (run / "checkpoints" / name).read_bytes() == content, name
     assert (run / "checkpoints" / "resumed-from-1.ckpt").is_file()
     assert (run / "csv" / "metrics.attempt-1.csv").is_file() and (run / "csv" / "metrics.csv").is_file()
+    # one W&B run: both attempts wrote offline-run-<time>-<id> folders of the id kept in the run folder
+    run_id = (run / "wandb_run_id.txt").read_text().strip()
+    attempts = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(attempts) == 2 and {a.name.rsplit("-", 1)[1] for a in attempts} == {run_id}
 
 
 def test_multirun_gives_separate_runs(tmp_path, data_dir):

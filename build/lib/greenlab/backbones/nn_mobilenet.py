@@ -1,0 +1,59 @@
+"""nn-MobileNet (Zhu et al.): the ReXNet-V1 width-3.0 trunk (timm ``rexnet_300``) with spatial dropout.
+
+Hierarchical feature maps at strides 2 / 4 / 8 / 16 / 32 with 48 / 116 / 183 / 386 / 3840 channels at
+width 3.0 (the /32 map is the final 1x1 conv to 3840 channels, SiLU). ~30.9M parameters without a head.
+Spatial dropout (``nn.Dropout2d``) is applied to each inverted-residual block's output, after the residual
+add, as nn-MobileNet's released ``model/resnext.py`` (``LinearBottleneck.drop``, p = ``--drop_path`` 0.3 in its
+``main.py``); it has no parameters, so the state dict is timm's ``rexnet_300`` without its head.
+"""
+
+from __future__ import annotations
+
+import timm
+import torch
+from timm.models.rexnet import LinearBottleneck
+from torch import nn
+
+from greenlab.backbones.weights import load_weights
+
+
+class NNMobileNet(nn.Module):
+    """Args: model_name (a timm ReXNet; ``rexnet_100`` for small tests), spatial_dropout (Dropout2d p),
+    weights (``random``, or a path to a state dict of this model / timm's ReXNet, e.g. a SparK encoder)."""
+
+    def __init__(self, model_name: str, spatial_dropout: float, weights: str | None):
+        super().__init__()
+        trunk = timm.create_model(model_name, pretrained=False, num_classes=0)
+        self.stem, self.features = trunk.stem, trunk.features
+        for block in self.features:
+            if isinstance(block, LinearBottleneck):
+                block.spatial_dropout = nn.Dropout2d(spatial_dropout)
+                block.register_forward_hook(_dropout_after_block)
+        info = {f["reduction"]: f for f in trunk.feature_info}
+        self.tap_names = [info[r]["module"] for r in (2, 4, 8, 16)] + [f"features.{len(self.features) - 1}"]
+        self.strides = [2, 4, 8, 16, 32]
+        self.channels = [info[r]["num_chs"] for r in (2, 4, 8, 16)] + [trunk.num_features]
+        self.num_features = trunk.num_features
+        self.recipe = {"factory": f"{__name__}.NNMobileNet", "model_name": model_name,
+                       "spatial_dropout": spatial_dropout}  # fmt: skip
+        self.init_record = load_weights(self, weights, drop_head=True)
+
+    def forward_hierarchy(self, x) -> list:
+        """The five feature maps, strides 2..32 (dense tensors, or sparse ones after sparsification)."""
+        taps = set(self.tap_names)
+        out = []
+        x = self.stem(x)
+        for index, block in enumerate(self.features):
+            x = block(x)
+            if f"features.{index}" in taps:
+                out.append(x)
+        return out
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, num_features, H/32, W/32)."""
+        return self.features(self.stem(x))
+
+
+def _dropout_after_block(block: nn.Module, inputs, output):
+    """Forward hook: the block's spatial dropout on its output (after the residual add)."""
+    return block.spatial_dropout(output)

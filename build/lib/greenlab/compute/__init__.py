@@ -1,0 +1,1 @@
+"""Measuring the budget: energy meters, FLOP counting, memory."""

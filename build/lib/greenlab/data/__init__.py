@@ -1,0 +1,1 @@
+"""LightningDataModules: fundus photograph folders, MedMNIST files, and the embedded default."""

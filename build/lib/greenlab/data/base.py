@@ -1,0 +1,121 @@
+"""What every image DataModule offers the pipeline: a pre-training set and labelled probe sets.
+
+A sample is ``(image, labels)``: image (C, H, W) float tensor (or (1, D, H, W) for volumes), labels
+(T,) int64 with one entry per task, -1 (MISSING) where that image has no label for that task, -2
+(UNCERTAIN) where its report is uncertain (report-derived labels).
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+MISSING, UNCERTAIN = -1, -2
+
+
+@dataclass(frozen=True)
+class Task:
+    """One label column: ``num_classes`` == 2 is binary, more is multi-class (ordinal or not)."""
+
+    name: str
+    num_classes: int
+
+
+class ItemDataset(Dataset):
+    """``load(i)`` -> PIL image or array, ``transform`` -> tensor; labels (N, T) int64."""
+
+    def __init__(self, ids: Sequence[str], load: Callable, labels: torch.Tensor, transform: Callable):
+        self.ids, self.load, self.labels, self.transform = list(ids), load, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int):
+        return self.transform(self.load(index)), self.labels[index]
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Base class: subclasses fill ``pretrain_set``, ``probe_train_set``, ``probe_test_set`` and ``tasks``
+    in ``setup``. ``probe_*`` sets use the deterministic evaluation transform."""
+
+    def __init__(
+        self,
+        batch_size: int,
+        eval_batch_size: int,
+        num_workers: int,
+        output_dir: str | None,
+        shuffle: bool = True,
+    ):
+        super().__init__()
+        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.shuffle = shuffle  # the pre-training order (False: dataset order, e.g. to compare with DDP)
+        self.output_dir = Path(output_dir) if output_dir else None
+        self.tasks: list[Task] = []
+        self.pretrain_set: Dataset | None = None
+        self.probe_train_set: Dataset | None = None
+        self.probe_test_set: Dataset | None = None
+        self.split: dict = {}  # how the held-out images were chosen (greenlab/data/splits.py), for results.json
+
+    worker_init_fn = None  # a DataLoader worker_init_fn (None: Lightning seeds the workers)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.pretrain_set, self.batch_size, shuffle=self.shuffle)
+
+    def probe_dataloaders(self) -> tuple[DataLoader, DataLoader]:
+        """(probe-train, held-out) loaders, in a fixed order."""
+        return (
+            self._loader(self.probe_train_set, self.eval_batch_size, shuffle=False),
+            self._loader(self.probe_test_set, self.eval_batch_size, shuffle=False),
+        )
+
+    def describe(self) -> dict:
+        """Sizes and tasks, for results.json."""
+        size = lambda ds: None if ds is None else len(ds)  # noqa: E731
+        return {
+            "name": type(self).__name__,
+            "pretrain_images": size(self.pretrain_set),
+            "probe_train_images": size(self.probe_train_set),
+            "probe_test_images": size(self.probe_test_set),
+            "dataset": self.dataset_name,
+            "tasks": [{"name": t.name, "num_classes": t.num_classes} for t in self.tasks],
+            "split": self.split,
+        }
+
+    def held_out_ids(self) -> list[str]:
+        """The held-out images' ids, in the order of the held-out loader (``greenlab.compare`` checks them)."""
+        return list(self.probe_test_set.ids)
+
+    @property
+    def dataset_name(self) -> str:
+        """The name evaluations and ``greenlab.compare`` know this data by (a file's or folder's name)."""
+        return type(self).__name__
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() has not been called")
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            worker_init_fn=self.worker_init_fn,
+        )
+
+    def write_skip_list(self, skipped: list[tuple[str, str]], filename: str = "skipped_inputs.csv") -> Path:
+        """Write (path, reason) rows to the run's output directory; returns the file written."""
+        directory = self.output_dir or Path.cwd()
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / filename
+        with path.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["path", "reason"])
+            writer.writerows(skipped)
+        return path

@@ -1,0 +1,137 @@
+"""Fundus photograph preprocessing and the RETFound-Green augmentations.
+
+Preprocessing (paper): crop the black border around the circular field of view (threshold 5 on 8-bit
+intensity, 2.5 % margin), pad to a square with black, downsample to at most ``max_side`` px (Lanczos).
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+
+def field_of_view_box(
+    image: np.ndarray, threshold: int = 5, margin: float = 0.025
+) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) pixel bounds (bottom/right exclusive) of the field of view.
+
+    image: (H, W, C) or (H, W) uint8. A pixel is inside when its brightest channel exceeds ``threshold``
+    and 10 % of the image's 99th-percentile brightness (scanners leave grey, not black, borders: DRIVE's
+    are 8-13). A row/column belongs to the field of view when at least 1 % of its pixels are inside
+    (robust to isolated bright noise). The box grows by ``margin`` x its size on each side, clipped.
+    """
+    bright = image.max(axis=2) if image.ndim == 3 else image
+    mask = bright > max(threshold, 0.1 * np.percentile(bright, 99))
+    rows = np.flatnonzero(mask.mean(axis=1) > 0.01)
+    cols = np.flatnonzero(mask.mean(axis=0) > 0.01)
+    height, width = mask.shape
+    if rows.size == 0 or cols.size == 0:
+        return 0, height, 0, width  # all dark: nothing to crop
+    top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    pad_y, pad_x = round(margin * (bottom - top)), round(margin * (right - left))
+    return max(0, top - pad_y), min(height, bottom + pad_y), max(0, left - pad_x), min(width, right + pad_x)
+
+
+def crop_field_of_view(
+    image: Image.Image, threshold: int = 5, margin: float = 0.025, max_side: int | None = 1024
+) -> Image.Image:
+    """Field-of-view crop, black padding to a square, then Lanczos downsampling to ``max_side`` px."""
+    top, bottom, left, right = field_of_view_box(np.asarray(image), threshold, margin)
+    image = image.crop((left, top, right, bottom))
+    side = max(image.size)
+    square = Image.new(image.mode, (side, side))
+    square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+    if max_side and side > max_side:
+        square = square.resize((max_side, max_side), Image.Resampling.LANCZOS)
+    return square
+
+
+class RandomSidePadding(torch.nn.Module):
+    """Black padding on the left and right, each side ``U[min_frac, max_frac]`` x width (paper: 33-150 px at 1024)."""
+
+    def __init__(self, min_frac: float = 33 / 1024, max_frac: float = 150 / 1024):
+        super().__init__()
+        self.min_frac, self.max_frac = min_frac, max_frac
+
+    def forward(self, image: Image.Image) -> Image.Image:
+        pad = round(random.uniform(self.min_frac, self.max_frac) * image.width)
+        return v2.functional.pad(image, [pad, 0, pad, 0], fill=0)
+
+
+def pretrain_transform(img_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> v2.Compose:
+    """The RETFound-Green pre-training augmentations, ending in a normalised (3, img_size, img_size) tensor."""
+    return v2.Compose(
+        [
+            v2.RandomHorizontalFlip(),
+            v2.RandomVerticalFlip(p=0.05),
+            v2.RandomApply([RandomSidePadding()], p=0.1),
+            v2.RandomApply([v2.RandomRotation(12.5)], p=0.25),
+            v2.RandomApply([v2.ColorJitter(brightness=0.33, contrast=0.33)], p=0.25),
+            v2.RandomChoice(
+                [
+                    v2.RandomResizedCrop(img_size, scale=(0.7, 1.0), ratio=(3 / 5, 5 / 3)),
+                    v2.Compose([v2.Resize(round(1.3 * img_size)), v2.CenterCrop(img_size)]),
+                    v2.Resize((img_size, img_size)),
+                ]
+            ),
+            *_to_normalised_tensor(mean, std),
+        ]
+    )
+
+
+def spark_transform(img_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> v2.Compose:
+    """SparK pre-training augmentation: RandomResizedCrop(scale 0.67-1) + horizontal flip."""
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(img_size, scale=(0.67, 1.0)),
+            v2.RandomHorizontalFlip(),
+            *_to_normalised_tensor(mean, std),
+        ]
+    )
+
+
+def finetune_transform(img_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> v2.Compose:
+    """nn-MobileNet's released fine-tuning augmentation (``dataset.py``, its default MICCAI / MMAC data):
+    RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3, bicubic), both flips, rotation by up to 180 degrees
+    (bicubic, black fill), colour jitter 0.4 (brightness, contrast, saturation, hue), normalisation, then
+    random erasing p 0.4."""
+    bicubic = v2.InterpolationMode.BICUBIC
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(img_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation=bicubic),
+            v2.RandomHorizontalFlip(),
+            v2.RandomVerticalFlip(),
+            v2.RandomRotation(180, interpolation=bicubic, fill=0),
+            v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.4),
+            *_to_normalised_tensor(mean, std),
+            v2.RandomErasing(p=0.4),
+        ]
+    )
+
+
+def finetune_eval_transform(img_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> v2.Compose:
+    """nn-MobileNet's evaluation transform: resize the short side to img_size / 0.875 (bicubic), centre crop."""
+    return v2.Compose(
+        [
+            v2.Resize(int(img_size / (224 / 256)), interpolation=v2.InterpolationMode.BICUBIC),
+            v2.CenterCrop(img_size),
+            *_to_normalised_tensor(mean, std),
+        ]
+    )
+
+
+def eval_transform(img_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> v2.Compose:
+    """Resize to (img_size, img_size) and normalise; what embeddings are computed from."""
+    return v2.Compose([v2.Resize((img_size, img_size)), *_to_normalised_tensor(mean, std)])
+
+
+# none: no augmentation at all (ablations; exact comparisons such as single-process vs DDP)
+PRETRAIN_TRANSFORMS = {"retfound_green": pretrain_transform, "spark": spark_transform, "none": eval_transform}
+
+
+def _to_normalised_tensor(mean, std) -> list:
+    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]

@@ -1,0 +1,248 @@
+"""A folder of fundus photographs (jpg / png / tif / bmp, searched recursively) with optional labels CSV.
+
+Labels CSV: one row per image, an id column (matched against the image's path relative to the folder,
+with or without extension, or its file name / stem) and one column per label task. Integer labels are
+used as they are; text labels are numbered in sorted order. An empty cell = no label for that task.
+Optional columns that are not tasks: a group column (patient / subject id; all images of a group land on
+one side of the held-out split) and a split column (the dataset's official train / val / test).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pandas as pd
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from greenlab.data import splits
+from greenlab.data.base import ImageDataModule, ItemDataset, Task
+from greenlab.data.fundus import PRETRAIN_TRANSFORMS, crop_field_of_view, eval_transform
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+
+
+class FundusFolderDataModule(ImageDataModule):
+    """Args:
+    root: folder of photographs. labels_csv: optional CSV (see module doc); id_column: its id column;
+    label_columns: task columns (default: every other column but the group and split columns).
+    group_column: patient / subject id column (None: ``splits.GROUP_COLUMNS`` when the CSV has one); the
+    held-out split is then by group, stratified by the first task. split_column: the official split column
+    (train / val / test) instead. held_out_fraction / split_seed: the deterministic held-out split for
+    probe evaluation (by group, else by image id); pre-training uses the other images.
+    img_size: network input px; mean/std: normalisation; augmentation: pre-training augmentations,
+    ``retfound_green`` or ``spark`` (greenlab/data/fundus.py). fov_crop: crop the black border first.
+    max_side: downsample after cropping (px). verify: decode every image in ``setup`` so a bad file fails
+    before training. skip_bad: instead of failing on an unreadable image or a missing label row, skip it
+    and list it in ``skipped_inputs.csv`` in the run directory.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        labels_csv: str | None,
+        id_column: str,
+        label_columns: list[str] | None,
+        group_column: str | None,
+        split_column: str | None,
+        held_out_fraction: float,
+        split_seed: int,
+        img_size: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        augmentation: str,
+        fov_crop: bool,
+        max_side: int,
+        verify: bool,
+        skip_bad: bool,
+        **loader_kwargs,
+    ):
+        super().__init__(**loader_kwargs)
+        self.root = Path(root).expanduser()
+        self.labels_csv = Path(labels_csv).expanduser() if labels_csv else None
+        self.id_column, self.label_columns = id_column, label_columns
+        self.group_column, self.split_column = group_column, split_column
+        self.held_out_fraction, self.split_seed = held_out_fraction, split_seed
+        self.img_size, self.mean, self.std = img_size, tuple(mean), tuple(std)
+        self.augmentation = augmentation
+        self.fov_crop, self.max_side, self.verify, self.skip_bad = fov_crop, max_side, verify, skip_bad
+        self.skipped: list[tuple[str, str]] = []
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.pretrain_set is not None:
+            return
+        paths = self._scan()
+        skipped: list[tuple[str, str]] = []
+        if self.verify:
+            paths = self._verified(paths, skipped)
+        ids = [p.relative_to(self.root).with_suffix("").as_posix() for p in paths]
+        labels, meta = torch.full((len(ids), 0), -1), {}
+        if self.labels_csv:
+            labels, meta = self._read_labels(paths, ids, skipped)
+            # drop the images listed for having no label row (skip_bad)
+            unlabelled = {path for path, _ in skipped}
+            keep = [i for i, p in enumerate(paths) if str(p) not in unlabelled]
+            paths, ids, labels = [paths[i] for i in keep], [ids[i] for i in keep], labels[keep]
+            meta = {k: v if isinstance(v, str) else [v[i] for i in keep] for k, v in meta.items()}
+        if skipped:
+            listed = self.write_skip_list(skipped)
+            log.warning(
+                "skipped %d of the images under %s; the list is in %s", len(skipped), self.root, listed
+            )
+        self.skipped = skipped
+        train_idx, probe_train_idx, test_idx = self._split(ids, labels, meta)
+        train_tf = PRETRAIN_TRANSFORMS[self.augmentation](self.img_size, self.mean, self.std)
+        eval_tf = eval_transform(self.img_size, self.mean, self.std)
+
+        def subset(indices, transform):
+            chosen = [paths[i] for i in indices]
+            return ItemDataset(
+                [ids[i] for i in indices], lambda k: self.load(chosen[k]), labels[indices], transform
+            )
+
+        self.pretrain_set = subset(train_idx, train_tf)
+        if self.tasks:
+            self.probe_train_set = subset(probe_train_idx, eval_tf)
+            self.probe_test_set = subset(test_idx, eval_tf)
+
+    def _split(self, ids: list[str], labels: torch.Tensor, meta: dict) -> tuple[list, list, list]:
+        """(pre-training, probe-train, held-out) indices; the method into ``self.split``. Without labels
+        every image is for pre-training (the held-out split only serves evaluation)."""
+        everything = list(range(len(ids)))
+        if not self.tasks:
+            self.split = {"method": "none (no labels: every image pre-trains)", "images_train": len(ids)}
+            return everything, [], []
+        if "split" in meta:
+            sides, self.split = splits.official(meta["split"], self.split_column, str(self.labels_csv))
+            scored = "test" if "test" in sides else "val"
+            self.split["held_out_side"] = scored
+            test = [i for i in everything if sides[i] == scored]
+            return (
+                [i for i in everything if sides[i] != scored],
+                [i for i in everything if sides[i] == "train"],
+                test,
+            )
+        if "group" in meta:
+            flags, self.split = splits.by_group(
+                meta["group"],
+                labels[:, 0].tolist(),
+                self.held_out_fraction,
+                self.split_seed,
+                meta["group_column"],
+            )
+        else:
+            flags, self.split = splits.by_id(ids, self.held_out_fraction, self.split_seed)
+        train = [i for i in everything if not flags[i]]
+        return train, train, [i for i in everything if flags[i]]
+
+    @property
+    def dataset_name(self) -> str:
+        return self.root.name
+
+    def describe(self) -> dict:
+        fov = {"threshold": 5, "margin": 0.025, "pad_to_square": True, "max_side": self.max_side}
+        return {**super().describe(), "preprocessing": {
+            "field_of_view_crop": fov if self.fov_crop else None,
+            "resize": [self.img_size, self.img_size], "interpolation": "bilinear", "crop_pct": 1.0,
+            "mean": list(self.mean), "std": list(self.std)}}  # fmt: skip
+
+    def load(self, path: Path) -> Image.Image:
+        """One photograph as RGB, field-of-view cropped when configured."""
+        try:
+            with Image.open(path) as handle:
+                image = handle.convert("RGB")
+        except Exception as err:
+            raise ValueError(f"cannot read image {path}: {type(err).__name__}: {err}") from err
+        return crop_field_of_view(image, max_side=self.max_side) if self.fov_crop else image
+
+    def _scan(self) -> list[Path]:
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder not found: {self.root}")
+        paths = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not paths:
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {self.root}")
+        return paths
+
+    def _verified(self, paths: list[Path], skipped: list) -> list[Path]:
+        good = []
+        for path in tqdm(paths, desc=f"checking images in {self.root.name}", unit="img"):
+            try:
+                with Image.open(path) as handle:
+                    handle.load()
+                good.append(path)
+            except Exception as err:
+                reason = f"unreadable image: {type(err).__name__}: {err}"
+                if not self.skip_bad:
+                    raise ValueError(
+                        f"{path}: {reason} (set data.skip_bad=true to skip and list such files)"
+                    ) from err
+                skipped.append((str(path), reason))
+        return good
+
+    def _read_labels(self, paths: list[Path], ids: list[str], skipped: list) -> tuple[torch.Tensor, dict]:
+        """(N, T) int64 labels for ``paths`` (-1 = no label), and {"group": [...], "split": [...]} for the
+        columns that are given; fills ``self.tasks``."""
+        if not self.labels_csv.is_file():
+            raise FileNotFoundError(f"labels CSV not found: {self.labels_csv}")
+        table = pd.read_csv(self.labels_csv, dtype={self.id_column: str})
+        if self.id_column not in table.columns:
+            raise ValueError(
+                f"{self.labels_csv}: no id column {self.id_column!r} (columns: {list(table.columns)})"
+            )
+        if table[self.id_column].duplicated().any():
+            dup = table[self.id_column][table[self.id_column].duplicated()].tolist()[:5]
+            raise ValueError(f"{self.labels_csv}: duplicate ids in {self.id_column!r}: {dup}")
+        group_column = self.group_column or next(
+            (c for c in splits.GROUP_COLUMNS if c in table.columns), None
+        )
+        if group_column and not self.group_column:
+            log.info(
+                "%s: images grouped by its %r column for the held-out split", self.labels_csv, group_column
+            )
+        not_tasks = {self.id_column, group_column, self.split_column} - {None}
+        columns = list(self.label_columns or [c for c in table.columns if c not in not_tasks])
+        missing_cols = [c for c in [*columns, *not_tasks] if c not in table.columns]
+        if missing_cols:
+            raise ValueError(
+                f"{self.labels_csv}: columns {missing_cols} not found (columns: {list(table.columns)})"
+            )
+        coded = {}
+        self.tasks = []
+        for column in columns:
+            values = table[column]
+            if pd.api.types.is_numeric_dtype(values):
+                numbers = values.astype("Int64")
+                if (numbers.dropna() < 0).any():
+                    raise ValueError(
+                        f"{self.labels_csv}: column {column!r} has negative labels; use blank for missing"
+                    )
+            else:
+                categories = sorted(values.dropna().unique())
+                numbers = values.map({c: i for i, c in enumerate(categories)}).astype("Int64")
+                log.info("%s: %s coded as %s", self.labels_csv.name, column, dict(enumerate(categories)))
+            coded[column] = numbers.fillna(-1).astype(int).tolist()
+            self.tasks.append(Task(column, max(2, int(numbers.max()) + 1)))
+        row_of = {key: r for r, key in enumerate(table[self.id_column])}
+        labels = torch.full((len(paths), len(columns)), -1, dtype=torch.int64)
+        meta_columns = {"group": group_column, "split": self.split_column}
+        meta = {k: [None] * len(paths) for k, c in meta_columns.items() if c}
+        for i, (path, image_id) in enumerate(zip(paths, ids)):
+            row = next((row_of[k] for k in (image_id, path.name, path.stem) if k in row_of), None)
+            if row is None:
+                reason = f"no row in {self.labels_csv} for image id {image_id!r}"
+                if not self.skip_bad:
+                    raise ValueError(
+                        f"{path}: {reason} (set data.skip_bad=true to skip and list such images)"
+                    )
+                skipped.append((str(path), reason))
+                continue
+            labels[i] = torch.tensor([coded[c][row] for c in columns])
+            for key in meta:
+                meta[key][i] = table[meta_columns[key]].iloc[row]
+        if "group" in meta:
+            meta["group_column"] = group_column
+        return labels, meta

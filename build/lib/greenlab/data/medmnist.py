@@ -1,0 +1,133 @@
+"""A MedMNIST ``.npz`` file (official keys ``train_images``, ``train_labels``, ``val_*``, ``test_*``), 2D or 3D.
+
+Pre-training uses ``train_images``; probes are fitted on train and evaluated on ``test_*`` when the file
+has it, else on ``val_*``. Labels (N, 1) are one multi-class task; (N, K>1) are K binary tasks.
+2D images (N, H, W[, 3]) go through the fundus-style transforms (grey becomes 3 channels, upsampled to
+``img_size``); 3D volumes (N, D, H, W) become (1, D, H, W) float tensors scaled to [0, 1].
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from greenlab.data.base import ImageDataModule, ItemDataset, Task
+from greenlab.data.fundus import PRETRAIN_TRANSFORMS, eval_transform
+
+
+class MedMNISTDataModule(ImageDataModule):
+    """Args: path to the ``.npz``; task_names: names for the label columns (default ``label`` or
+    ``label_<k>``); img_size / mean / std: as for photographs; max_per_split: keep the first n of each
+    split (quick runs)."""
+
+    def __init__(
+        self,
+        path: str,
+        task_names: list[str] | None,
+        img_size: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        augmentation: str,
+        max_per_split: int | None,
+        **loader_kwargs,
+    ):
+        super().__init__(**loader_kwargs)
+        self.path = Path(path).expanduser()
+        self.task_names, self.img_size, self.max_per_split = task_names, img_size, max_per_split
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.augmentation = augmentation
+        self.eval_split: str | None = None
+        self.is_3d = False
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.pretrain_set is not None:
+            return
+        arrays = self._read()
+        self.eval_split = "test" if "test_images" in arrays else "val"
+        labels = {s: self._labels(arrays, s) for s in ("train", self.eval_split)}
+        width = labels["train"].shape[1]
+        num_classes = max(int(labels[s].max()) + 1 for s in labels)
+        if width == 1:
+            names = self.task_names or ["label"]
+            self.tasks = [Task(names[0], max(2, num_classes))]
+        else:
+            names = self.task_names or [f"label_{k}" for k in range(width)]
+            self.tasks = [Task(n, 2) for n in names]
+        train_tf = PRETRAIN_TRANSFORMS[self.augmentation](self.img_size, self.mean, self.std)
+        eval_tf = eval_transform(self.img_size, self.mean, self.std)
+        if self.is_3d:
+            train_tf = eval_tf = _volume_tensor
+        self.pretrain_set = self._dataset(arrays, "train", labels["train"], train_tf)
+        self.probe_train_set = self._dataset(arrays, "train", labels["train"], eval_tf)
+        self.probe_test_set = self._dataset(arrays, self.eval_split, labels[self.eval_split], eval_tf)
+        self.split = {
+            "method": f"official (probes fit on train, scored on {self.eval_split})",
+            "images_train": len(self.probe_train_set),
+            "images_held_out": len(self.probe_test_set),
+        }
+
+    @property
+    def dataset_name(self) -> str:
+        return self.path.stem
+
+    def describe(self) -> dict:
+        return {
+            **super().describe(),
+            "file": str(self.path),
+            "eval_split": self.eval_split,
+            "is_3d": self.is_3d,
+        }
+
+    def _read(self) -> dict[str, np.ndarray]:
+        if not self.path.is_file():
+            raise FileNotFoundError(f"MedMNIST file not found: {self.path}")
+        try:
+            with np.load(self.path) as npz:
+                arrays = {k: npz[k] for k in npz.files}
+        except Exception as err:
+            raise ValueError(f"cannot read MedMNIST file {self.path}: {type(err).__name__}: {err}") from err
+        for key in ("train_images", "train_labels"):
+            if key not in arrays:
+                raise ValueError(f"{self.path}: missing key {key!r} (has {sorted(arrays)})")
+        if "test_images" not in arrays and "val_images" not in arrays:
+            raise ValueError(
+                f"{self.path}: needs test_images or val_images for evaluation (has {sorted(arrays)})"
+            )
+        images = arrays["train_images"]
+        if images.ndim == 4 and images.shape[-1] not in (1, 3):
+            self.is_3d = True
+        elif images.ndim not in (3, 4):
+            raise ValueError(
+                f"{self.path}: train_images has shape {images.shape}; expected (N,H,W), (N,H,W,C) or (N,D,H,W)"
+            )
+        return arrays
+
+    def _labels(self, arrays: dict, split: str) -> torch.Tensor:
+        labels = arrays.get(f"{split}_labels")
+        images = arrays[f"{split}_images"]
+        if labels is None or len(labels) != len(images):
+            raise ValueError(f"{self.path}: {split}_labels missing or not one row per image")
+        labels = torch.as_tensor(np.asarray(labels).reshape(len(labels), -1), dtype=torch.int64)
+        return labels[: self.max_per_split] if self.max_per_split else labels
+
+    def _dataset(self, arrays: dict, split: str, labels: torch.Tensor, transform) -> ItemDataset:
+        images = (
+            arrays[f"{split}_images"][: self.max_per_split]
+            if self.max_per_split
+            else arrays[f"{split}_images"]
+        )
+        load = (lambda i: images[i]) if self.is_3d else (lambda i: _to_rgb(images[i]))
+        return ItemDataset([f"{split}_{i}" for i in range(len(images))], load, labels, transform)
+
+
+def _to_rgb(array: np.ndarray) -> Image.Image:
+    array = array.squeeze(-1) if array.ndim == 3 and array.shape[-1] == 1 else array
+    return Image.fromarray(array).convert("RGB")
+
+
+def _volume_tensor(volume: np.ndarray) -> torch.Tensor:
+    scale = 255.0 if volume.dtype == np.uint8 else 1.0
+    return torch.as_tensor(volume, dtype=torch.float32).unsqueeze(0) / scale

@@ -1,0 +1,298 @@
+"""Volumes listed in a CSV manifest (NIfTI files or DICOM series folders), prepared by a MONAI chain.
+
+``VolumeDataModule`` is what CT and MRI share: the manifest, labels from its columns or distilled from its
+reports, a deterministic held-out split, a check of every volume in ``setup`` (unreadable, NaN/inf, not
+3D, or without a usable spacing is an error naming the file, or, with ``skip_bad``, a row in
+skipped_inputs.csv), the deterministic ``preprocessing`` chain cached on disk
+(``monai.data.PersistentDataset``), then the ``crops`` chain (random for training, fixed for evaluation).
+A modality (``data/ct.py``, ``data/mri.py``) gives only its chains and which manifest columns feed them.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import struct
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from monai import transforms as mt
+from monai.data import PersistentDataset
+from monai.data.utils import set_rnd
+from monai.data.utils import worker_init_fn as monai_worker_init_fn
+from tqdm.auto import tqdm
+
+from greenlab.data import splits
+from greenlab.data.base import MISSING, UNCERTAIN, ImageDataModule, Task
+from greenlab.labels import label_reports
+
+log = logging.getLogger(__name__)
+
+
+class CheckVolumed(mt.MapTransform):
+    """Refuse volumes that are not 3D, hold NaN/inf, or have no usable voxel spacing; the error names the file."""
+
+    def __call__(self, data):
+        image = data[self.keys[0]]
+        source = image.meta.get("filename_or_obj", "?") if hasattr(image, "meta") else "?"
+        if image.ndim != 4 or image.shape[0] != 1:
+            raise ValueError(f"{source}: expected one 3D volume, got shape {tuple(image.shape)}")
+        if not torch.isfinite(torch.as_tensor(image)).all():
+            raise ValueError(f"{source}: volume holds NaN or infinite values")
+        spacing = _header_spacing(image, str(source))
+        if spacing is None or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+            raise ValueError(f"{source}: no usable voxel spacing in its header (got {spacing})")
+        return data
+
+
+def _header_spacing(image, source: str) -> np.ndarray | None:
+    """Voxel spacing as the file states it. nibabel silently turns a zero NIfTI spacing into 1 mm, so
+    NIfTI is read from the raw header; a DICOM series needs its PixelSpacing tag (0028,0030)."""
+    if source.endswith((".nii", ".nii.gz")):
+        return _raw_nifti_spacing(source)
+    meta = getattr(image, "meta", {})
+    if "00200037" in meta and "00280030" not in meta:  # DICOM geometry without pixel spacing
+        return None
+    return np.linalg.norm(np.asarray(image.affine)[:3, :3], axis=0)
+
+
+def _raw_nifti_spacing(path: str) -> np.ndarray:
+    """pixdim[1:4] as stored in a NIfTI-1 (348-byte header, float32) or NIfTI-2 (540, float64) file."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as handle:
+        header = handle.read(540)
+    for order in ("<", ">"):
+        size = struct.unpack(order + "i", header[:4])[0]
+        if size == 348:
+            return np.array(struct.unpack(order + "8f", header[76:108])[1:4], dtype=float)
+        if size == 540:
+            return np.array(struct.unpack(order + "8d", header[104:168])[1:4], dtype=float)
+    raise ValueError(f"{path}: not a NIfTI-1/2 header")
+
+
+class VolumeDataModule(ImageDataModule):
+    """Args: manifest (CSV), volumes ({chain key: manifest column}: paths relative to the manifest's folder,
+    a NIfTI file or a DICOM series folder; the first column is the study's id), preprocessing (MONAI chain,
+    {key: path} -> {"image": tensor}, deterministic: cached), crops ((training, evaluation) chains on
+    {"image"}), geometry (the preprocessing's parameters: the cache folder's key), report_column (optional
+    free text), label_columns (1 present, 0 absent, -1 uncertain, blank missing; default every other
+    column), labeller (distil the labels from the reports instead: a ``greenlab/conf/data/labeller`` object; written
+    to report_labels.csv in the run folder and reused from there), pair_reports (training samples are
+    (volume, report, labels), for image-text objectives), cache_dir (persistent cache of the deterministic
+    part), group_column (patient id: all studies of a patient on one side of the held-out split; None: a
+    ``splits.GROUP_COLUMNS`` column when the manifest has one, else by study id), held_out_fraction / split_seed,
+    skip_bad (list bad volumes in skipped_inputs.csv instead of failing), text_only_reports (a CSV of more
+    reports without a volume, ``report_column``, labelled by the ``labeller``: with ``pair_reports``, each
+    training batch is then {"paired": (volumes, reports, labels), "text_only": (reports, labels)}, the
+    text-only part ``text_only_batch_size`` reports drawn at random; for training a text encoder alone).
+
+    Label tensors: 1 present, 0 absent, -2 uncertain, -1 missing. Findings with no present / absent label
+    in the training split are dropped (logged)."""
+
+    def __init__(self, manifest: str, volumes: dict[str, str], preprocessing: mt.Compose,
+                 crops: tuple[mt.Compose, mt.Compose], geometry: dict, report_column: str | None,
+                 label_columns: list[str] | None, labeller, pair_reports: bool, cache_dir: str | None,
+                 group_column: str | None, held_out_fraction: float, split_seed: int, skip_bad: bool, text_only_reports: str | None,
+                 text_only_batch_size: int, **loader_kwargs):  # fmt: skip
+        super().__init__(**loader_kwargs)
+        self.manifest = Path(manifest).expanduser()
+        self.volumes, self.report_column = dict(volumes), report_column
+        self.label_columns, self.labeller, self.pair_reports = label_columns, labeller, pair_reports
+        self.preprocess, self.crops, self.skip_bad = preprocessing, crops, skip_bad
+        self.cache_dir = cache_dir and Path(cache_dir) / self.cache_key(geometry)
+        self.group_column, self.held_out_fraction, self.split_seed = (
+            group_column,
+            held_out_fraction,
+            split_seed,
+        )
+        self.train_reports: list[str] = []
+        self.test_reports: list[str] = []
+        self.dropped_findings: list[str] = []
+        self.text_only_reports, self.text_only_batch_size = text_only_reports, text_only_batch_size
+        self.text_only_set: list[tuple[str, torch.Tensor]] = []
+
+    # MONAI's random transforms draw from their own generators: seeded per worker from the loader's seed
+    worker_init_fn = staticmethod(monai_worker_init_fn)
+
+    @property
+    def id_column(self) -> str:
+        return next(iter(self.volumes.values()))
+
+    def cache_key(self, geometry: dict) -> str:
+        """A cache sub-folder per preprocessing: changing spacing, window or size never reuses stale tensors."""
+        values = {
+            k: float(v) if isinstance(v, int | float) else list(map(float, v)) for k, v in geometry.items()
+        }
+        text = json.dumps([type(self).__name__, values])
+        return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+    def volume_sources(self, row) -> dict[str, str]:
+        """The files of one manifest row, as the preprocessing's input dict."""
+        return {
+            key: str((self.manifest.parent / row[column]).resolve()) for key, column in self.volumes.items()
+        }
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.pretrain_set is not None:
+            return
+        table = self._read_manifest()
+        sources = [self.volume_sources(row) for _, row in table.iterrows()]
+        skipped, keep = [], []
+        for row, source in enumerate(tqdm(sources, desc="checking + caching volumes", unit="vol")):
+            try:
+                self.preprocess(dict(source))
+                keep.append(row)
+            except Exception as err:
+                root = err
+                while root.__cause__ is not None:  # MONAI wraps the reason in "applying transform ..."
+                    root = root.__cause__
+                where = ", ".join(source.values())
+                reason = str(root).splitlines()[0]
+                for path in source.values():
+                    reason = reason.replace(f"{path}: ", "")
+                if not self.skip_bad:
+                    raise ValueError(
+                        f"{where}: {reason} (set data.skip_bad=true to skip and list such volumes)"
+                    ) from err
+                skipped.append((where, reason))
+        if skipped:
+            log.warning("skipped %d volumes; the list is in %s", len(skipped), self.write_skip_list(skipped))
+        table = table.iloc[keep].reset_index(drop=True)
+        sources = [sources[i] for i in keep]
+        reports = (
+            table[self.report_column].fillna("").astype(str).tolist()
+            if self.report_column in table
+            else [""] * len(table)
+        )
+        names, labels = self._labels(table, reports)
+        # split on the manifest's own (relative) entries: the same study lands on the same side wherever the
+        # data folder lives
+        ids = table[self.id_column].astype(str).tolist()
+        group = self.group_column or next((c for c in splits.GROUP_COLUMNS if c in table.columns), None)
+        if group:  # by patient (hash of the patient id: multi-label findings, no stratification)
+            groups = table[group].astype(str).tolist()
+            test, self.split = splits.by_group(groups, None, self.held_out_fraction, self.split_seed, group)
+        else:
+            test, self.split = splits.by_id(ids, self.held_out_fraction, self.split_seed)
+        train = torch.tensor([not t for t in test])
+        labelled = ((labels[train] == 0) | (labels[train] == 1)).any(0)
+        self.dropped_findings = [n for n, ok in zip(names, labelled.tolist()) if not ok]
+        if self.dropped_findings:
+            log.warning("findings with no present/absent label in the training split, dropped: %s",
+                        self.dropped_findings)  # fmt: skip
+        self.tasks = [Task(n, 2) for n, ok in zip(names, labelled.tolist()) if ok]
+        labels = labels[:, labelled]
+        items = [{**s, "labels": labels[i], "report": reports[i]} for i, s in enumerate(sources)]
+        train_items = [it for it, t in zip(items, test) if not t]
+        test_items = [it for it, t in zip(items, test) if t]
+        self.train_reports = [it["report"] for it in train_items]
+        self.test_reports = [it["report"] for it in test_items]
+        self.pretrain_set = self._dataset(train_items, train=True, with_report=self.pair_reports)
+        self.probe_train_set = self._dataset(train_items, train=False)
+        self.probe_test_set = self._dataset(test_items, train=False)
+        if self.text_only_reports:
+            self.text_only_set = self._text_only_set([t.name for t in self.tasks])
+
+    def _text_only_set(self, names: list[str]) -> list[tuple[str, torch.Tensor]]:
+        """(report, labels over ``names``) for each row of ``text_only_reports``."""
+        path = Path(self.text_only_reports).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"text_only_reports not found: {path}")
+        if not self.labeller:
+            raise ValueError(f"{path}: text-only reports need data.labeller to label them")
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+        if self.report_column not in table.columns:
+            raise ValueError(f"{path}: no column {self.report_column!r} (columns: {list(table.columns)})")
+        reports = table[self.report_column].tolist()
+        found, labels = self._labels(table, reports, "text_only_report_labels.csv")
+        labels = labels[:, [found.index(n) for n in names]]
+        return list(zip(reports, labels))
+
+    def train_dataloader(self):
+        paired = super().train_dataloader()
+        if not (self.pair_reports and self.text_only_set):
+            return paired
+        from lightning.pytorch.utilities import CombinedLoader
+        from torch.utils.data import DataLoader, RandomSampler
+
+        draws = RandomSampler(self.text_only_set, replacement=True, num_samples=2**31 - 1)
+        text_only = DataLoader(self.text_only_set, batch_size=self.text_only_batch_size, sampler=draws)
+        return CombinedLoader({"paired": paired, "text_only": text_only}, mode="min_size")
+
+    def _labels(self, table: pd.DataFrame, reports: list[str], cache: str = "report_labels.csv"
+                ) -> tuple[list[str], torch.Tensor]:  # fmt: skip
+        """(finding names, (N, C) int64: 1, 0, UNCERTAIN -2, MISSING -1) from columns or the labeller
+        (its labels kept in the run folder's ``cache`` file)."""
+        if self.labeller:
+            frame = self._distilled_labels(table, reports, cache)
+        else:
+            columns = self.label_columns or [c for c in table.columns if c not in self._non_label_columns()]
+            missing = [c for c in columns if c not in table.columns]
+            if missing:
+                raise ValueError(f"{self.manifest}: label columns {missing} not found")
+            frame = table[columns]
+        values = frame.apply(pd.to_numeric, errors="coerce")
+        bad = values.notna() & ~values.isin([1, 0, -1])
+        if bad.any().any():
+            column = bad.any().idxmax()
+            raise ValueError(f"{self.manifest}: column {column!r} holds values other than 1, 0, -1 or blank")
+        array = values.to_numpy(dtype=float).reshape(len(table), -1)
+        array = np.where(np.isnan(array), MISSING, np.where(array == -1, UNCERTAIN, array))
+        return list(frame.columns), torch.from_numpy(array.astype(np.int64))
+
+    def _non_label_columns(self) -> set:
+        return {*self.volumes.values(), self.report_column, self.group_column, *splits.GROUP_COLUMNS}
+
+    def _distilled_labels(self, table: pd.DataFrame, reports: list[str], cache: str) -> pd.DataFrame:
+        """Labels from the report text (greenlab.labels), cached in the run folder: never recomputed."""
+        vocabulary = self.labeller.vocabulary
+        directory = self.output_dir or Path.cwd()
+        path = directory / cache
+        ids = [str(i) for i in range(len(table))]
+        if path.is_file():
+            frame = pd.read_csv(path, dtype={"report": str}, keep_default_na=False)
+            if frame["report"].tolist() != reports or list(frame.columns[2:]) != vocabulary.names:
+                raise ValueError(f"{path} was made from other reports or findings; use a new run folder")
+            log.info("report labels reused from %s", path)
+            return frame[vocabulary.names]
+        frame = label_reports(ids, reports, self.labeller)
+        frame.insert(1, "report", reports)
+        directory.mkdir(parents=True, exist_ok=True)
+        frame.to_csv(path, index=False)
+        log.info("labels distilled from %d reports (%s) -> %s", len(reports), self.labeller, path)
+        return frame[vocabulary.names]
+
+    def describe(self) -> dict:
+        return {**super().describe(), "dropped_findings": self.dropped_findings,
+                "labels_from": f"reports ({self.labeller})" if self.labeller else "manifest columns",
+                "text_only_reports": len(self.text_only_set)}  # fmt: skip
+
+    def _dataset(self, items: list[dict], train: bool, with_report: bool = False):
+        keys = ("image", "report", "labels") if with_report else ("image", "labels")
+        transform = mt.Compose(
+            [self.preprocess, self.crops[0 if train else 1], mt.Lambda(lambda d: tuple(d[k] for k in keys))]
+        )
+        if self.cache_dir:
+            dataset = PersistentDataset(items, transform=transform, cache_dir=self.cache_dir)
+        else:
+            from monai.data import Dataset
+
+            dataset = Dataset(items, transform=transform)
+        set_rnd(dataset, seed=torch.initial_seed() % 2**32)  # the run's seed, for loading in this process
+        return dataset
+
+    def _read_manifest(self) -> pd.DataFrame:
+        if not self.manifest.is_file():
+            raise FileNotFoundError(f"manifest not found: {self.manifest}")
+        table = pd.read_csv(self.manifest)
+        needed = [*self.volumes.values(), self.group_column]
+        absent = [c for c in needed if c and c not in table.columns]
+        if absent:
+            raise ValueError(f"{self.manifest}: no column {absent[0]!r} (columns: {list(table.columns)})")
+        if self.labeller and self.report_column not in table.columns:
+            raise ValueError(f"{self.manifest}: labels from reports need the column {self.report_column!r}")
+        return table

@@ -1,0 +1,1 @@
+"""Evaluation of trained backbones: frozen embeddings + linear probes."""

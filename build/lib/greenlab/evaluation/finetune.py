@@ -1,0 +1,239 @@
+"""Stratified k-fold fine-tuning: backbone + classification head, every fold trained from the same start.
+
+For one label task, all labelled images (probe-train and held-out pooled) are split by
+``StratifiedKFold(k, shuffle, seed)``; in each fold a fresh copy of the backbone + [global average pool ->
+dropout -> linear] head is trained on the other folds and scored on this one after the last epoch (no
+checkpoint picked on the scored fold). Metrics per fold and mean ± std: accuracy, AUROC (binary or macro
+one-vs-rest), Cohen's kappa (quadratic when ``ordinal``), weighted F1.
+
+The recipe is nn-MobileNet's released ``main.py`` (values and sources in greenlab/conf/evaluation/finetune.yaml):
+AdamW, a per-step linear warm-up from 0 then cosine to ``min_lr``, mixup / CutMix (timm ``Mixup``, switch
+0.5, per batch) with label smoothing and soft-target cross-entropy, its augmentation
+(``data/fundus.finetune_transform``), and an exponential moving average of the weights, which is what is
+scored (``--model_ema_eval``).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from contextlib import nullcontext
+from functools import partial
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import accuracy_score, cohen_kappa_score, f1_score
+from sklearn.model_selection import StratifiedKFold
+from torch import nn
+from torch.utils.data import ConcatDataset, DataLoader, Subset
+from tqdm.auto import tqdm
+
+from greenlab.contracts import FoldSource
+from greenlab.data.base import ItemDataset
+from greenlab.data.fundus import finetune_eval_transform, finetune_transform
+from greenlab.evaluation.embeddings import pool
+from greenlab.evaluation.statistics import MACRO, one_vs_rest_auroc
+from greenlab.objectives.optim import warmup_cosine_factor
+
+METRICS = ("accuracy", "auroc", "kappa", "f1_weighted")
+
+
+class Classifier(nn.Module):
+    """backbone.forward_features -> pooled vector -> dropout -> linear."""
+
+    def __init__(self, backbone: nn.Module, num_features: int, num_classes: int, dropout: float):
+        super().__init__()
+        self.backbone, self.dropout, self.head = (
+            backbone,
+            nn.Dropout(dropout),
+            nn.Linear(num_features, num_classes),
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.backbone.forward_features(images)
+        vector = pool(features, "mean_patch", getattr(self.backbone, "num_prefix_tokens", 0))
+        return self.head(self.dropout(vector))
+
+
+class KFoldFineTune:
+    """Args: folds, epochs, batch_size, img_size (None: the data's), lr / min_lr / warmup_epochs (AdamW,
+    warm-up + cosine per step), weight_decay, head_dropout, label_smoothing, mixup / cutmix (alphas; 0 turns
+    each off), ema_decay (None: score the weights themselves), task (label column; default the first),
+    ordinal (quadratic kappa), seed, bf16 (autocast on GPU), num_workers."""
+
+    requires = (FoldSource,)
+    optimized_metric = "finetune_auroc_mean"
+
+    def __init__(self, folds: int, epochs: int, batch_size: int, img_size: int | None, lr: float, min_lr: float,
+                 warmup_epochs: int, weight_decay: float, head_dropout: float, label_smoothing: float, mixup: float,
+                 cutmix: float, ema_decay: float | None, task: str | None, ordinal: bool, seed: int, bf16: bool,
+                 num_workers: int):  # fmt: skip
+        self.folds, self.epochs, self.batch_size, self.img_size = folds, epochs, batch_size, img_size
+        self.lr, self.min_lr, self.warmup_epochs, self.weight_decay = lr, min_lr, warmup_epochs, weight_decay
+        self.head_dropout, self.label_smoothing, self.mixup, self.cutmix = (
+            head_dropout,
+            label_smoothing,
+            mixup,
+            cutmix,
+        )
+        self.ema_decay, self.task, self.ordinal = ema_decay, task, ordinal
+        self.seed, self.bf16, self.num_workers = seed, bf16, num_workers
+
+    def __call__(self, backbone: nn.Module, datamodule, device: torch.device) -> dict:
+        if not datamodule.tasks:
+            return {"metrics": {"finetune_skipped": "no labelled data"}, "embedding": {}}
+        names = [t.name for t in datamodule.tasks]
+        column = names.index(self.task) if self.task else 0
+        task = datamodule.tasks[column]
+        size = self.img_size or datamodule.img_size
+        train_tf = finetune_transform(size, datamodule.mean, datamodule.std)
+        eval_tf = finetune_eval_transform(size, datamodule.mean, datamodule.std)
+        sources = [datamodule.probe_train_set, datamodule.probe_test_set]
+        labels = torch.cat([s.labels[:, column] for s in sources]).numpy()
+        labelled = np.flatnonzero(labels >= 0)
+        augmented = ConcatDataset([_with_transform(s, train_tf) for s in sources])
+        plain = ConcatDataset([_with_transform(s, eval_tf) for s in sources])
+        splitter = StratifiedKFold(self.folds, shuffle=True, random_state=self.seed)
+        folds, throughput = [], []
+        for fold, (train_idx, test_idx) in enumerate(splitter.split(labelled, labels[labelled])):
+            torch.manual_seed(self.seed + fold)
+            model = Classifier(
+                copy.deepcopy(backbone), backbone.num_features, task.num_classes, self.head_dropout
+            ).to(device)
+            scored = self._train(
+                model,
+                Subset(augmented, labelled[train_idx].tolist()),
+                column,
+                task.num_classes,
+                device,
+                f"fold {fold + 1}/{self.folds}",
+            )
+            y, proba, img_s = self._predict(
+                scored, Subset(plain, labelled[test_idx].tolist()), column, device
+            )
+            throughput.append(img_s)
+            folds.append(self._score(y, proba, task.num_classes))
+        metrics = {"finetune_task": task.name, "finetune_folds": folds}
+        for name in METRICS:
+            values = [f[name] for f in folds]
+            metrics[f"finetune_{name}_mean"] = float(np.nanmean(values))
+            metrics[f"finetune_{name}_std"] = float(np.nanstd(values))
+        embedding = {
+            "dim": int(backbone.num_features),
+            "dtype": "float32",
+            "bytes_per_image": int(backbone.num_features * 4),
+            "pooling": "global average",
+            "throughput_img_s": float(np.mean(throughput)),
+            "throughput_method": f"classifier forward on the scored folds (no data loading), {device.type}",
+        }
+        return {"metrics": metrics, "embedding": embedding}
+
+    def _autocast(self, device):
+        return (
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if self.bf16 and device.type == "cuda"
+            else nullcontext()
+        )
+
+    def _train(
+        self, model: nn.Module, dataset, column: int, num_classes: int, device, desc: str
+    ) -> nn.Module:
+        """Train ``model`` on ``dataset``; returns the model to score (its EMA when ``ema_decay``)."""
+        from timm.data import Mixup
+        from timm.utils import ModelEmaV2
+
+        loader = DataLoader(
+            dataset,
+            self.batch_size,
+            shuffle=True,
+            num_workers=self.num_workers,
+            drop_last=len(dataset) > self.batch_size,
+        )
+        optimizer = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        total, warmup = max(1, self.epochs * len(loader)), self.warmup_epochs * len(loader)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, partial(self.lr_factor, total=total, warmup=warmup)
+        )
+        mix = None
+        if self.mixup > 0 or self.cutmix > 0:
+            mix = Mixup(mixup_alpha=self.mixup, cutmix_alpha=self.cutmix, prob=1.0, switch_prob=0.5, mode="batch",
+                        label_smoothing=self.label_smoothing, num_classes=num_classes)  # fmt: skip
+        ema = ModelEmaV2(model, decay=self.ema_decay) if self.ema_decay else None
+        model.train()
+        for _ in tqdm(range(self.epochs), desc=f"fine-tuning {desc}", unit="epoch"):
+            for images, labels in loader:
+                images, labels = images.to(device), labels[:, column].to(device)
+                targets = None
+                if mix is not None and len(images) % 2 == 0:  # timm's Mixup needs an even batch
+                    images, targets = mix(images, labels)  # mixed images, smoothed soft targets
+                with self._autocast(device):
+                    logits = model(images).float()
+                if targets is not None:  # timm SoftTargetCrossEntropy
+                    loss = torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
+                else:
+                    loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                if ema is not None:
+                    ema.update(model)
+        return ema.module if ema is not None else model
+
+    def lr_factor(self, step: int, total: int, warmup: int) -> float:
+        """Multiplier of ``lr`` at optimiser step ``step``: linear from 0 over ``warmup`` steps, then a half
+        cosine to ``min_lr`` at ``total`` (nn-MobileNet / ConvNeXt ``utils.cosine_scheduler``)."""
+        return warmup_cosine_factor(step, self.lr, 0.0, self.min_lr, warmup, total)
+
+    @torch.no_grad()
+    def _predict(
+        self, model: nn.Module, dataset, column: int, device
+    ) -> tuple[np.ndarray, np.ndarray, float]:
+        model.eval()
+        ys, probas, seconds = [], [], 0.0
+        for images, labels in DataLoader(dataset, self.batch_size, num_workers=self.num_workers):
+            start = time.perf_counter()
+            with self._autocast(device):
+                logits = model(images.to(device)).float()
+            seconds += time.perf_counter() - start
+            probas.append(logits.softmax(-1).cpu().numpy())
+            ys.append(labels[:, column].numpy())
+        y, proba = np.concatenate(ys), np.concatenate(probas)
+        return y, proba, len(y) / seconds if seconds else float("nan")
+
+    def _score(self, y: np.ndarray, proba: np.ndarray, num_classes: int) -> dict:
+        predicted = proba.argmax(1)
+        weights = "quadratic" if self.ordinal and num_classes > 2 else None
+        return {
+            "n_test": int(len(y)),
+            "accuracy": float(accuracy_score(y, predicted)),
+            "auroc": one_vs_rest_auroc(y, proba, np.arange(num_classes))[MACRO],
+            "kappa": float(cohen_kappa_score(y, predicted, weights=weights)),
+            "f1_weighted": float(f1_score(y, predicted, average="weighted")),
+        }
+
+    def markdown(self, m: dict) -> list[str]:
+        initial = m.get("initial_backbone") or {}
+        folds = len(m["finetune_folds"])
+        lines = [
+            "",
+            f"## Fine-tuning, stratified {folds}-fold cross-validation (task `{m['finetune_task']}`)",
+            "",
+            "| metric | pre-trained (mean ± std) | same protocol before pre-training | difference |",
+            "|---|---|---|---|",
+        ]
+        for name in ("accuracy", "auroc", "kappa", "f1_weighted"):
+            mean, std = m[f"finetune_{name}_mean"], m[f"finetune_{name}_std"]
+            row = f"| {name} | {mean:.3f} ± {std:.3f} |"
+            if f"finetune_{name}_mean" in initial:
+                base, base_std = initial[f"finetune_{name}_mean"], initial[f"finetune_{name}_std"]
+                row += f" {base:.3f} ± {base_std:.3f} | {mean - base:+.3f} |"
+            else:
+                row += " | |"
+            lines.append(row)
+        return lines
+
+
+def _with_transform(dataset: ItemDataset, transform) -> ItemDataset:
+    return ItemDataset(dataset.ids, dataset.load, dataset.labels, transform)

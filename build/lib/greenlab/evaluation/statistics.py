@@ -1,0 +1,85 @@
+"""Scores of one label task and their bootstrap distributions (RETFound-Green's statistics).
+
+A task's comparisons: a binary task is one; a multi-class task is one per class (one-vs-rest AUROC) plus
+their macro mean. Each comparison's AUROC is resampled ``resamples`` times (the held-out set drawn with
+replacement, numpy ``default_rng(seed)``); the paper headlines the median of 100 such resamples and counts a
+"win" when a Wilcoxon signed-rank test between two models' resample vectors gives p < 0.05. The resample
+index sets depend only on (seed, held-out size), so two models scored on the same held-out set are paired
+resample by resample.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.stats import wilcoxon
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+MACRO = "macro"
+
+
+def one_vs_rest_auroc(y: np.ndarray, proba: np.ndarray, classes: np.ndarray) -> dict[str, float]:
+    """{comparison: AUROC}: binary -> {"macro": AUROC of classes[1]}; multi-class -> one entry per class
+    (its one-vs-rest AUROC; NaN when the class is absent or alone in ``y``) and "macro", their mean over the
+    scorable classes.
+
+    y: (N,) labels; proba: (N, K) class probabilities, columns in ``classes`` order.
+    """
+    if len(classes) == 2:
+        return {MACRO: _auroc(y == classes[1], proba[:, 1])}
+    per_class = {str(c): _auroc(y == c, proba[:, k]) for k, c in enumerate(classes)}
+    scored = [v for v in per_class.values() if not np.isnan(v)]
+    return {**per_class, MACRO: float(np.mean(scored)) if scored else float("nan")}
+
+
+def one_vs_rest_auprc(y: np.ndarray, proba: np.ndarray, classes: np.ndarray) -> dict[str, float]:
+    """As ``one_vs_rest_auroc`` with average precision (area under the precision-recall curve)."""
+    if len(classes) == 2:
+        return {MACRO: _auprc(y == classes[1], proba[:, 1])}
+    per_class = {str(c): _auprc(y == c, proba[:, k]) for k, c in enumerate(classes)}
+    scored = [v for v in per_class.values() if not np.isnan(v)]
+    return {**per_class, MACRO: float(np.mean(scored)) if scored else float("nan")}
+
+
+def resample_indices(n: int, resamples: int, seed: int) -> np.ndarray:
+    """(resamples, n) row indices of the held-out set, drawn with replacement."""
+    rng = np.random.default_rng(seed)
+    return np.stack([rng.integers(0, n, n) for _ in range(resamples)]) if resamples else np.zeros((0, n), int)
+
+
+def bootstrap_auroc(y: np.ndarray, proba: np.ndarray, classes: np.ndarray, indices: np.ndarray) -> dict:
+    """{comparison: (R,) float array}: each comparison's AUROC on each resample (NaN where unscorable)."""
+    draws = [one_vs_rest_auroc(y[i], proba[i], classes) for i in indices]
+    keys = one_vs_rest_auroc(y, proba, classes).keys()
+    return {k: np.array([d[k] for d in draws], dtype=np.float64) for k in keys}
+
+
+def summarise(draws: np.ndarray, headline_resamples: int, interval_resamples: int) -> dict:
+    """Median of the first ``headline_resamples`` draws (the paper's headline) and the 2.5 / 97.5
+    percentiles of the first ``interval_resamples`` (the 95 % interval); NaN draws left out."""
+    head, every = draws[:headline_resamples], draws[:interval_resamples]
+    head, every = head[~np.isnan(head)], every[~np.isnan(every)]
+    return {
+        "median": float(np.median(head)) if head.size else float("nan"),
+        "ci95": [float(np.percentile(every, 2.5)), float(np.percentile(every, 97.5))] if every.size else None,
+        "resamples_scored": int(every.size),
+    }
+
+
+def wilcoxon_p(a: np.ndarray, b: np.ndarray) -> float:
+    """Two-sided Wilcoxon signed-rank p-value between paired resample vectors (scipy defaults, pairs with a
+    NaN left out); 1.0 when every pair is equal, NaN when no pair is left."""
+    keep = ~(np.isnan(a) | np.isnan(b))
+    a, b = a[keep], b[keep]
+    if a.size == 0:
+        return float("nan")
+    if np.all(a == b):
+        return 1.0
+    return float(wilcoxon(a, b).pvalue)
+
+
+def _auroc(positive: np.ndarray, score: np.ndarray) -> float:
+    return float(roc_auc_score(positive, score)) if 0 < positive.sum() < len(positive) else float("nan")
+
+
+def _auprc(positive: np.ndarray, score: np.ndarray) -> float:
+    return float(average_precision_score(positive, score)) if positive.any() else float("nan")

@@ -1,0 +1,226 @@
+"""Zero-shot diagnosis and report-to-volume retrieval with an image-text model (GreenRFM protocol).
+
+Per finding c, each template k gives a positive and a negative prompt ("There is {finding}." / "There is no
+{finding}."), {finding} being the finding's name in words ("pleural effusion") or, with ``vocabulary``, each
+mention phrase the labeller's vocabulary lists for it ("pleural effusion", "pleural fluid", ...); their
+text latents are averaged over templates x phrases (prompt ensembling), and
+
+    p_c(x) = softmax(u·v⁺_c, u·v⁻_c)[0],   u = the volume's latent,
+
+scored by AUROC on the held-out volumes labelled present / absent for c (uncertain and missing left out);
+macro = mean over findings with both classes (raw dot products, as the official ``inference/zero_shot.py``).
+Retrieval: each held-out report ranks all held-out volumes by cosine similarity (the official
+``report_to_volume.py`` L2-normalises both sides; ``retrieval_similarity=dot`` ranks by u·v); Recall@K =
+fraction whose own volume is in the top K. Templates are pairs of format strings or the official pairs by
+name, ``OFFICIAL_PROMPTS`` p1-p5 (p1 is the official default).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+from tqdm.auto import tqdm
+
+from greenlab.contracts import ReportsSource, TextAligned
+from greenlab.evaluation.linear_probe import LinearProbe
+
+OFFICIAL_PROMPTS = {  # SadVoxel/GreenRFM inference/zero_shot.py
+    "p1": ("{finding}.", "not {finding}."),
+    "p2": ("{finding}.", ""),
+    "p3": ("There is {finding}.", "There is no {finding}."),
+    "p4": ("{finding} is present.", "{finding} is not present."),
+    "p5": ("Findings are compatible with {finding}.", "Findings are not compatible with {finding}."),
+}
+
+
+def prompt_pairs(templates) -> list[tuple[str, str]]:
+    """Each template as a (positive, negative) pair: a name in ``OFFICIAL_PROMPTS`` or a pair itself."""
+    pairs = []
+    for template in templates:
+        if isinstance(template, str):
+            if template not in OFFICIAL_PROMPTS:
+                raise ValueError(
+                    f"prompt template {template!r}: not one of {sorted(OFFICIAL_PROMPTS)} nor a pair"
+                )
+            template = OFFICIAL_PROMPTS[template]
+        pairs.append(tuple(template))
+    return pairs
+
+
+def prompts(finding: str, templates, phrases: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
+    """(positive prompts, negative prompts) for a snake_case finding name, over ``phrases`` (default: the
+    name in words) x templates."""
+    fills = [
+        {"finding": words, "Finding": words[:1].upper() + words[1:]}
+        for words in (phrases or [finding.replace("_", " ")])
+    ]
+    positive = [p.format(**f) for f in fills for p, _ in templates]
+    return positive, [n.format(**f) for f in fills for _, n in templates]
+
+
+def recall_at(similarity: np.ndarray, ks=(1, 5, 10)) -> dict[str, float]:
+    """similarity (N reports, N volumes), report i belongs to volume i -> {"recall@K": fraction}."""
+    own = np.diag(similarity)[:, None]
+    rank = (similarity > own).sum(axis=1)  # 0 = the own volume ranks first
+    return {f"recall@{k}": float((rank < k).mean()) for k in ks}
+
+
+def macro_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Mean AUROC over the columns with both classes among their labelled (>= 0) rows; NaN if none."""
+    values = []
+    for y, p in zip(labels.T, scores.T):
+        known = y >= 0
+        if len(np.unique(y[known])) == 2:
+            values.append(roc_auc_score(y[known], p[known]))
+    return float(np.mean(values)) if values else float("nan")
+
+
+def _mean(scores: dict) -> float:
+    valid = [v for v in scores.values() if not np.isnan(v)]
+    return float(np.mean(valid)) if valid else float("nan")
+
+
+class ZeroShot:
+    """Args: templates (official pair names p1-p5, or pairs of format strings with {finding} / {Finding}),
+    vocabulary (a labeller vocabulary, name or YAML: its mention phrases fill {finding}; None: the finding
+    names), retrieval_similarity (cosine | dot), linear_probe (also probe the frozen image latents with
+    labels, as a supervised reference), bootstrap (resamples of the held-out volumes for a 95 % interval of
+    the macro AUROC), bf16 (autocast on GPU), seed."""
+
+    requires = (ReportsSource,)
+    optimized_metric = "zero_shot_auroc_macro"
+
+    def __init__(self, templates: list, vocabulary: str | None, retrieval_similarity: str,
+                 linear_probe: LinearProbe | None, bootstrap: int, bf16: bool, seed: int = 42):  # fmt: skip
+        if retrieval_similarity not in ("cosine", "dot"):
+            raise ValueError(f"retrieval_similarity must be cosine or dot, not {retrieval_similarity!r}")
+        self.templates, self.retrieval_similarity = prompt_pairs(templates), retrieval_similarity
+        self.phrases = {}
+        if vocabulary:
+            from greenlab.labels.vocabulary import load_vocabulary
+
+            self.phrases = {f.name: f.mentions for f in load_vocabulary(vocabulary).findings}
+        self.linear_probe, self.bootstrap, self.seed, self.bf16 = linear_probe, bootstrap, seed, bf16
+
+    def bootstrap_ci(self, labels: np.ndarray, scores: np.ndarray) -> list[float] | None:
+        """2.5th and 97.5th percentiles of the macro AUROC over resamples of the held-out volumes."""
+        rng = np.random.default_rng(self.seed)
+        resamples = (rng.integers(0, len(labels), len(labels)) for _ in range(self.bootstrap))
+        draws = np.array([macro_auroc(labels[i], scores[i]) for i in resamples])
+        draws = draws[~np.isnan(draws)]
+        return [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))] if draws.size else None
+
+    @torch.no_grad()
+    def __call__(self, model, datamodule, device: torch.device) -> dict:
+        """model: an image-text model (``TextAligned``); datamodule: its probe-test set and ``test_reports``."""
+        if not isinstance(model, TextAligned):
+            raise TypeError(
+                f"zero-shot diagnosis needs an image-text model (encode_text); got {type(model).__name__}"
+            )
+        probed = self.linear_probe(model, datamodule, device) if self.linear_probe else {"metrics": {}}
+        was_training = model.training
+        model.eval().to(device)
+        autocast = torch.autocast(
+            device.type, dtype=torch.bfloat16, enabled=self.bf16 and device.type == "cuda"
+        )
+        _, test_loader = datamodule.probe_dataloaders()
+        latents, labels, seconds = [], [], 0.0
+        with autocast:
+            for volumes, batch_labels in tqdm(test_loader, desc="zero-shot: volumes", unit="batch"):
+                start = time.perf_counter()
+                latents.append(model(volumes.to(device)).float().cpu())
+                seconds += time.perf_counter() - start
+                labels.append(batch_labels)
+            image = torch.cat(latents).numpy()
+            labels = torch.cat(labels).numpy()
+            reports = model.encode_text(datamodule.test_reports).float().cpu().numpy()
+            scores, probabilities = self.diagnose(model, image, labels, datamodule.tasks, self.templates)
+            by_prompt = {name: self.diagnose(model, image, labels, datamodule.tasks, prompt_pairs([name]))[0]
+                         for name in OFFICIAL_PROMPTS}  # fmt: skip
+            by_prompt["p1-p5 averaged"] = self.diagnose(
+                model, image, labels, datamodule.tasks, prompt_pairs(OFFICIAL_PROMPTS)
+            )[0]
+        model.train(was_training)
+        pool = len(image)
+        metrics = {
+            **probed["metrics"],
+            "zero_shot_auroc_macro": _mean(scores),
+            "zero_shot_auroc_macro_ci95": self.bootstrap_ci(labels, probabilities),
+            "zero_shot_findings_scored": sum(not np.isnan(v) for v in scores.values()),
+            "zero_shot_auroc_macro_by_prompt": {name: _mean(v) for name, v in by_prompt.items()},
+            **{f"zero_shot_auroc/{name}": value for name, value in scores.items()},
+            **{f"report_to_volume_{k}": v for k, v in recall_at(self.similarity(reports, image)).items()},
+            "retrieval_similarity": self.retrieval_similarity,
+            "retrieval_pool_size": pool,
+            **{f"report_to_volume_chance@{k}": min(k, pool) / pool for k in (1, 5, 10)},
+            "prompt_templates": [list(t) for t in self.templates],
+            "prompt_phrases": {
+                t.name: list(self.phrases.get(t.name, ())) or [t.name] for t in datamodule.tasks
+            },
+        }
+        embedding = {
+            "dim": int(image.shape[1]),
+            "dtype": "float32",
+            "bytes_per_image": int(image.shape[1]) * 4,
+            "pooling": "image latent (projection of the pooled 3D features)",
+            "throughput_img_s": len(image) / seconds if seconds else float("nan"),
+            "throughput_method": f"image encoder + projection (no data loading), {device.type}",
+        }
+        return {"metrics": metrics, "embedding": embedding, "arrays": probed.get("arrays", {})}
+
+    def diagnose(
+        self, model, image: np.ndarray, labels: np.ndarray, tasks, templates
+    ) -> tuple[dict, np.ndarray]:
+        """({finding: AUROC}, (N, findings) probabilities) of the zero-shot rule with these prompt pairs."""
+        scores, probabilities = {}, np.zeros(labels.shape)
+        for k, task in enumerate(tasks):
+            positive, negative = prompts(task.name, templates, self.phrases.get(task.name, ()))
+            v_pos = model.encode_text(positive).float().mean(0).cpu().numpy()
+            v_neg = model.encode_text(negative).float().mean(0).cpu().numpy()
+            logits = np.stack([image @ v_pos, image @ v_neg], axis=1)
+            probabilities[:, k] = torch.softmax(torch.from_numpy(logits), dim=1)[:, 0].numpy()
+            scores[task.name] = macro_auroc(labels[:, k : k + 1], probabilities[:, k : k + 1])
+        return scores, probabilities
+
+    def similarity(self, reports: np.ndarray, volumes: np.ndarray) -> np.ndarray:
+        """(N reports, N volumes) retrieval scores: cosine (both sides L2-normalised) or raw dot products."""
+        if self.retrieval_similarity == "cosine":
+            reports = reports / np.linalg.norm(reports, axis=1, keepdims=True).clip(1e-12)
+            volumes = volumes / np.linalg.norm(volumes, axis=1, keepdims=True).clip(1e-12)
+        return reports @ volumes.T
+
+    def markdown(self, m: dict) -> list[str]:
+        """The linear probes' section (when probed), then the zero-shot table and the retrieval line."""
+        lines = self.linear_probe.markdown(m) if self.linear_probe else []
+        ci = m.get("zero_shot_auroc_macro_ci95") or [math.nan, math.nan]
+        probes, pool = m.get("probe_tasks", {}), m["retrieval_pool_size"]
+        lines += [
+            "",
+            "## Zero-shot diagnosis (held-out split, prompts only)",
+            "",
+            "| finding | zero-shot AUROC | linear probe AUROC (supervised reference) |",
+            "|---|---|---|",
+        ]
+        for key, value in m.items():
+            if key.startswith("zero_shot_auroc/"):
+                name = key.split("/", 1)[1]
+                lines.append(f"| {name} | {value:.3f} | {probes.get(name, {}).get('auroc', math.nan):.3f} |")
+        lines += [
+            f"| **macro** | **{m['zero_shot_auroc_macro']:.3f}** [95% CI {ci[0]:.3f}, {ci[1]:.3f}] | "
+            f"{m.get('probe_auroc_macro', math.nan):.3f} |",
+            "",
+            f"Report-to-volume retrieval over {pool} held-out studies: "
+            + ", ".join(f"Recall@{k} {m[f'report_to_volume_recall@{k}']:.3f}" for k in (1, 5, 10))
+            + " (chance "
+            + ", ".join(f"{m[f'report_to_volume_chance@{k}']:.3f}" for k in (1, 5, 10))
+            + ").",
+            "",
+            "Zero-shot macro AUROC per prompt pair (official p1-p5, and the five averaged): "
+            + ", ".join(f"{n} {v:.3f}" for n, v in m["zero_shot_auroc_macro_by_prompt"].items())
+            + ".",
+        ]
+        return lines

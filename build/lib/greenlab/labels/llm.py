@@ -1,0 +1,213 @@
+"""LLM labelling through any OpenAI-compatible ``/chat/completions`` endpoint.
+
+- The key comes from an environment variable (default ``OPENAI_API_KEY``) and is sent only in the
+  Authorization header: never logged, never in an error message or repr.
+- Bounded concurrency (a thread pool), up to ``retries`` retries with exponential backoff on HTTP 429,
+  5xx, timeouts, connection errors and answers that fail validation.
+- Strict validation: the answer must be a JSON object ``{"labels": {finding: value}}`` with exactly the
+  vocabulary's findings and values ``present`` / ``absent`` / ``uncertain`` / ``not_mentioned``.
+- A persistent cache (JSON lines, appended and flushed per report) keyed by sha256(model, prompt, report
+  text): a re-run makes no repeat call, and an interrupted run loses nothing already extracted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from greenlab.labels.vocabulary import Vocabulary, load_vocabulary
+
+log = logging.getLogger(__name__)
+
+VALUES = {"present": 1, "absent": 0, "uncertain": -1, "not_mentioned": None}
+RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
+
+
+class LLMError(RuntimeError):
+    """A report could not be labelled; the message never contains the API key."""
+
+
+def build_prompt(vocabulary: Vocabulary) -> str:
+    findings = "\n".join(f"- {f.name}" for f in vocabulary.findings)
+    return (
+        "You label radiology reports. For each finding below, say whether the report states it is present, "
+        "absent (explicitly negated or ruled out), uncertain (hedged: possible, cannot exclude, ...), or "
+        "not_mentioned.\nFindings:\n"
+        f"{findings}\n"
+        'Answer with one JSON object only: {"labels": {"<finding>": "present" | "absent" | "uncertain" | '
+        '"not_mentioned", ...}} with every finding listed above and no other key.'
+    )
+
+
+def parse_answer(content: str, vocabulary: Vocabulary) -> dict[str, int | None]:
+    """Validated labels from the model's answer text; ValueError when it is not exactly as asked."""
+    try:
+        answer = json.loads(content)
+    except (json.JSONDecodeError, TypeError) as err:
+        raise ValueError(f"answer is not JSON: {str(content)[:80]!r}") from err
+    labels = answer.get("labels") if isinstance(answer, dict) else None
+    if not isinstance(labels, dict):
+        raise ValueError("answer has no 'labels' object")
+    if set(labels) != set(vocabulary.names):
+        missing, extra = set(vocabulary.names) - set(labels), set(labels) - set(vocabulary.names)
+        raise ValueError(
+            f"answer findings differ: missing {sorted(missing)[:5]}, unexpected {sorted(extra)[:5]}"
+        )
+    bad = {k: v for k, v in labels.items() if v not in VALUES}
+    if bad:
+        raise ValueError(f"answer has values outside {sorted(VALUES)}: {dict(list(bad.items())[:3])}")
+    return {name: VALUES[labels[name]] for name in vocabulary.names}
+
+
+class LabelCache:
+    """JSON-lines cache ``{"key": ..., "labels": {...}}``, appended and flushed one report at a time."""
+
+    def __init__(self, path: Path):
+        self.path, self._lock, self.entries = Path(path), threading.Lock(), {}
+        if self.path.is_file():
+            for number, line in enumerate(self.path.read_text().splitlines(), 1):
+                try:
+                    entry = json.loads(line)
+                    self.entries[entry["key"]] = entry["labels"]
+                except (json.JSONDecodeError, KeyError):
+                    log.warning(
+                        "%s line %d is damaged (an interrupted write?); that report will be asked again",
+                        self.path,
+                        number,
+                    )
+
+    def get(self, key: str):
+        return self.entries.get(key)
+
+    def put(self, key: str, labels: dict) -> None:
+        with self._lock:
+            self.entries[key] = labels
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as handle:
+                handle.write(json.dumps({"key": key, "labels": labels}) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+
+
+class LLMLabeller:
+    """``labeller.label_many(texts) -> [{finding: 1 | 0 | -1 | None}]``, cached, concurrent, retried."""
+
+    def __init__(self, vocabulary: Vocabulary | str, base_url: str, model: str, cache_path: str | Path,
+                 api_key_env: str, concurrency: int, retries: int, timeout_s: float, backoff_s: float):  # fmt: skip
+        vocabulary = load_vocabulary(vocabulary) if isinstance(vocabulary, str) else vocabulary
+        if not base_url or not model:
+            raise ValueError(
+                "the llm labeller needs base_url and model (data.labeller.base_url / data.labeller.model, or "
+                "GREENLAB_LLM_BASE_URL / GREENLAB_LLM_MODEL)"
+            )
+        self.vocabulary, self.model = vocabulary, model
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.api_key_env, self._api_key = api_key_env, os.environ.get(api_key_env)
+        self.concurrency, self.retries, self.timeout_s, self.backoff_s = (
+            concurrency,
+            retries,
+            timeout_s,
+            backoff_s,
+        )
+        self.prompt = build_prompt(vocabulary)
+        self.cache = LabelCache(Path(cache_path))
+        self.calls = 0
+        self._calls_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"LLMLabeller(model={self.model!r}, url={self.url!r}, key from ${self.api_key_env})"
+
+    def cache_key(self, text: str) -> str:
+        return hashlib.sha256(json.dumps([self.model, self.prompt, text]).encode()).hexdigest()
+
+    def label_many(self, texts: list[str], ids: list[str] | None = None) -> list[dict]:
+        ids = ids or [str(i) for i in range(len(texts))]
+        results: list[dict | None] = [self.cache.get(self.cache_key(t)) for t in texts]
+        todo = [i for i, r in enumerate(results) if r is None]
+        log.info(
+            "%d of %d reports already in %s; asking %s for %d",
+            len(texts) - len(todo),
+            len(texts),
+            self.cache.path,
+            self.model,
+            len(todo),
+        )
+        failures = []
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            futures = {pool.submit(self.label_one, texts[i]): i for i in todo}
+            for future in tqdm(futures, desc=f"labelling with {self.model}", unit="report"):
+                i = futures[future]
+                try:
+                    results[i] = future.result()
+                except LLMError as err:
+                    failures.append(f"report {ids[i]}: {err}")
+        if failures:
+            raise LLMError(
+                f"{len(failures)} report(s) could not be labelled (the others are saved in {self.cache.path}): "
+                + "; ".join(failures[:5])
+            )
+        return results
+
+    def label_one(self, text: str) -> dict:
+        key = self.cache_key(text)
+        last = "no attempt"
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff_s * 2 ** (attempt - 1) * (1 + random.random() / 4))
+            try:
+                labels = parse_answer(self._request(text), self.vocabulary)
+            except _Retryable as err:
+                last = str(err)
+                continue
+            except ValueError as err:  # malformed answer: ask again
+                last = f"invalid answer: {err}"
+                continue
+            self.cache.put(key, labels)
+            return labels
+        raise LLMError(f"gave up after {self.retries + 1} attempts: {last}")
+
+    def _request(self, text: str) -> str:
+        body = {
+            "model": self.model,
+            "temperature": 0,
+            "response_format": {"type": "json_object"},
+            "messages": [{"role": "system", "content": self.prompt}, {"role": "user", "content": text}],
+        }
+        headers = {"Content-Type": "application/json"}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        request = urllib.request.Request(
+            self.url, data=json.dumps(body).encode(), headers=headers, method="POST"
+        )
+        with self._calls_lock:
+            self.calls += 1
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                payload = json.loads(response.read())
+        except urllib.error.HTTPError as err:
+            if err.code in RETRY_STATUS:
+                raise _Retryable(f"HTTP {err.code}") from None
+            raise LLMError(f"HTTP {err.code} from {self.url}: {err.reason}") from None
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
+            raise _Retryable(f"{type(err).__name__}: {getattr(err, 'reason', err)}") from None
+        except json.JSONDecodeError:
+            raise _Retryable("response body is not JSON") from None
+        try:
+            return payload["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError):
+            raise ValueError("response has no choices[0].message.content") from None
+
+
+class _Retryable(Exception):
+    pass

@@ -1,0 +1,1 @@
+"""Pre-training objectives, one LightningModule per file."""

@@ -1,0 +1,29 @@
+"""What every pre-training objective gives the run beyond its maths (greenlab/contracts.py ``Objective``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+from torch import nn
+
+from greenlab.backbones import weights
+
+
+class PretrainingModule(L.LightningModule):
+    """Base class of the objectives. A subclass defines the loss (``forward``, ``training_step``),
+    ``configure_optimizers`` and ``trained_backbone``; ``requires`` lists the protocols its datamodule must
+    satisfy (greenlab/contracts.py)."""
+
+    requires: tuple[type, ...] = ()
+
+    def trained_backbone(self) -> nn.Module:
+        raise NotImplementedError
+
+    def run_notes(self) -> dict:
+        """Choices made at run time (e.g. a backend picked by measurement), for results.json."""
+        return {}
+
+    def export(self, output_dir: Path) -> dict:
+        """The trained backbone alone: ``backbone.pth`` + ``backbone.json`` (how to rebuild it); the recipe."""
+        return weights.export(self.trained_backbone(), Path(output_dir))

@@ -1,0 +1,169 @@
+"""Masked autoencoder (He et al. 2022), the objective of RETFound-MEH: the efficiency study's baseline.
+
+A random ``mask_ratio`` of the patches is dropped per image; the ViT encoder sees only the visible ones
+(position embeddings added first, [CLS] kept); a light decoder gets the encoded tokens plus a shared mask
+token at each dropped position and predicts the pixels of every patch::
+
+    P      = patchify(x)                              (B, N, p·p·C), N = (H/p)(W/p)
+    keep   = N (1 - r) random patches per image       r = mask_ratio (0.75)
+    z      = ViT([CLS] + (PatchEmbed(x) + pos)[keep])
+    ŷ      = Dec(unshuffle(Linear(z) ∪ mask tokens) + pos_dec)     (B, N, p·p·C)
+    target = (P - mean(P)) / sqrt(var(P) + 1e-6)      per patch (norm_pix_loss; else P)
+    L      = Σ_masked mean_pixels (ŷ - target)² / #masked
+
+Decoder: ``decoder_depth`` transformer blocks of ``decoder_dim`` (8 x 512, 16 heads). As the official MAE code
+(facebookresearch/mae, also RETFound_MAE): fixed 2D sin-cos position embeddings in encoder and decoder (never
+trained; [CLS] row zero), xavier-uniform linear layers, LayerNorm eps 1e-6. Values: shared/REFERENCE.md §1 (DERETFound / RETFound-MEH: ViT-L/16, 224 px, mask 0.75,
+norm-pix loss, AdamW blr 1.5e-4 x batch / 256, betas (0.9, 0.95), wd 0.05).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from greenlab.objectives.base import PretrainingModule
+from greenlab.objectives.optim import adamw_warmup_cosine, decay_param_groups, log_train_loss
+from greenlab.objectives.patches import masked_patch_mse, normalised_patches, patchify
+
+
+def mae_sincos_pos_embed(dim: int, grid: tuple[int, int]) -> torch.Tensor:
+    """MAE's fixed 2D sin-cos position embedding (``get_2d_sincos_pos_embed``): (h·w, dim), patches row-major;
+    the first dim/2 channels encode the column, the last dim/2 the row, each as [sin | cos] of
+    position x 1/10000^(k / (dim/4))."""
+    h, w = grid
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    rows, columns = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
+                                   indexing="ij")  # fmt: skip
+
+    def encode(positions: torch.Tensor) -> torch.Tensor:
+        angles = positions.reshape(-1, 1) * omega[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([encode(columns), encode(rows)], dim=1).float()
+
+
+def mae_init(module: nn.Module) -> None:
+    """MAE's ``_init_weights``: xavier-uniform linear weights, zero biases; LayerNorm weight 1, bias 0."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class MaskedAutoencoder(PretrainingModule):
+    """MAE pre-training of a timm ViT with a [CLS] token and learned absolute position embeddings.
+
+    Args:
+        backbone: timm ``VisionTransformer`` (``num_classes=0``): the encoder downstream tasks keep.
+        mask_ratio: fraction of patches hidden from the encoder.
+        decoder_dim, decoder_depth, decoder_heads: the pre-training-only decoder.
+        norm_pix_loss: regress per-patch normalised pixels (MAE's best setting).
+        base_lr: lr = base_lr x batch_size / 256 (MAE's rule); betas, weight_decay: AdamW.
+        warmup_epochs, cosine_epochs, min_lr: per-epoch schedule, see ``warmup_cosine_factor``.
+        batch_size: the global batch, for the lr rule.
+    """
+
+    def __init__(self, backbone: nn.Module, mask_ratio: float, decoder_dim: int, decoder_depth: int,
+                 decoder_heads: int, norm_pix_loss: bool, base_lr: float, batch_size: int,
+                 betas: tuple[float, float], weight_decay: float, warmup_epochs: int, cosine_epochs: int,
+                 min_lr: float):  # fmt: skip
+        super().__init__()
+        if not 0 < mask_ratio < 1:
+            raise ValueError(f"mask_ratio must be in (0, 1), not {mask_ratio}")
+        if backbone.no_embed_class or backbone.num_prefix_tokens != 1:
+            raise ValueError("MAE needs a ViT with one [CLS] token inside its position embedding")
+        self.save_hyperparameters(ignore=["backbone"])
+        self.encoder = backbone
+        patch = backbone.patch_embed.patch_size
+        grid = backbone.patch_embed.grid_size
+        self.patch_size = patch[0]
+        if backbone.init_record["used"] == "random":  # MAE's own initialisation of a new encoder
+            backbone.apply(mae_init)
+            nn.init.xavier_uniform_(backbone.patch_embed.proj.weight.view(backbone.embed_dim, -1))
+            nn.init.normal_(backbone.cls_token, std=0.02)
+            with torch.no_grad():
+                backbone.pos_embed[0, 1:] = mae_sincos_pos_embed(backbone.embed_dim, tuple(grid))
+                backbone.pos_embed[0, :1] = 0.0
+        backbone.pos_embed.requires_grad_(False)  # fixed sin-cos, as MAE's encoder
+        self.decoder_embed = nn.Linear(backbone.embed_dim, decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        self.register_buffer("decoder_pos_embed", mae_sincos_pos_embed(decoder_dim, tuple(grid))[None],
+                             persistent=False)  # fmt: skip
+        norm = partial(nn.LayerNorm, eps=1e-6)
+        self.decoder_blocks = nn.Sequential(
+            *(Block(decoder_dim, decoder_heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=norm)
+              for _ in range(decoder_depth))
+        )  # fmt: skip
+        self.decoder_norm = norm(decoder_dim)
+        in_chans = backbone.patch_embed.proj.in_channels
+        self.decoder_pred = nn.Linear(decoder_dim, patch[0] * patch[1] * in_chans)
+        for part in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
+            part.apply(mae_init)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def random_masking(self, batch: int, num_patches: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keep (B, K) indices of the visible patches, mask (B, N) with 1 = hidden)."""
+        keep_count = int(round(num_patches * (1 - self.hparams.mask_ratio)))
+        order = torch.rand(batch, num_patches, device=device).argsort(dim=1)
+        keep = order[:, :keep_count]
+        mask = torch.ones(batch, num_patches, device=device)
+        mask.scatter_(1, keep, 0.0)
+        return keep, mask
+
+    def encode_visible(self, images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """[CLS] + the visible patch tokens through the encoder: (B, 1 + K, D)."""
+        vit = self.encoder
+        x = vit.patch_embed(images) + vit.pos_embed[:, 1:]
+        x = torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        cls = (vit.cls_token + vit.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        x = vit.norm_pre(torch.cat([cls, x], dim=1))
+        return vit.norm(vit.blocks(x))
+
+    def decode(self, latent: torch.Tensor, keep: torch.Tensor, num_patches: int) -> torch.Tensor:
+        """Encoded (B, 1 + K, D) -> pixel predictions for every patch (B, N, p·p·C)."""
+        x = self.decoder_embed(latent)
+        b, dim = x.shape[0], x.shape[-1]
+        full = self.mask_token.to(x.dtype).expand(b, num_patches, dim).clone()
+        full = full.scatter(1, keep.unsqueeze(-1).expand(-1, -1, dim), x[:, 1:])
+        x = torch.cat([x[:, :1], full + self.decoder_pos_embed.to(x.dtype)], dim=1)
+        return self.decoder_pred(self.decoder_norm(self.decoder_blocks(x)))[:, 1:]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """MAE loss (scalar) of a batch of images (B, C, H, W)."""
+        if images.ndim != 4:
+            raise ValueError(f"MAE takes 2D images (B, C, H, W); the data gives {tuple(images.shape)}")
+        target = patchify(images, self.patch_size).float()
+        if self.hparams.norm_pix_loss:
+            target = normalised_patches(target)
+        keep, mask = self.random_masking(images.shape[0], target.shape[1], images.device)
+        prediction = self.decode(self.encode_visible(images, keep), keep, target.shape[1]).float()
+        return masked_patch_mse(prediction, target, mask)
+
+    def training_step(self, batch, batch_idx):
+        loss = self(batch[0])  # (images, labels): the labels are not used
+        log_train_loss(self, loss, len(batch[0]))
+        return loss
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        lr = hp.base_lr * hp.batch_size / 256
+        groups = decay_param_groups([self.encoder, self.decoder_embed, self.decoder_blocks, self.decoder_norm,
+                                     self.decoder_pred], hp.weight_decay)  # fmt: skip
+        groups[1]["params"].append(self.mask_token)
+        start_lr = lr / max(
+            1, hp.warmup_epochs
+        )  # MAE's per-epoch linear warm-up starts at lr / warmup_epochs
+        return adamw_warmup_cosine(
+            groups, lr, start_lr, hp.min_lr, hp.warmup_epochs, hp.cosine_epochs, hp.betas
+        )
+
+    def trained_backbone(self) -> nn.Module:
+        """The encoder ViT alone (no decoder): what downstream tasks load."""
+        return self.encoder

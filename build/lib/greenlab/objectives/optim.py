@@ -1,0 +1,105 @@
+"""Pieces shared by the objectives: weight-decay groups, AdamW with a per-epoch schedule, loss logging."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from contextlib import contextmanager
+from functools import partial
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+
+def decay_param_groups(
+    modules: list[nn.Module], weight_decay: float, no_decay_names: tuple[str, ...] = ()
+) -> list[dict]:
+    """AdamW groups: weight decay on weight matrices only; biases, norms, tokens and position embeddings
+    (1-D tensors, names listed by a timm model's ``no_weight_decay()``, and parameters whose last name is
+    in ``no_decay_names``) are not decayed."""
+    decay, no_decay = [], []
+    for module in modules:
+        skip = set(module.no_weight_decay()) if hasattr(module, "no_weight_decay") else set()
+        for name, param in module.named_parameters():
+            if not param.requires_grad:
+                continue
+            undecayed = param.ndim <= 1 or name in skip or name.rsplit(".", 1)[-1] in no_decay_names
+            (no_decay if undecayed else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_cosine_factor(
+    epoch: int,
+    base_lr: float,
+    start_lr: float,
+    min_lr: float,
+    warmup_epochs: int,
+    cosine_epochs: int,
+    cosine_from_zero: bool = False,
+) -> float:
+    """Multiplier of ``base_lr`` at ``epoch`` (0-based, stepped once per epoch).
+
+    Linear warm-up from ``start_lr`` to ``base_lr`` over ``warmup_epochs``, then a half cosine down to
+    ``min_lr`` ending at epoch ``cosine_epochs`` (warm-up included), and ``min_lr`` after that. The cosine
+    starts where the warm-up ends, or, with ``cosine_from_zero``, at epoch 0 with the warm-up overriding its
+    first epochs (timm's ``CosineLRScheduler(t_initial=cosine_epochs, warmup_prefix=False)``).
+    """
+    if epoch < warmup_epochs:
+        lr = start_lr + (base_lr - start_lr) * epoch / warmup_epochs
+    elif epoch < cosine_epochs:
+        start = 0 if cosine_from_zero else warmup_epochs
+        progress = (epoch - start) / max(1, cosine_epochs - start)
+        lr = min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * progress))
+    else:
+        lr = min_lr
+    return lr / base_lr
+
+
+def adamw(
+    groups: list[dict],
+    lr: float,
+    lr_factor: Callable[[int], float] | list[Callable[[int], float]],
+    betas: tuple[float, float] = (0.9, 0.999),
+) -> dict:
+    """Lightning's optimiser config: AdamW over ``groups`` at ``lr``, times ``lr_factor(epoch)`` (one
+    callable, or one per group), stepped once per epoch."""
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
+    return {
+        "optimizer": optimizer,
+        "lr_scheduler": {"scheduler": LambdaLR(optimizer, lr_factor), "interval": "epoch"},
+    }
+
+
+def adamw_warmup_cosine(
+    groups: list[dict],
+    lr: float,
+    start_lr: float,
+    min_lr: float,
+    warmup_epochs: int,
+    cosine_epochs: int,
+    betas: tuple[float, float] = (0.9, 0.999),
+    cosine_from_zero: bool = False,
+) -> dict:
+    """``adamw`` with the per-epoch linear warm-up + cosine of ``warmup_cosine_factor``."""
+    factor = partial(
+        warmup_cosine_factor, base_lr=lr, start_lr=start_lr, min_lr=min_lr, warmup_epochs=warmup_epochs,
+        cosine_epochs=cosine_epochs, cosine_from_zero=cosine_from_zero,
+    )  # fmt: skip
+    return adamw(groups, lr, factor, betas)
+
+
+@contextmanager
+def layout_independent_init(seed: int = 0):
+    """Initialise modules built in ``setup`` (heads sized from the data) from a fixed seed, so the same
+    config gives the same weights whatever ran before: one process or DDP, fresh or resumed."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def log_train_loss(module, loss, batch_size: int) -> None:
+    """Log ``train/loss`` per step and per epoch (progress bar; averaged across DDP ranks)."""
+    module.log(
+        "train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch_size, sync_dist=True
+    )

@@ -1,0 +1,193 @@
+"""RETFound-Green Token Reconstruction (Engelmann & Bernabeu, arXiv 2405.00117).
+
+A frozen *teacher* (the initial backbone, never updated, never saved) embeds the clean image. A trainable
+*student*, starting from the same weights, sees a corrupted copy of the same augmented view and must
+reproduce the teacher's output tokens through a small residual prediction head::
+
+    x̃   = x + ε,  ε ~ N(0, (s · std_c(x))²)          pixel noise, std_c = the image's own per-channel std
+    z   = PatchEmbed(x̃);  z_i ← c  with prob. r_b    token corruption, r_b ~ U[0, r_max) per image,
+                                                     c the corruption token: zeros, never trained (the
+                                                     official code; ``corruption_token=learned`` an option);
+                                                     the last image of each batch stays clean (no noise,
+                                                     r_b = 0)
+    ŷ   = h(ViT_student(z)),  h(t) = t + γ ⊙ MLP(t)   MLP = LN → Linear → GELU → Linear, γ init 1e-5
+    y   = ViT_teacher(x)                             final-LayerNorm output, [CLS] + registers + patches
+    L   = mean_{tokens, dims} (ŷ - y)²               (distance and token subset configurable)
+
+Shapes: images (B, 3, H, W); tokens (B, T, D), T = 1 + 4 + (H/14)(W/14) = 789 at 392 px, D = 384.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from timm.layers import LayerScale
+from torch import nn
+
+from greenlab.objectives.base import PretrainingModule
+from greenlab.objectives.optim import adamw_warmup_cosine, decay_param_groups, log_train_loss
+
+
+class ResidualPredictionHead(nn.Module):
+    """t + γ ⊙ MLP(t): starts as the identity (γ = 1e-5), used during pre-training only."""
+
+    def __init__(self, dim: int, layer_scale_init: float = 1e-5):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
+        self.scale = LayerScale(dim, init_values=layer_scale_init)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens + self.scale(self.mlp(tokens))
+
+
+class TokenReconstruction(PretrainingModule):
+    """Token Reconstruction pre-training of a timm ViT.
+
+    Args:
+        backbone: timm ``VisionTransformer`` with ``num_classes=0``; becomes the student, a frozen copy the teacher.
+        noise_std: pixel noise std as a fraction of each image's per-channel std (paper 0.2; 0 disables).
+        max_corruption_ratio: per-image token-corruption ratio is drawn from U[0, this) (paper 1/3; 0 disables).
+        target_tokens: ``all`` (paper), ``patch`` (patch tokens only) or ``prefix`` ([CLS] + registers).
+        distance: ``mse`` (paper), ``smooth_l1`` or ``cosine`` (1 - cosine similarity per token).
+        lr, betas, weight_decay: AdamW; weight decay skips biases, norms and tokens.
+        warmup_epochs, cosine_epochs, start_lr, min_lr: per-epoch schedule, see ``warmup_cosine_factor``.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        noise_std: float,
+        max_corruption_ratio: float,
+        corruption_token: str,
+        target_tokens: str,
+        distance: str,
+        head_layer_scale_init: float,
+        lr: float,
+        betas: tuple[float, float],
+        weight_decay: float,
+        warmup_epochs: int,
+        cosine_epochs: int,
+        cosine_from_zero: bool,
+        start_lr: float,
+        min_lr: float,
+    ):
+        super().__init__()
+        if target_tokens not in ("all", "patch", "prefix"):
+            raise ValueError(f"target_tokens must be all, patch or prefix, not {target_tokens!r}")
+        if corruption_token not in ("zeros", "learned"):
+            raise ValueError(f"corruption_token must be zeros or learned, not {corruption_token!r}")
+        if distance not in ("mse", "smooth_l1", "cosine"):
+            raise ValueError(f"distance must be mse, smooth_l1 or cosine, not {distance!r}")
+        self.save_hyperparameters(ignore=["backbone"])
+        self.student = backbone
+        self.teacher = copy.deepcopy(backbone).eval().requires_grad_(False)
+        dim = backbone.embed_dim
+        if corruption_token == "learned":
+            self.corruption_token = nn.Parameter(torch.zeros(dim))
+            nn.init.normal_(self.corruption_token, std=0.02)
+        else:  # outside every parameter group: all zeros for the whole run
+            self.register_buffer("corruption_token", torch.zeros(dim), persistent=False)
+        self.head = ResidualPredictionHead(dim, head_layer_scale_init)
+
+    # --- the teacher is a fixed function of the initial weights: always eval, never trained, never saved
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
+
+    # --- corruption
+    def add_pixel_noise(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, C, H, W) + Gaussian noise of std ``noise_std`` x each image's per-channel std; the last
+        image of the batch is left clean."""
+        if self.hparams.noise_std == 0:
+            return images
+        channel_std = images.std(dim=(2, 3), keepdim=True)
+        noise = torch.randn_like(images) * channel_std * self.hparams.noise_std
+        noise[-1] = 0.0
+        return images + noise
+
+    def corruption_mask(self, batch: int, num_patches: int, device: torch.device) -> torch.Tensor:
+        """(B, N) bool, True = replace the patch token; ratio ~ U[0, max) per image, last image clean."""
+        ratios = torch.rand(batch, 1, device=device) * self.hparams.max_corruption_ratio
+        ratios[-1] = 0.0
+        return torch.rand(batch, num_patches, device=device) < ratios
+
+    def student_tokens(self, images: torch.Tensor, corrupt: torch.Tensor | None = None) -> torch.Tensor:
+        """The student's forward_features with patch tokens replaced where ``corrupt`` (B, N) is True.
+
+        Mirrors timm ``VisionTransformer.forward_features``: the corruption sits after the patch embedding
+        and before the position embedding, so a corrupted token keeps its position.
+        """
+        vit = self.student
+        x = vit.patch_embed(images)  # (B, N, D), or (B, h, w, D) with dynamic_img_size
+        if corrupt is not None:
+            flat = x.reshape(x.shape[0], -1, x.shape[-1])
+            flat = torch.where(corrupt.unsqueeze(-1), self.corruption_token.to(flat.dtype), flat)
+            x = flat.reshape(x.shape)
+        x = vit._pos_embed(x)
+        x = vit.patch_drop(x)
+        x = vit.norm_pre(x)
+        x = vit.blocks(x)
+        return vit.norm(x)
+
+    def select_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        prefix = self.student.num_prefix_tokens
+        if self.hparams.target_tokens == "patch":
+            return tokens[:, prefix:]
+        if self.hparams.target_tokens == "prefix":
+            return tokens[:, :prefix]
+        return tokens
+
+    def token_distance(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.hparams.distance == "mse":
+            return F.mse_loss(prediction, target)
+        if self.hparams.distance == "smooth_l1":
+            return F.smooth_l1_loss(prediction, target)
+        return (1 - F.cosine_similarity(prediction, target, dim=-1)).mean()
+
+    # --- the objective
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Token Reconstruction loss (scalar) of a batch of clean, augmented images (B, 3, H, W)."""
+        if images.ndim != 4:
+            raise ValueError(
+                f"Token Reconstruction takes 2D images (B, C, H, W); the data gives {tuple(images.shape)} "
+                "(a 3D MedMNIST file? use a 2D one, or a 3D experiment)"
+            )
+        with torch.no_grad():
+            target = self.teacher.forward_features(images)
+        num_patches = self.student.patch_embed.num_patches
+        corrupt = None
+        if self.hparams.max_corruption_ratio > 0:
+            corrupt = self.corruption_mask(images.shape[0], num_patches, images.device)
+        prediction = self.head(self.student_tokens(self.add_pixel_noise(images), corrupt))
+        return self.token_distance(self.select_tokens(prediction).float(), self.select_tokens(target).float())
+
+    def training_step(self, batch, batch_idx):
+        images = batch[0]
+        loss = self(images)
+        log_train_loss(self, loss, images.shape[0])
+        return loss
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        groups = decay_param_groups([self.student, self.head], hp.weight_decay)
+        if isinstance(self.corruption_token, nn.Parameter):
+            groups[1]["params"].append(self.corruption_token)
+        return adamw_warmup_cosine(
+            groups, hp.lr, hp.start_lr, hp.min_lr, hp.warmup_epochs, hp.cosine_epochs, hp.betas,
+            cosine_from_zero=hp.cosine_from_zero,
+        )  # fmt: skip
+
+    def trained_backbone(self) -> nn.Module:
+        """The student ViT alone (no head, no corruption token): what downstream tasks load."""
+        return self.student

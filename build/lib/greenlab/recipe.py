@@ -1,0 +1,81 @@
+"""How a run differs from its paper's recipe: results.json ``recipe = {faithful, deviations: [{key, paper,
+used, why}]}``.
+
+An experiment's paper recipe is written once: its config at ``scale=paper`` (``greenlab/conf/experiment/<name>.yaml``
+over the groups). A run's composed config is compared with it key by key, leaving out what does not change
+the method (hardware, paths, logging, the data source itself: only settings that both data configs have
+are compared; the probe datasets are data too), and the initialisation actually used is compared with the one asked for (random instead of
+DINOv2 / Kinetics / CXR-BERT weights is a deviation).
+"""
+
+from __future__ import annotations
+
+NOT_RECIPE = (  # keys (and everything below them) that do not change the method
+    "name", "scale_name", "seed", "paths", "hydra", "logger", "callbacks", "compute", "evaluate_initial_backbone",
+    "ddp_find_unused_parameters", "trainer.accelerator", "trainer.devices", "trainer.num_nodes",
+    "trainer.strategy", "trainer.precision", "trainer.sync_batchnorm", "trainer.use_distributed_sampler",
+    "trainer.default_root_dir", "trainer.log_every_n_steps", "trainer.fast_dev_run", "trainer.deterministic",
+    "data._target_", "data.num_workers", "data.output_dir", "data.cache_dir", "data.eval_batch_size",
+    "objective.figure_dir", "objective.figure_every_n_epochs", "evaluation.num_workers",
+    "backbone.weights", "text_encoder.weights", "text_encoder.download",  # where weights come from: see init
+)  # fmt: skip
+WEIGHTS_OF = {"": "backbone", "image": "backbone", "text": "text_encoder"}  # init record part -> config group
+
+
+def flatten(node, prefix: str = "") -> dict:
+    """{dotted key: value} of a nested container (lists are values)."""
+    if not isinstance(node, dict):
+        return {prefix: node}
+    out = {}
+    for key, value in node.items():
+        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def _recipe_keys(flat: dict) -> dict:
+    return {k: v for k, v in flat.items() if not any(k == n or k.startswith(n + ".") for n in NOT_RECIPE)}
+
+
+def deviations(used: dict, paper: dict, scaled: dict, init_record: dict) -> dict:
+    """Unresolved configs as containers. ``used``: the run's, as composed; ``paper``: its experiment at
+    scale=paper; ``scaled``: its experiment at the run's scale without the command line's other overrides
+    (tells a scale's change from an override)."""
+    now, recipe = _recipe_keys(flatten(used)), _recipe_keys(flatten(paper))
+    by_scale = flatten(scaled)
+    found = []
+    for key in sorted(set(now) | set(recipe)):
+        if key.startswith("data.") and (key not in now or key not in recipe):
+            continue  # the data source itself: its own settings, not the recipe's
+        if key.startswith("evaluation.datasets."):
+            continue  # which labelled sets are probed: data, not method (results.json names them)
+        if now.get(key) != recipe.get(key):
+            why = f"scale={used.get('scale_name')}" if by_scale.get(key) == now.get(key) else "override"
+            found.append({"key": key, "paper": recipe.get(key), "used": now.get(key), "why": why})
+    found += init_deviations(init_record, paper)
+    return {"faithful": not found, "deviations": found}
+
+
+def init_deviations(record: dict, paper: dict) -> list[dict]:
+    """The paper's weights (``backbone.weights``, ``text_encoder.weights`` not ``random``) that this run did
+    not start from: a random initialisation instead, asked for or because the weights could not be had."""
+    parts = {"": record} if "used" in record else record
+    found = []
+    for part, sub in parts.items():
+        asked = paper.get(WEIGHTS_OF[part], {}).get("weights", "random")
+        if asked not in ("random", None) and sub["used"] == "random":
+            why = sub.get("note") or f"weights={sub['requested']}"
+            found.append({"key": f"init.{part}.used" if part else "init.used", "paper": asked, "used": "random",
+                          "why": why})  # fmt: skip
+    return found
+
+
+def markdown(recipe: dict) -> list[str]:
+    """The results.md lines: faithful, or a table of the deviations."""
+    if recipe.get("faithful") is None:
+        return [f"- recipe: {recipe.get('note')}"]
+    if recipe["faithful"]:
+        return [f"- recipe: **faithful** to the paper recipe of `{recipe['experiment']}` (scale=paper)"]
+    lines = ["", f"## Deviations from the paper recipe (`{recipe['experiment']}` at scale=paper)", "",
+             "| key | paper | used | why |", "|---|---|---|---|"]  # fmt: skip
+    lines += [f"| `{d['key']}` | {d['paper']} | {d['used']} | {d['why']} |" for d in recipe["deviations"]]
+    return lines

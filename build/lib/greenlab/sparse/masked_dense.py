@@ -1,0 +1,133 @@
+"""Masked-dense sparse convolution (SparK's own implementation strategy).
+
+Semantics, shared with the MinkowskiEngine backend: inactive positions are exactly zero; every conv /
+pool output is re-masked; BatchNorm statistics are over active positions only; global pooling (inside
+squeeze-excite too) is a masked mean. ``sparsify`` turns a dense CNN into this form in place by swapping
+each module's class for a masked subclass: weights and parameter names stay those of the dense model.
+
+The active mask lives on the coarsest grid (input / 32): (B, 1, h, w) bool, True = visible. Each layer
+expands it to its own resolution, which must be a multiple of the mask's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+import torch.nn.functional as F
+from timm.layers import BatchNormAct2d
+from timm.layers.squeeze_excite import SEModule
+from torch import nn
+
+_ACTIVE: list[torch.Tensor] = []
+
+
+@contextlib.contextmanager
+def active_mask(mask: torch.Tensor):
+    """Within this block, sparsified modules compute only where ``mask`` (B, 1, h, w) is True."""
+    _ACTIVE.append(mask)
+    try:
+        yield
+    finally:
+        _ACTIVE.pop()
+
+
+def mask_at(x: torch.Tensor) -> torch.Tensor:
+    """The active mask expanded to ``x``'s spatial size: (B, 1, H, W) bool."""
+    if not _ACTIVE:
+        raise RuntimeError("a sparsified module ran outside `with active_mask(mask):`")
+    mask = _ACTIVE[-1]
+    scale_h, scale_w = x.shape[-2] // mask.shape[-2], x.shape[-1] // mask.shape[-1]
+    if scale_h * mask.shape[-2] != x.shape[-2] or scale_w * mask.shape[-1] != x.shape[-1]:
+        raise ValueError(
+            f"feature map {tuple(x.shape[-2:])} is not a multiple of the mask grid {tuple(mask.shape[-2:])}"
+        )
+    return mask.repeat_interleave(scale_h, dim=-2).repeat_interleave(scale_w, dim=-1)
+
+
+class MaskedOutput:
+    """Conv / pool: the dense op, then zero at inactive positions."""
+
+    def forward(self, x):
+        out = super().forward(x)
+        return out * mask_at(out)
+
+
+def batch_norm_rows(bn: nn.modules.batchnorm._BatchNorm, rows: torch.Tensor) -> torch.Tensor:
+    """``bn`` applied to (N, C) rows, one row per active position: statistics over active positions only.
+
+    Same running-statistics update as ``nn.BatchNorm2d`` (momentum, or a cumulative mean when None).
+    """
+    factor = 0.0
+    if bn.training and bn.track_running_stats:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    use_batch_stats = bn.training or bn.running_mean is None
+    return F.batch_norm(
+        rows, bn.running_mean, bn.running_var, bn.weight, bn.bias, use_batch_stats, factor, bn.eps
+    )
+
+
+class MaskedBatchNorm:
+    """BatchNorm over active positions only (+ timm BatchNormAct2d's drop and activation), zero elsewhere."""
+
+    def forward(self, x):
+        mask = mask_at(x)[:, 0]  # (B, H, W)
+        out = x.new_zeros(x.shape[0], x.shape[2], x.shape[3], x.shape[1])
+        out[mask] = batch_norm_rows(self, x.permute(0, 2, 3, 1)[mask]).to(out.dtype)
+        out = out.permute(0, 3, 1, 2)
+        if isinstance(self, BatchNormAct2d):
+            out = self.act(self.drop(out)) * mask.unsqueeze(1)
+        return out
+
+
+class MaskedSqueezeExcite:
+    """timm ``SEModule`` with the global average replaced by the mean over active positions."""
+
+    def forward(self, x):
+        mask = mask_at(x).to(x.dtype)
+        x_se = (x * mask).sum((2, 3), keepdim=True) / mask.sum((2, 3), keepdim=True).clamp(min=1.0)
+        x_se = self.fc2(self.act(self.bn(self.fc1(x_se))))
+        return x * self.gate(x_se)
+
+
+MASKED_MIXINS: dict[type, type] = {
+    SEModule: MaskedSqueezeExcite,  # before its children: its BN acts on (B, C, 1, 1), not on positions
+    nn.Conv2d: MaskedOutput,
+    nn.MaxPool2d: MaskedOutput,
+    nn.AvgPool2d: MaskedOutput,
+    nn.BatchNorm2d: MaskedBatchNorm,  # BatchNormAct2d is a BatchNorm2d
+}
+
+
+@functools.cache
+def _swapped_class(cls: type, mixin: type) -> type:
+    return type(f"Sparse{cls.__name__}", (mixin, cls), {"dense_class": cls})
+
+
+def sparsify(model: nn.Module, mixins: dict[type, type] = MASKED_MIXINS) -> nn.Module:
+    """Swap, in place, every supported module of ``model`` for its sparse form; returns ``model``.
+
+    A module whose class matches none of ``mixins`` is left as it is (elementwise ops keep zeros at zero).
+    The children of a swapped squeeze-excite are left dense.
+    """
+    skip: set[str] = set()
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in skip) or hasattr(type(module), "dense_class"):
+            continue
+        for base, mixin in mixins.items():
+            if isinstance(module, base):
+                module.__class__ = _swapped_class(type(module), mixin)
+                if base is SEModule:
+                    skip.add(name)
+                break
+    return model
+
+
+def densify(model: nn.Module) -> nn.Module:
+    """Undo ``sparsify`` in place."""
+    for module in model.modules():
+        if hasattr(type(module), "dense_class"):
+            module.__class__ = type(module).dense_class
+    return model

@@ -1,0 +1,67 @@
+"""What a run gives Weights & Biases beyond scalars: one W&B run per run folder (a resumed run continues it),
+per-task metrics as a table, results.md / results.json / bootstrap.npz as files, figures as media, the
+trained backbone as a model artifact (``logger.wandb.log_model``), compute and energy in the run summary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RUN_ID_FILE = "wandb_run_id.txt"  # in the run folder: the W&B run a resumed run continues
+
+
+def resume_arguments(logger_cfg, output_dir: Path) -> dict:
+    """Extra WandbLogger arguments: this run folder's W&B id (made and kept on first use) and
+    ``resume="allow"``; nothing for other loggers."""
+    if not str(logger_cfg.get("_target_", "")).endswith("WandbLogger"):
+        return {}
+    path = Path(output_dir) / RUN_ID_FILE
+    if not path.is_file():
+        import wandb
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(wandb.util.generate_id())
+    return {"id": path.read_text().strip(), "resume": "allow"}
+
+
+def task_rows(metrics: dict) -> list[list]:
+    """One row per probe comparison: dataset, task, class, AUROC (headline), CI, point, AUPRC."""
+    rows = []
+    for record in metrics.get("probe_tasks", {}).values():
+        if "skipped" in record:
+            continue
+        for comparison, row in [("macro", record), *record.get("per_class", {}).items()]:
+            low, high = row.get("auroc_ci95") or (None, None)
+            rows.append([record["dataset"], record["task"], comparison, row["auroc"], low, high,
+                         row["auroc_point"], row["auprc"]])  # fmt: skip
+    return rows
+
+
+def log_outcome(logger, results: dict) -> None:
+    """Tables, files, media, model artifact and summary of a finished run to a Lightning ``WandbLogger``."""
+    import wandb
+
+    run, folder = logger.experiment, Path(results["run_dir"])
+    run.summary.update({f"{s}/{k}": v for s in ("compute", "energy") for k, v in (results[s] or {}).items()
+                        if isinstance(v, int | float | str)})  # fmt: skip
+    rows = task_rows(results["metrics"])
+    if rows:
+        columns = ["dataset", "task", "class", "auroc", "ci_low", "ci_high", "auroc_point", "auprc"]
+        run.log({"final/probe_table": wandb.Table(columns=columns, data=rows)})
+    for name in ("results.md", "results.json", "bootstrap.npz"):
+        if (folder / name).is_file():
+            run.save(str(folder / name), base_path=str(folder), policy="now")
+    figures = sorted(folder.glob("*/*.png")) + sorted(folder.glob("*.png"))
+    if figures:
+        run.log({"figures": [wandb.Image(str(f), caption=f.relative_to(folder).as_posix()) for f in figures]})
+    weights = (results.get("artifacts") or {}).get("backbone_weights")
+    if getattr(logger, "_log_model", False) and weights:
+        artifact = wandb.Artifact(f"backbone-{run.id}", type="model",
+                                  metadata={"experiment": results["experiment"], "init": json.dumps(results["init"])})  # fmt: skip
+        for file in [Path(weights), Path(weights).with_suffix(".json")]:
+            if file.is_file():
+                artifact.add_file(str(file))
+        hf_folder = folder / "backbone_hf"
+        if hf_folder.is_dir():
+            artifact.add_dir(str(hf_folder), name="backbone_hf")
+        run.log_artifact(artifact)
