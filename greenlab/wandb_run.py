@@ -5,6 +5,8 @@ trained backbone as a model artifact (``logger.wandb.log_model``), compute and e
 from __future__ import annotations
 
 import json
+import secrets
+import string
 from pathlib import Path
 
 RUN_ID_FILE = "wandb_run_id.txt"  # in the run folder: the W&B run a resumed run continues
@@ -16,11 +18,9 @@ def resume_arguments(logger_cfg, output_dir: Path) -> dict:
     if not str(logger_cfg.get("_target_", "")).endswith("WandbLogger"):
         return {}
     path = Path(output_dir) / RUN_ID_FILE
-    if not path.is_file():
-        import wandb
-
+    if not path.is_file():  # a W&B-style id: 8 characters of [a-z0-9]
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(wandb.util.generate_id())
+        path.write_text("".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8)))
     return {"id": path.read_text().strip(), "resume": "allow"}
 
 
