@@ -4,7 +4,7 @@ PYTHON ?= python3
 .PHONY: install test lint format bench efficiency
 
 install:  ## greenlab + every dependency (MinkowskiEngine built from source); safe to re-run
-	$(PYTHON) -m pip install -e ".[dev,sweep]"
+	$(PYTHON) -m pip install -e ".[dev,sweep,energy]"
 	PYTHON=$(PYTHON) bash scripts/install_minkowski.sh
 
 test:
@@ -22,6 +22,7 @@ bench:  ## benchmarks; each writes benchmarks/results/<name>.json with the machi
 	$(PYTHON) -m benchmarks.sparse_backends
 	$(PYTHON) -m benchmarks.training_steps
 	$(PYTHON) -m benchmarks.data_pipeline
+	$(PYTHON) -m benchmarks.energy_backends
 
 efficiency:  ## the efficiency study: 4 methods, one table + plots in experiments/efficiency (see its README)
 	PYTHON=$(PYTHON) bash experiments/efficiency/run.sh

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 import greenlab
 from greenlab import contracts, wandb_run
 from greenlab.callbacks.compute_monitor import JOULES_PER_KWH
-from greenlab.compute.energy import EnergyMeter, co2e_kg, grid_intensity
+from greenlab.compute.energy import co2e_kg, energy_meter, grid_intensity
 from greenlab.report import write_results
 from greenlab.run import CONFIG_DIR, finish_wandb, log_final, optimized_metric, sweep_value
 
@@ -56,7 +56,7 @@ def evaluate_only(cfg: DictConfig) -> dict:
 
     energy = cfg.compute
     grid = grid_intensity(energy.region, energy.carbon_intensity_kg_per_kwh)
-    meter = EnergyMeter(energy.cpu_watts_per_core)
+    meter = energy_meter(energy.energy_backend, energy.cpu_watts_per_core)
     meter.start()
     datamodule.setup("fit")
     scores = evaluation(backbone, datamodule, device_for(cfg.device))

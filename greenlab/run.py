@@ -27,7 +27,7 @@ import greenlab.config
 from greenlab import contracts, recipe, wandb_run
 from greenlab.backbones import weights
 from greenlab.callbacks.compute_monitor import JOULES_PER_KWH, ComputeMonitor
-from greenlab.compute.energy import EnergyMeter, co2e_kg
+from greenlab.compute.energy import co2e_kg, energy_meter
 from greenlab.report import write_results
 
 log = logging.getLogger("greenlab")
@@ -170,7 +170,7 @@ def evaluate(
 ) -> tuple[dict, float]:
     """The evaluation of the trained backbone and, same protocol, of the one before pre-training (the gain
     is measured, not claimed); and the energy it took (kWh)."""
-    meter = EnergyMeter(cfg.compute.cpu_watts_per_core)
+    meter = energy_meter(cfg.compute.energy_backend, cfg.compute.cpu_watts_per_core)
     meter.start()
     datamodule.setup("fit")
     device = trainer.strategy.root_device

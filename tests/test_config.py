@@ -79,6 +79,8 @@ INTENTIONAL = {  # dotted key: the (before, now) pairs allowed
     "evaluation.datasets": [(None, {})],
     # #15: the grid's carbon intensity by country (compute.region: new, null)
     "callbacks.compute_monitor.region": [(None, "${compute.region}")],
+    "callbacks.compute_monitor.energy_backend": [(None, "${compute.energy_backend}")],
+    "compute.energy_backend": [(None, "greenlab")],
     # the normalisation a ViT's weights expect, in its backbone config (python -m greenlab.evaluate feeds the data)
     "backbone.mean": [(None, [0.5, 0.5, 0.5]), (None, [0.485, 0.456, 0.406])],
     "backbone.std": [(None, [0.5, 0.5, 0.5]), (None, [0.229, 0.224, 0.225])],

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from greenlab.compute.energy import EnergyMeter, co2e_kg
+from greenlab.compute import energy
+from greenlab.compute.energy import EnergyMeter, co2e_kg, grid_intensity
 from greenlab.config import build
 from greenlab.evaluation.embeddings import pool
 from greenlab.evaluation.statistics import MACRO, one_vs_rest_auroc
@@ -66,3 +67,38 @@ def test_energy_meter_cpu_estimate_counts_busy_time():
     if "cpu estimate" in meter.method:
         assert joules > 0.1 and "W/core" in meter.method
     assert co2e_kg(2.0, 0.5, 1.2) == pytest.approx(1.2)
+
+
+def test_carbon_intensity_by_region_from_the_shipped_table():
+    france = grid_intensity("FRA", 0.475)
+    assert france["kg_per_kwh"] == 0.056039 and "France (FRA) 2023" in france["source"]
+    assert (
+        grid_intensity("germany", 0.475)["kg_per_kwh"]
+        == grid_intensity("DEU", 0.475)["kg_per_kwh"]
+        == 0.38095
+    )
+    assert grid_intensity(None, 0.475)["kg_per_kwh"] == 0.475  # unset: the configured world average
+    with pytest.raises(ValueError, match="compute.region='Atlantis'.*carbon_intensity.csv"):
+        grid_intensity("Atlantis", 0.475)
+
+
+def test_rapl_reads_every_package_and_dram_but_not_core_or_psys(tmp_path, monkeypatch):
+    domains = {"intel-rapl:0": "package-0", "intel-rapl:0:0": "core", "intel-rapl:0:1": "dram",
+               "intel-rapl:1": "package-1", "intel-rapl:1:0": "dram", "intel-rapl:2": "psys"}  # fmt: skip
+    for folder, name in domains.items():
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "name").write_text(name + "\n")
+        (tmp_path / folder / "energy_uj").write_text("1000000\n")
+        (tmp_path / folder / "max_energy_range_uj").write_text("262143328850\n")
+    monkeypatch.setattr(energy, "RAPL_ROOT", tmp_path)
+    meter = EnergyMeter(10.0)
+    assert set(meter._rapl) == {
+        "rapl:intel-rapl:0",
+        "rapl:intel-rapl:0:1",
+        "rapl:intel-rapl:1",
+        "rapl:intel-rapl:1:0",
+    }
+    assert "2 CPU package(s), 2 DRAM domain(s)" in meter.method
+    meter.start()
+    (tmp_path / "intel-rapl:0:1" / "energy_uj").write_text("3000000\n")  # the DRAM of package 0: +2 J
+    assert meter.read() == pytest.approx(2.0)

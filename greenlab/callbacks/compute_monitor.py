@@ -14,17 +14,19 @@ import lightning as L
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from greenlab.compute.energy import EnergyMeter, co2e_kg, grid_intensity, peak_host_memory_bytes
+from greenlab.compute.energy import co2e_kg, energy_meter, grid_intensity, peak_host_memory_bytes
 
 JOULES_PER_KWH = 3.6e6
 
 
 class ComputeMonitor(L.Callback):
     """Args: region / carbon_intensity_kg_per_kwh (the grid: ``energy.grid_intensity``), pue,
-    cpu_watts_per_core (see greenlab/conf/compute/default.yaml), count_flops, log_every_n_steps."""
+    energy_backend / cpu_watts_per_core (``energy.energy_meter``; see greenlab/conf/compute/default.yaml),
+    count_flops, log_every_n_steps."""
 
-    def __init__(self, region: str | None, carbon_intensity_kg_per_kwh: float, pue: float,
+    def __init__(self, region: str | None, carbon_intensity_kg_per_kwh: float, pue: float, energy_backend: str,
                  cpu_watts_per_core: float, count_flops: bool, log_every_n_steps: int):  # fmt: skip
+        self.energy_backend = energy_backend
         self.grid = grid_intensity(region, carbon_intensity_kg_per_kwh)
         self.carbon_intensity, self.pue = self.grid["kg_per_kwh"], pue
         self.cpu_watts_per_core, self.count_flops, self.log_every_n_steps = (
@@ -32,7 +34,7 @@ class ComputeMonitor(L.Callback):
             count_flops,
             log_every_n_steps,
         )
-        self.meter: EnergyMeter | None = None
+        self.meter = None
         self.flop_counter: FlopCounterMode | None = None
         self.flops_per_image: float | None = None
         self.images_seen = 0
@@ -43,7 +45,9 @@ class ComputeMonitor(L.Callback):
         self._started = None
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self.meter = EnergyMeter(self.cpu_watts_per_core, node_wide=trainer.local_rank == 0)
+        self.meter = energy_meter(
+            self.energy_backend, self.cpu_watts_per_core, node_wide=trainer.local_rank == 0
+        )
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         self.meter.start()
