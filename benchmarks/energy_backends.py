@@ -49,6 +49,10 @@ def main() -> None:
             name: {"joules": joules[name], "mean_watts": joules[name] / seconds, "reads": meters[name].method}
             for name in meters
         },  # fmt: skip
+        "codecarbon_parts_joules": {
+            part: getattr(meters["codecarbon"]._tracker, f"_total_{part}_energy").kWh * 3.6e6
+            for part in ("cpu", "ram", "gpu")
+        },  # fmt: skip
         "ratio_codecarbon_to_greenlab": joules["codecarbon"] / joules["greenlab"]
         if joules["greenlab"]
         else None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -30,9 +31,11 @@ trainer:
 
 @pytest.mark.slow
 def test_wheel_installed_outside_the_checkout_runs_with_a_user_config_folder(tmp_path, data_dir):
-    wheels, site, work = tmp_path / "wheels", tmp_path / "site", tmp_path / "elsewhere"
+    wheels, site, work, source = (tmp_path / n for n in ("wheels", "site", "elsewhere", "source"))
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", "build", "logs", "data", "wandb",
+                                                                "*.egg-info", "__pycache__"))  # fmt: skip
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(wheels), str(REPO)], check=True, capture_output=True)  # fmt: skip
+                    str(wheels), str(source)], check=True, capture_output=True)  # fmt: skip
     (wheel,) = wheels.glob("greenlab_fm-*.whl")
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
                    check=True, capture_output=True)  # fmt: skip

@@ -1,4 +1,0 @@
-from greenlab.run import main
-
-if __name__ == "__main__":
-    main()

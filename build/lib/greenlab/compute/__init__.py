@@ -1,1 +1,0 @@
-"""Measuring the budget: energy meters, FLOP counting, memory."""

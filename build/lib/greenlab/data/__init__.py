@@ -1,1 +1,0 @@
-"""LightningDataModules: fundus photograph folders, MedMNIST files, and the embedded default."""

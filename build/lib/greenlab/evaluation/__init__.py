@@ -1,1 +1,0 @@
-"""Evaluation of trained backbones: frozen embeddings + linear probes."""

@@ -1,1 +1,0 @@
-"""Pre-training objectives, one LightningModule per file."""
