@@ -15,7 +15,7 @@ NOT_RECIPE = (  # keys (and everything below them) that do not change the method
     "ddp_find_unused_parameters", "trainer.accelerator", "trainer.devices", "trainer.num_nodes",
     "trainer.strategy", "trainer.precision", "trainer.sync_batchnorm", "trainer.use_distributed_sampler",
     "trainer.default_root_dir", "trainer.log_every_n_steps", "trainer.fast_dev_run", "trainer.deterministic",
-    "data._target_", "data.num_workers", "data.output_dir", "data.cache_dir", "data.eval_batch_size",
+    "data._target_", "data.num_workers", "data.output_dir", "data.cache_dir", "data.pixel_cache_dir", "data.eval_batch_size",
     "objective.figure_dir", "objective.figure_every_n_epochs", "evaluation.num_workers",
     "backbone.weights", "text_encoder.weights", "text_encoder.download",  # where weights come from: see init
 )  # fmt: skip

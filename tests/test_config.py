@@ -81,6 +81,8 @@ INTENTIONAL = {  # dotted key: the (before, now) pairs allowed
     "callbacks.compute_monitor.region": [(None, "${compute.region}")],
     "callbacks.compute_monitor.energy_backend": [(None, "${compute.energy_backend}")],
     "compute.energy_backend": [(None, "greenlab")],
+    # #16: the preprocessing cache of photograph folders
+    "data.pixel_cache_dir": [(None, "${paths.data_dir}/fundus_cache")],
     # the normalisation a ViT's weights expect, in its backbone config (python -m greenlab.evaluate feeds the data)
     "backbone.mean": [(None, [0.5, 0.5, 0.5]), (None, [0.485, 0.456, 0.406])],
     "backbone.std": [(None, [0.5, 0.5, 0.5]), (None, [0.229, 0.224, 0.225])],

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from greenlab.data import splits
 from greenlab.data.base import ImageDataModule, ItemDataset, Task
+from greenlab.data.cache import PreprocessedCache
 from greenlab.data.fundus import PRETRAIN_TRANSFORMS, crop_field_of_view, eval_transform
 
 log = logging.getLogger(__name__)
@@ -36,8 +37,9 @@ class FundusFolderDataModule(ImageDataModule):
     probe evaluation (by group, else by image id); pre-training uses the other images.
     img_size: network input px; mean/std: normalisation; augmentation: pre-training augmentations,
     ``retfound_green`` or ``spark`` (greenlab/data/fundus.py). fov_crop: crop the black border first.
-    max_side: downsample after cropping (px). verify: decode every image in ``setup`` so a bad file fails
-    before training. skip_bad: instead of failing on an unreadable image or a missing label row, skip it
+    max_side: downsample after cropping (px). pixel_cache_dir: keep each photograph's decoded, cropped, downsampled
+    pixels there (``greenlab/data/cache.py``; None: decode every time). verify: decode every image in
+    ``setup`` so a bad file fails before training. skip_bad: instead of failing on an unreadable image or a missing label row, skip it
     and list it in ``skipped_inputs.csv`` in the run directory.
     """
 
@@ -57,6 +59,7 @@ class FundusFolderDataModule(ImageDataModule):
         augmentation: str,
         fov_crop: bool,
         max_side: int,
+        pixel_cache_dir: str | None,
         verify: bool,
         skip_bad: bool,
         **loader_kwargs,
@@ -70,6 +73,8 @@ class FundusFolderDataModule(ImageDataModule):
         self.img_size, self.mean, self.std = img_size, tuple(mean), tuple(std)
         self.augmentation = augmentation
         self.fov_crop, self.max_side, self.verify, self.skip_bad = fov_crop, max_side, verify, skip_bad
+        params = {"fov_crop": fov_crop, "threshold": 5, "margin": 0.025, "max_side": max_side}
+        self.cache = PreprocessedCache(pixel_cache_dir, params) if pixel_cache_dir else None
         self.skipped: list[tuple[str, str]] = []
 
     def setup(self, stage: str | None = None) -> None:
@@ -151,7 +156,12 @@ class FundusFolderDataModule(ImageDataModule):
             "mean": list(self.mean), "std": list(self.std)}}  # fmt: skip
 
     def load(self, path: Path) -> Image.Image:
-        """One photograph as RGB, field-of-view cropped when configured."""
+        """One photograph as RGB, field-of-view cropped and downsampled when configured (from the cache when
+        there is one)."""
+        return self.cache.get(path, self.preprocess) if self.cache else self.preprocess(path)
+
+    def preprocess(self, path: Path) -> Image.Image:
+        """Decode, crop the field of view, pad square, downsample to ``max_side``."""
         try:
             with Image.open(path) as handle:
                 image = handle.convert("RGB")

@@ -1,0 +1,92 @@
+"""The preprocessing cache of photograph folders: same pixels as decoding, only edited files re-processed,
+corrupt entries rebuilt, concurrent writers safe."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+
+import numpy as np
+from PIL import Image
+
+from greenlab.config import build
+from greenlab.data.cache import HEADER
+
+
+def write_photos(folder, count):
+    """Fundus-like photographs: a bright disc on black, each a little different."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:120, :150]
+    for i in range(count):
+        disc = ((yy - 60) ** 2 + (xx - 75) ** 2) < (50 + i) ** 2
+        pixels = (disc[..., None] * rng.integers(60, 220, (120, 150, 3))).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"photo{i}.png")
+
+
+def photos(root, cache):
+    dm = build("data/fundus_folder", root=str(root), img_size=28, num_workers=0, max_side=64,
+               pixel_cache_dir=str(cache) if cache else None)  # fmt: skip
+    return dm, sorted(root.glob("*.png"))
+
+
+def test_cached_pixels_equal_decoding_and_only_an_edited_file_is_processed_again(tmp_path):
+    write_photos(tmp_path / "photos", 4)
+    dm, paths = photos(tmp_path / "photos", tmp_path / "cache")
+    plain, _ = photos(tmp_path / "photos", None)
+    first = [np.asarray(dm.load(p)) for p in paths]
+    assert dm.cache.stats()["misses"] == 4 and dm.cache.stats()["hits"] == 0
+    assert all(np.array_equal(a, np.asarray(plain.load(p))) for a, p in zip(first, paths))
+    again, _ = photos(tmp_path / "photos", tmp_path / "cache")  # a new run on the same cache
+    assert all(np.array_equal(a, np.asarray(again.load(p))) for a, p in zip(first, paths))
+    assert again.cache.stats()["hits"] == 4 and again.cache.stats()["misses"] == 0
+    later = paths[2].stat().st_mtime_ns + 5_000_000_000
+    os.utime(paths[2], ns=(later, later))  # edited (touched): only it is processed again
+    third, _ = photos(tmp_path / "photos", tmp_path / "cache")
+    for p in paths:
+        third.load(p)
+    assert third.cache.stats()["hits"] == 3 and third.cache.stats()["misses"] == 1
+
+
+def test_a_corrupt_entry_is_detected_and_rebuilt(tmp_path, caplog):
+    write_photos(tmp_path / "photos", 2)
+    dm, paths = photos(tmp_path / "photos", tmp_path / "cache")
+    expected = np.asarray(dm.load(paths[0]))
+    entry = dm.cache.path(dm.cache.key(paths[0]))
+    raw = bytearray(entry.read_bytes())
+    raw[HEADER.size + 100] ^= 0xFF  # one flipped pixel byte: the size is right, the checksum is not
+    entry.write_bytes(bytes(raw))
+    fresh, _ = photos(tmp_path / "photos", tmp_path / "cache")
+    assert np.array_equal(np.asarray(fresh.load(paths[0])), expected)
+    assert fresh.cache.stats()["rebuilt"] == 1 and "checksum mismatch" in caplog.text
+    entry.write_bytes(entry.read_bytes()[:50])  # truncated
+    assert np.array_equal(
+        np.asarray(photos(tmp_path / "photos", tmp_path / "cache")[0].load(paths[0])), expected
+    )
+
+
+def _fill(root, cache, barrier):
+    dm, paths = photos(root, cache)
+    barrier.wait()  # both processes start writing the same entries at once
+    for p in paths:
+        dm.load(p)
+
+
+def test_two_processes_filling_one_cache_leave_it_intact(tmp_path):
+    write_photos(tmp_path / "photos", 24)
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(2)
+    workers = [
+        context.Process(target=_fill, args=(tmp_path / "photos", tmp_path / "cache", barrier))
+        for _ in range(2)
+    ]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(120)
+    assert [w.exitcode for w in workers] == [0, 0]
+    assert not list((tmp_path / "cache").rglob(".*"))  # no temporary file left behind
+    check, paths = photos(tmp_path / "photos", tmp_path / "cache")
+    plain, _ = photos(tmp_path / "photos", None)
+    assert all(np.array_equal(np.asarray(check.load(p)), np.asarray(plain.load(p))) for p in paths)
+    assert check.cache.stats()["hits"] == 24 and check.cache.stats()["rebuilt"] == 0
