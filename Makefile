@@ -23,6 +23,7 @@ bench:  ## benchmarks; each writes benchmarks/results/<name>.json with the machi
 	$(PYTHON) -m benchmarks.training_steps
 	$(PYTHON) -m benchmarks.data_pipeline
 	$(PYTHON) -m benchmarks.energy_backends
+	$(PYTHON) -m benchmarks.loader_cache
 
 efficiency:  ## the efficiency study: 4 methods, one table + plots in experiments/efficiency (see its README)
 	PYTHON=$(PYTHON) bash experiments/efficiency/run.sh
