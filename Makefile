@@ -1,7 +1,7 @@
 # greenlab: `make install`, then `python -m greenlab +experiment=retfound_green`; `make test`.
 PYTHON ?= python3
 
-.PHONY: install test lint format bench efficiency
+.PHONY: install test lint format bench bench-gpu efficiency
 
 install:  ## greenlab + every dependency (MinkowskiEngine built from source); safe to re-run
 	$(PYTHON) -m pip install -e ".[dev,sweep,energy]"
@@ -24,6 +24,12 @@ bench:  ## benchmarks; each writes benchmarks/results/<name>.json with the machi
 	$(PYTHON) -m benchmarks.data_pipeline
 	$(PYTHON) -m benchmarks.energy_backends
 	$(PYTHON) -m benchmarks.loader_cache
+
+bench-gpu:  ## one short script for a lent GPU (a few minutes): SparK's real-loader profile, loader ratios, steps, energy
+	$(PYTHON) -m benchmarks.spark_profile --steps 30
+	$(PYTHON) -m benchmarks.data_pipeline --steps 30 --warmup 5
+	$(PYTHON) -m benchmarks.training_steps
+	$(PYTHON) -m benchmarks.energy_backends --seconds 20
 
 efficiency:  ## the efficiency study: 4 methods, one table + plots in experiments/efficiency (see its README)
 	PYTHON=$(PYTHON) bash experiments/efficiency/run.sh
