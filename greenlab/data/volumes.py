@@ -112,6 +112,7 @@ class VolumeDataModule(ImageDataModule):
         self.train_reports: list[str] = []
         self.test_reports: list[str] = []
         self.dropped_findings: list[str] = []
+        self.test_ids: list[str] = []  # the held-out studies' ids (the manifest's id column), in loader order
         self.text_only_reports, self.text_only_batch_size = text_only_reports, text_only_batch_size
         self.text_only_set: list[tuple[str, torch.Tensor]] = []
 
@@ -187,6 +188,7 @@ class VolumeDataModule(ImageDataModule):
         self.tasks = [Task(n, 2) for n, ok in zip(names, labelled.tolist()) if ok]
         labels = labels[:, labelled]
         items = [{**s, "labels": labels[i], "report": reports[i]} for i, s in enumerate(sources)]
+        self.test_ids = [i for i, t in zip(ids, test) if t]
         train_items = [it for it, t in zip(items, test) if not t]
         test_items = [it for it, t in zip(items, test) if t]
         self.train_reports = [it["report"] for it in train_items]
@@ -243,6 +245,9 @@ class VolumeDataModule(ImageDataModule):
         array = values.to_numpy(dtype=float).reshape(len(table), -1)
         array = np.where(np.isnan(array), MISSING, np.where(array == -1, UNCERTAIN, array))
         return list(frame.columns), torch.from_numpy(array.astype(np.int64))
+
+    def held_out_ids(self) -> list[str]:
+        return list(self.test_ids)
 
     def _non_label_columns(self) -> set:
         return {*self.volumes.values(), self.report_column, self.group_column, *splits.GROUP_COLUMNS}
