@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -32,8 +33,21 @@ trainer:
 @pytest.mark.slow
 def test_wheel_installed_outside_the_checkout_runs_with_a_user_config_folder(tmp_path, data_dir):
     wheels, site, work, source = (tmp_path / n for n in ("wheels", "site", "elsewhere", "source"))
-    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", "build", "logs", "data", "wandb",
-                                                                "*.egg-info", "__pycache__"))  # fmt: skip
+    top_level = {
+        ".git",
+        "build",
+        "logs",
+        "data",
+        "wandb",
+        "outputs",
+        "multirun",
+    }  # run output, not the package
+
+    def left_out(folder, names):
+        here = set(names) & top_level if Path(folder) == REPO else set()
+        return here | {n for n in names if n == "__pycache__" or n.endswith(".egg-info")}
+
+    shutil.copytree(REPO, source, ignore=left_out)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                     str(wheels), str(source)], check=True, capture_output=True)  # fmt: skip
     (wheel,) = wheels.glob("greenlab_fm-*.whl")
