@@ -155,3 +155,13 @@ def test_real_retinamnist_file():
     assert dm.eval_split == "val" and len(dm.pretrain_set) == 1080 and len(dm.probe_test_set) == 120
     assert [(t.name, t.num_classes) for t in dm.tasks] == [("label", 5)]
     assert isinstance(dm.pretrain_set[0][0], torch.Tensor)
+
+
+def test_uint8_percentile_equals_numpys():
+    from greenlab.data.fundus import percentile
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        values = rng.integers(0, rng.integers(1, 257), rng.integers(1, 3000)).astype(np.uint8)
+        for q in (0, 1, 50, 99, 100):
+            assert percentile(values, q) == pytest.approx(np.percentile(values, q), abs=1e-9)

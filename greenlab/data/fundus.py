@@ -14,6 +14,18 @@ from PIL import Image
 from torchvision.transforms import v2
 
 
+def percentile(values: np.ndarray, q: float) -> float:
+    """``np.percentile(values, q)`` (linear interpolation); for uint8 from a 256-bin histogram: the same
+    value, without sorting a million pixels (~10x faster on a 1024-px photograph)."""
+    if values.dtype != np.uint8:
+        return float(np.percentile(values, q))
+    cumulative = np.cumsum(np.bincount(values.ravel(), minlength=256))
+    position = q / 100 * (cumulative[-1] - 1)
+    below, above = int(np.floor(position)), int(np.ceil(position))
+    low, high = np.searchsorted(cumulative, [below + 1, above + 1])  # the values at those sorted positions
+    return float(low + (high - low) * (position - below))
+
+
 def field_of_view_box(
     image: np.ndarray, threshold: int = 5, margin: float = 0.025
 ) -> tuple[int, int, int, int]:
@@ -25,7 +37,7 @@ def field_of_view_box(
     (robust to isolated bright noise). The box grows by ``margin`` x its size on each side, clipped.
     """
     bright = image.max(axis=2) if image.ndim == 3 else image
-    mask = bright > max(threshold, 0.1 * np.percentile(bright, 99))
+    mask = bright > max(threshold, 0.1 * percentile(bright, 99))
     rows = np.flatnonzero(mask.mean(axis=1) > 0.01)
     cols = np.flatnonzero(mask.mean(axis=0) > 0.01)
     height, width = mask.shape
