@@ -7,6 +7,8 @@ once under $GREENLAB_HOME/bench_photos), then times one process (= one DataLoade
 samples at ``--img`` px with the RETFound-Green augmentations:
 - from source: decode the JPEG, crop the field of view, pad square (no resize: already 1024), augment;
 - from the cache: the cached pixels (field of view cropped, downsampled to ``--cache-side``), augment.
+The augmentations end in a uint8 tensor: the float scaling and normalisation happen on the training device,
+per batch (``ImageDataModule.on_after_batch_transfer``), not in the workers.
 Prints samples/s per worker for both, their ratio, and the cores needed to feed the committed H100 training
 rate (872 img/s). Writes benchmarks/results/loader_cache_cpu.json.
 """

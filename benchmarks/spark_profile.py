@@ -30,7 +30,7 @@ from greenlab.objectives.spark import DOWNSAMPLE, random_visible_mask
 SYNC_OPS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::item", "aten::_local_scalar_dense")
 
 
-def run(objective, batches, steps: int, device: torch.device) -> dict:
+def run(objective, batches, steps: int, device: torch.device, datamodule) -> dict:
     optimizer = torch.optim.AdamW(objective.parameters(), lr=1e-4)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -38,7 +38,7 @@ def run(objective, batches, steps: int, device: torch.device) -> dict:
     with profile(activities=activities) as prof:
         for images in itertools.islice(batches, steps):
             start = time.perf_counter()
-            images = images.to(device, non_blocking=True)
+            images = datamodule.on_after_batch_transfer([images.to(device, non_blocking=True)], 0)[0]
             grid = (images.shape[-2] // DOWNSAMPLE, images.shape[-1] // DOWNSAMPLE)
             visible = random_visible_mask(images.shape[0], grid, objective.hparams.mask_ratio, device)
             with autocast:
@@ -88,7 +88,7 @@ def main() -> None:
         if batches is None:
             first = next(iter(loader))[0].to(device)
             batches = itertools.repeat(first)
-        results[name] = run(objective, batches, args.steps, device)
+        results[name] = run(objective, batches, args.steps, device, datamodule)
         print(name, results[name]["seconds_per_step_median"], results[name]["synchronisations"], flush=True)
     ratio = (
         results["same_batch"]["seconds_per_step_median"] / results["real_loader"]["seconds_per_step_median"]

@@ -87,6 +87,16 @@ class ImageDataModule(L.LightningDataModule):
             "split": self.split,
         }
 
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Training batches of photographs arrive as uint8 (the loader workers skip the float work): scaled and
+        normalised here, on the training device (``fundus.normalise_batch``). Other batches pass unchanged."""
+        images = batch[0] if isinstance(batch, list | tuple) else None
+        if images is None or not torch.is_tensor(images) or images.dtype != torch.uint8:
+            return batch
+        from greenlab.data.fundus import normalise_batch
+
+        return type(batch)([normalise_batch(images, self.mean, self.std), *batch[1:]])
+
     def held_out_ids(self) -> list[str]:
         """The held-out images' ids, in the order of the held-out loader (``greenlab.compare`` checks them)."""
         return list(self.probe_test_set.ids)
