@@ -165,3 +165,25 @@ def test_uint8_percentile_equals_numpys():
         values = rng.integers(0, rng.integers(1, 257), rng.integers(1, 3000)).astype(np.uint8)
         for q in (0, 1, 50, 99, 100):
             assert percentile(values, q) == pytest.approx(np.percentile(values, q), abs=1e-9)
+
+
+def test_training_batches_are_normalised_on_the_device_bit_for_bit():
+    from torchvision.transforms import v2
+
+    from greenlab.data.fundus import normalise_batch
+
+    rng = np.random.default_rng(1)
+    photos = [Image.fromarray(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)) for _ in range(5)]
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    in_worker = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+    expected = torch.stack([in_worker(p) for p in photos])
+    uint8 = torch.stack([v2.ToImage()(p) for p in photos])
+    assert torch.equal(normalise_batch(uint8, mean, std), expected)
+    dm = build(
+        "data/fundus_folder", root="unused", img_size=30, mean=list(mean), std=list(std), num_workers=0
+    )
+    labels = torch.zeros(5, 0)
+    images, same_labels = dm.on_after_batch_transfer([uint8, labels], 0)
+    assert torch.equal(images, expected) and same_labels is labels
+    floats = [expected, labels]  # already float (volumes, evaluation): unchanged
+    assert dm.on_after_batch_transfer(floats, 0)[0] is expected
