@@ -92,7 +92,7 @@ class FundusFolderDataModule(ImageDataModule):
             unlabelled = {path for path, _ in skipped}
             keep = [i for i, p in enumerate(paths) if str(p) not in unlabelled]
             paths, ids, labels = [paths[i] for i in keep], [ids[i] for i in keep], labels[keep]
-            meta = {k: v if isinstance(v, str) else [v[i] for i in keep] for k, v in meta.items()}
+            meta = {kind: (column, [v[i] for i in keep]) for kind, (column, v) in meta.items()}
         if skipped:
             listed = self.write_skip_list(skipped)
             log.warning(
@@ -122,7 +122,8 @@ class FundusFolderDataModule(ImageDataModule):
             self.split = {"method": "none (no labels: every image pre-trains)", "images_train": len(ids)}
             return everything, [], []
         if "split" in meta:
-            sides, self.split = splits.official(meta["split"], self.split_column, str(self.labels_csv))
+            column, values = meta["split"]
+            sides, self.split = splits.official(values, column, str(self.labels_csv))
             scored = "test" if "test" in sides else "val"
             self.split["held_out_side"] = scored
             test = [i for i in everything if sides[i] == scored]
@@ -132,12 +133,9 @@ class FundusFolderDataModule(ImageDataModule):
                 test,
             )
         if "group" in meta:
+            column, groups = meta["group"]
             flags, self.split = splits.by_group(
-                meta["group"],
-                labels[:, 0].tolist(),
-                self.held_out_fraction,
-                self.split_seed,
-                meta["group_column"],
+                groups, labels[:, 0].tolist(), self.held_out_fraction, self.split_seed, column
             )
         else:
             flags, self.split = splits.by_id(ids, self.held_out_fraction, self.split_seed)
@@ -194,8 +192,8 @@ class FundusFolderDataModule(ImageDataModule):
         return good
 
     def _read_labels(self, paths: list[Path], ids: list[str], skipped: list) -> tuple[torch.Tensor, dict]:
-        """(N, T) int64 labels for ``paths`` (-1 = no label), and {"group": [...], "split": [...]} for the
-        columns that are given; fills ``self.tasks``."""
+        """(N, T) int64 labels for ``paths`` (-1 = no label), and {"group" / "split": (column, one value per
+        image)} for the columns that are given; fills ``self.tasks``."""
         if not self.labels_csv.is_file():
             raise FileNotFoundError(f"labels CSV not found: {self.labels_csv}")
         table = pd.read_csv(self.labels_csv, dtype={self.id_column: str})
@@ -206,9 +204,7 @@ class FundusFolderDataModule(ImageDataModule):
         if table[self.id_column].duplicated().any():
             dup = table[self.id_column][table[self.id_column].duplicated()].tolist()[:5]
             raise ValueError(f"{self.labels_csv}: duplicate ids in {self.id_column!r}: {dup}")
-        group_column = self.group_column or next(
-            (c for c in splits.GROUP_COLUMNS if c in table.columns), None
-        )
+        group_column = splits.group_column(self.group_column, table.columns)
         if group_column and not self.group_column:
             log.info(
                 "%s: images grouped by its %r column for the held-out split", self.labels_csv, group_column
@@ -238,8 +234,8 @@ class FundusFolderDataModule(ImageDataModule):
             self.tasks.append(Task(column, max(2, int(numbers.max()) + 1)))
         row_of = {key: r for r, key in enumerate(table[self.id_column])}
         labels = torch.full((len(paths), len(columns)), -1, dtype=torch.int64)
-        meta_columns = {"group": group_column, "split": self.split_column}
-        meta = {k: [None] * len(paths) for k, c in meta_columns.items() if c}
+        meta = {kind: (column, [None] * len(paths))
+                for kind, column in (("group", group_column), ("split", self.split_column)) if column}  # fmt: skip
         for i, (path, image_id) in enumerate(zip(paths, ids)):
             row = next((row_of[k] for k in (image_id, path.name, path.stem) if k in row_of), None)
             if row is None:
@@ -251,8 +247,6 @@ class FundusFolderDataModule(ImageDataModule):
                 skipped.append((str(path), reason))
                 continue
             labels[i] = torch.tensor([coded[c][row] for c in columns])
-            for key in meta:
-                meta[key][i] = table[meta_columns[key]].iloc[row]
-        if "group" in meta:
-            meta["group_column"] = group_column
+            for column, values in meta.values():
+                values[i] = table[column].iloc[row]
         return labels, meta

@@ -19,6 +19,12 @@ OFFICIAL_SIDES = {  # split-column value -> side
 }  # fmt: skip
 
 
+def group_column(explicit: str | None, columns) -> str | None:
+    """The patient / subject column: ``explicit`` when given, else the first of ``GROUP_COLUMNS`` among
+    ``columns``, else None (the split is by item id)."""
+    return explicit or next((c for c in GROUP_COLUMNS if c in columns), None)
+
+
 def held_out(item_id: str, fraction: float, seed: int) -> bool:
     """Deterministic split: the same id always lands on the same side, whatever the other files are."""
     digest = hashlib.sha1(f"{seed}:{item_id}".encode()).hexdigest()

@@ -173,7 +173,7 @@ class VolumeDataModule(ImageDataModule):
         # split on the manifest's own (relative) entries: the same study lands on the same side wherever the
         # data folder lives
         ids = table[self.id_column].astype(str).tolist()
-        group = self.group_column or next((c for c in splits.GROUP_COLUMNS if c in table.columns), None)
+        group = splits.group_column(self.group_column, table.columns)
         if group:  # by patient (hash of the patient id: multi-label findings, no stratification)
             groups = table[group].astype(str).tolist()
             test, self.split = splits.by_group(groups, None, self.held_out_fraction, self.split_seed, group)
