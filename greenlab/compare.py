@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from greenlab.evaluation.statistics import MACRO, wilcoxon_p
+from greenlab.evaluation.linear_probe import comparisons
+from greenlab.evaluation.statistics import wilcoxon_p
 
 
 @dataclass
@@ -56,9 +57,8 @@ def load_run(path: Path, name: str) -> Run:
     for record in tasks.values():
         if "skipped" in record:
             continue
-        rows[(record["dataset"], record["task"], MACRO)] = record
-        for comparison, sub in record.get("per_class", {}).items():
-            rows[(record["dataset"], record["task"], comparison)] = sub
+        for comparison, row in comparisons(record):
+            rows[(record["dataset"], record["task"], comparison)] = row
     vectors, held_out = {}, {}
     with np.load(npz_file) as npz:
         for key in npz.files:

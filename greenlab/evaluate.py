@@ -25,7 +25,7 @@ from greenlab import contracts, wandb_run
 from greenlab.callbacks.compute_monitor import JOULES_PER_KWH
 from greenlab.compute.energy import co2e_kg, energy_meter, grid_intensity
 from greenlab.report import write_results
-from greenlab.run import CONFIG_DIR, finish_wandb, log_final, optimized_metric, sweep_value
+from greenlab.run import CONFIG_DIR, check_parts, finish_wandb, log_final, optimized_metric, sweep_value
 
 FOLLOWED = ("img_size", "mean", "std")  # data keys taken from the backbone config
 
@@ -46,9 +46,7 @@ def evaluate_only(cfg: DictConfig) -> dict:
         instantiate(cfg.evaluation),
     )
     contracts.conform(backbone, contracts.Backbone, "backbone")
-    contracts.conform(evaluation, contracts.Evaluation, "evaluation")
-    contracts.conform(datamodule, contracts.DataModule, "data")
-    contracts.check_requirements(evaluation, "evaluation", datamodule)
+    check_parts(evaluation, datamodule)
     loggers = [instantiate(c, **({"job_type": "evaluate"} if "job_type" in c else {}),
                            **wandb_run.resume_arguments(c, output_dir)) for c in cfg.logger.values()]  # fmt: skip
     for lg in loggers:
@@ -110,11 +108,11 @@ def follow_backbone(cfg: DictConfig) -> dict:
     command line sets; returns {key: value used, "from": ...} for results.json."""
     given = {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
     probe_sets = cfg.evaluation.get("datasets") or {}
-    used = {}
+    backbone, used = OmegaConf.to_container(cfg.backbone, resolve=True), {}
     for key in FOLLOWED:
-        if key not in cfg.backbone:
+        if key not in backbone:
             continue
-        value = OmegaConf.to_container(cfg.backbone, resolve=True)[key]
+        value = backbone[key]
         for path, node in [
             ("data", cfg.data),
             *((f"evaluation.datasets.{n}", d) for n, d in probe_sets.items()),

@@ -48,7 +48,7 @@ def run(cfg: DictConfig) -> dict:
         instantiate(cfg.objective),
         instantiate(cfg.evaluation),
     )
-    check_parts(objective, evaluation, datamodule)
+    check_parts(evaluation, datamodule, objective)
     trainer, monitor = build_trainer(cfg)
 
     initial_backbone = copy.deepcopy(objective.trained_backbone()) if cfg.evaluate_initial_backbone else None
@@ -58,8 +58,9 @@ def run(cfg: DictConfig) -> dict:
     backbone = objective.trained_backbone()
     contracts.conform(backbone, contracts.Backbone, "backbone")
     exported = objective.export(output_dir)
+    described = datamodule.describe()
     timm_folder = weights.export_timm_folder(
-        backbone, output_dir / "backbone_hf", datamodule.describe().get("preprocessing")
+        backbone, output_dir / "backbone_hf", described.get("preprocessing")
     )
     scores, eval_kwh = evaluate(evaluation, backbone, initial_backbone, datamodule, trainer, cfg)
     account(budget, eval_kwh, backbone, objective)
@@ -72,7 +73,7 @@ def run(cfg: DictConfig) -> dict:
         "run_dir": str(output_dir.resolve()),
         "init": backbone.init_record,
         "objective": objective.run_notes(),
-        "data": datamodule.describe(),
+        "data": described,
         "metrics": {**scores["metrics"], "final_train_loss": _final_loss(trainer)},
         "optimized_metric": optimized_metric(cfg, evaluation, scores["metrics"]),
         "compute": budget["compute"],
@@ -133,13 +134,15 @@ def paper_recipe(composed: dict, init_record: dict) -> dict:
     return {"experiment": experiment, **recipe.deviations(composed, paper, scaled, init_record)}
 
 
-def check_parts(objective, evaluation, datamodule) -> None:
-    """Each part offers its contract (greenlab/contracts.py), and the datamodule what the others need."""
-    contracts.conform(objective, contracts.Objective, "objective")
+def check_parts(evaluation, datamodule, objective=None) -> None:
+    """Each part offers its contract (greenlab/contracts.py), and the datamodule what the others need
+    (``objective``: None when nothing is trained, ``python -m greenlab.evaluate``)."""
     contracts.conform(evaluation, contracts.Evaluation, "evaluation")
     contracts.conform(datamodule, contracts.DataModule, "data")
-    contracts.check_requirements(objective, "objective", datamodule)
     contracts.check_requirements(evaluation, "evaluation", datamodule)
+    if objective is not None:
+        contracts.conform(objective, contracts.Objective, "objective")
+        contracts.check_requirements(objective, "objective", datamodule)
 
 
 def build_trainer(cfg: DictConfig) -> tuple[L.Trainer, ComputeMonitor]:

@@ -9,6 +9,8 @@ import secrets
 import string
 from pathlib import Path
 
+from greenlab.evaluation.linear_probe import comparisons
+
 RUN_ID_FILE = "wandb_run_id.txt"  # in the run folder: the W&B run a resumed run continues
 
 
@@ -30,7 +32,7 @@ def task_rows(metrics: dict) -> list[list]:
     for record in metrics.get("probe_tasks", {}).values():
         if "skipped" in record:
             continue
-        for comparison, row in [("macro", record), *record.get("per_class", {}).items()]:
+        for comparison, row in comparisons(record):
             low, high = row.get("auroc_ci95") or (None, None)
             rows.append([record["dataset"], record["task"], comparison, row["auroc"], low, high,
                          row["auroc_point"], row["auprc"]])  # fmt: skip

@@ -16,6 +16,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from greenlab.data.fundus import normalise_batch
+
 MISSING, UNCERTAIN = -1, -2
 
 
@@ -93,8 +95,6 @@ class ImageDataModule(L.LightningDataModule):
         images = batch[0] if isinstance(batch, list | tuple) else None
         if images is None or not torch.is_tensor(images) or images.dtype != torch.uint8:
             return batch
-        from greenlab.data.fundus import normalise_batch
-
         return type(batch)([normalise_batch(images, self.mean, self.std), *batch[1:]])
 
     def held_out_ids(self) -> list[str]:

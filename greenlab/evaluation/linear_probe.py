@@ -35,6 +35,12 @@ from greenlab.evaluation.statistics import MACRO
 log = logging.getLogger(__name__)
 
 
+def comparisons(record: dict) -> list[tuple[str, dict]]:
+    """A scored task record's comparisons: ("macro", the record), then (class, its scores) for each class of a
+    multi-class task (the rows of results.md, W&B's probe table and ``greenlab.compare``)."""
+    return [(MACRO, record), *record["per_class"].items()]
+
+
 class LinearProbe:
     """Args: pooling (see ``embeddings.pool``), C / max_iter (logistic regression), bootstrap_resamples
     (the headline median and the saved vectors; 0 = point estimates only), ci_resamples (the 95 % interval),
@@ -158,10 +164,10 @@ class LinearProbe:
                 lines.append(f"| {task['dataset']} | {task['task']} | | {task.get('n_train', '')} | | "
                              f"skipped: {task['skipped']} | | | |")  # fmt: skip
                 continue
-            rows = [(MACRO if task["per_class"] else "", task), *task["per_class"].items()]
-            for comparison, row in rows:
+            for comparison, row in comparisons(task):
+                label = comparison if task["per_class"] else ""  # a binary task: one comparison, no class
                 lines.append(
-                    f"| {task['dataset']} | {task['task']} | {comparison} | {task['n_train']} | {task['n_test']} | "
+                    f"| {task['dataset']} | {task['task']} | {label} | {task['n_train']} | {task['n_test']} | "
                     f"{_with_ci(row)} | {row['auroc_point']:.3f} | {row['auprc']:.3f} | "
                     + (f"{task['balanced_accuracy']:.3f} |" if row is task else " |")
                 )

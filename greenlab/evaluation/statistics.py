@@ -24,18 +24,19 @@ def one_vs_rest_auroc(y: np.ndarray, proba: np.ndarray, classes: np.ndarray) -> 
 
     y: (N,) labels; proba: (N, K) class probabilities, columns in ``classes`` order.
     """
-    if len(classes) == 2:
-        return {MACRO: _auroc(y == classes[1], proba[:, 1])}
-    per_class = {str(c): _auroc(y == c, proba[:, k]) for k, c in enumerate(classes)}
-    scored = [v for v in per_class.values() if not np.isnan(v)]
-    return {**per_class, MACRO: float(np.mean(scored)) if scored else float("nan")}
+    return _one_vs_rest(_auroc, y, proba, classes)
 
 
 def one_vs_rest_auprc(y: np.ndarray, proba: np.ndarray, classes: np.ndarray) -> dict[str, float]:
     """As ``one_vs_rest_auroc`` with average precision (area under the precision-recall curve)."""
+    return _one_vs_rest(_auprc, y, proba, classes)
+
+
+def _one_vs_rest(score, y: np.ndarray, proba: np.ndarray, classes: np.ndarray) -> dict[str, float]:
+    """``score(positive, probability)`` of classes[1] (binary) or of each class and their macro mean."""
     if len(classes) == 2:
-        return {MACRO: _auprc(y == classes[1], proba[:, 1])}
-    per_class = {str(c): _auprc(y == c, proba[:, k]) for k, c in enumerate(classes)}
+        return {MACRO: score(y == classes[1], proba[:, 1])}
+    per_class = {str(c): score(y == c, proba[:, k]) for k, c in enumerate(classes)}
     scored = [v for v in per_class.values() if not np.isnan(v)]
     return {**per_class, MACRO: float(np.mean(scored)) if scored else float("nan")}
 
