@@ -48,8 +48,14 @@ def field_of_view_box(
     return max(0, top - pad_y), min(height, bottom + pad_y), max(0, left - pad_x), min(width, right + pad_x)
 
 
+FIELD_OF_VIEW = {"threshold": 5, "margin": 0.025}  # RETFound-Green's crop (shared/REFERENCE.md §1)
+
+
 def crop_field_of_view(
-    image: Image.Image, threshold: int = 5, margin: float = 0.025, max_side: int | None = 1024
+    image: Image.Image,
+    threshold: int = FIELD_OF_VIEW["threshold"],
+    margin: float = FIELD_OF_VIEW["margin"],
+    max_side: int | None = 1024,
 ) -> Image.Image:
     """Field-of-view crop, black padding to a square, then Lanczos downsampling to ``max_side`` px."""
     top, bottom, left, right = field_of_view_box(np.asarray(image), threshold, margin)

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from greenlab.data import splits
 from greenlab.data.base import ImageDataModule, ItemDataset, Task
 from greenlab.data.cache import PreprocessedCache
-from greenlab.data.fundus import PRETRAIN_TRANSFORMS, crop_field_of_view, eval_transform
+from greenlab.data.fundus import FIELD_OF_VIEW, PRETRAIN_TRANSFORMS, crop_field_of_view, eval_transform
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,11 @@ class FundusFolderDataModule(ImageDataModule):
         self.img_size, self.mean, self.std = img_size, tuple(mean), tuple(std)
         self.augmentation = augmentation
         self.fov_crop, self.max_side, self.verify, self.skip_bad = fov_crop, max_side, verify, skip_bad
-        params = {"fov_crop": fov_crop, "threshold": 5, "margin": 0.025, "max_side": max_side}
+        # the crop's parameters: the cache's key and results.json's record of the preprocessing
+        self.field_of_view = (
+            {**FIELD_OF_VIEW, "pad_to_square": True, "max_side": max_side} if fov_crop else None
+        )
+        params = {"field_of_view": self.field_of_view, "max_side": max_side}
         self.cache = PreprocessedCache(pixel_cache_dir, params) if pixel_cache_dir else None
         self.skipped: list[tuple[str, str]] = []
 
@@ -147,9 +151,8 @@ class FundusFolderDataModule(ImageDataModule):
         return self.root.name
 
     def describe(self) -> dict:
-        fov = {"threshold": 5, "margin": 0.025, "pad_to_square": True, "max_side": self.max_side}
         return {**super().describe(), "preprocessing": {
-            "field_of_view_crop": fov if self.fov_crop else None,
+            "field_of_view_crop": self.field_of_view,
             "resize": [self.img_size, self.img_size], "interpolation": "bilinear", "crop_pct": 1.0,
             "mean": list(self.mean), "std": list(self.std)}}  # fmt: skip
 
