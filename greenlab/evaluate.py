@@ -10,7 +10,6 @@ command line sets them; results.json records what was used (``preprocessing``).
 
 from __future__ import annotations
 
-import datetime
 from pathlib import Path
 
 import hydra
@@ -20,12 +19,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-import greenlab
 from greenlab import contracts, wandb_run
 from greenlab.callbacks.compute_monitor import JOULES_PER_KWH
 from greenlab.compute.energy import co2e_kg, energy_meter, grid_intensity
 from greenlab.report import write_results
-from greenlab.run import CONFIG_DIR, check_parts, finish_wandb, log_final, optimized_metric, sweep_value
+from greenlab.run import CONFIG_DIR, check_parts, finish_wandb, log_final, record, sweep_value
 
 FOLLOWED = ("img_size", "mean", "std")  # data keys taken from the backbone config
 
@@ -68,16 +66,11 @@ def evaluate_only(cfg: DictConfig) -> dict:
         },  # fmt: skip
         "experiment": cfg.name,
         "scale": "evaluation only",
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "greenlab_version": greenlab.__version__,
-        "run_dir": str(output_dir.resolve()),
-        "init": backbone.init_record,
+        **record(cfg, output_dir, backbone, datamodule.describe(), evaluation, scores),
         "objective": None,
         "pretraining": "none: python -m greenlab.evaluate scores the backbone as given",
         "preprocessing": preprocessing,
-        "data": datamodule.describe(),
         "metrics": scores["metrics"],
-        "optimized_metric": optimized_metric(cfg, evaluation, scores["metrics"]),
         "compute": {"params": sum(p.numel() for p in backbone.parameters())},
         "energy": {
             "eval_kwh": kwh,
@@ -88,12 +81,10 @@ def evaluate_only(cfg: DictConfig) -> dict:
             "pue": energy.pue,
             "method": meter.method,
         },
-        "embedding": scores["embedding"],
         "artifacts": {
             "bootstrap": str(output_dir / "bootstrap.npz") if scores.get("arrays") else None,
             "wandb_dir": str(output_dir / "wandb"),
         },
-        "config": OmegaConf.to_container(cfg, resolve=True),
     }
     json_path, md_path = write_results(results, output_dir, evaluation.markdown(results["metrics"]),
                                        scores.get("arrays"))  # fmt: skip

@@ -68,17 +68,11 @@ def run(cfg: DictConfig) -> dict:
         "recipe": paper_recipe(composed, backbone.init_record),
         "experiment": cfg.name,
         "scale": cfg.get("scale_name", "custom"),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "greenlab_version": greenlab.__version__,
-        "run_dir": str(output_dir.resolve()),
-        "init": backbone.init_record,
+        **record(cfg, output_dir, backbone, described, evaluation, scores),
         "objective": objective.run_notes(),
-        "data": described,
         "metrics": {**scores["metrics"], "final_train_loss": _final_loss(trainer)},
-        "optimized_metric": optimized_metric(cfg, evaluation, scores["metrics"]),
         "compute": budget["compute"],
         "energy": budget["energy"],
-        "embedding": scores["embedding"],
         "artifacts": {
             "backbone_weights": exported["weights"],
             "backbone_timm_folder": str(timm_folder) if timm_folder else None,
@@ -87,16 +81,26 @@ def run(cfg: DictConfig) -> dict:
             "csv_metrics": str(output_dir / "csv" / "metrics.csv"),
             "wandb_dir": str(output_dir / "wandb"),
         },
-        "config": OmegaConf.to_container(cfg, resolve=True),
     }
     report(results, evaluation, trainer, output_dir, scores.get("arrays"))
     return results
 
 
-def optimized_metric(cfg: DictConfig, evaluation, metrics: dict) -> str:
-    """``cfg.optimized_metric``, else the evaluation's own (``sweep_value`` refuses it, once the results are
-    written, when it names no number in ``metrics``)."""
-    return cfg.optimized_metric or evaluation.optimized_metric
+def record(cfg: DictConfig, output_dir: Path, backbone, described: dict, evaluation, scores: dict) -> dict:
+    """The parts of results.json every run has, trained or evaluated only: when, which greenlab, where, the
+    initialisation, the data, the optimised metric (``cfg.optimized_metric``, else the evaluation's own;
+    ``sweep_value`` refuses one that names no number, once the results are written), the embedding, the
+    resolved config."""
+    return {
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "greenlab_version": greenlab.__version__,
+        "run_dir": str(output_dir.resolve()),
+        "init": backbone.init_record,
+        "data": described,
+        "optimized_metric": cfg.optimized_metric or evaluation.optimized_metric,
+        "embedding": scores["embedding"],
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
 
 
 def sweep_value(results: dict) -> float:
