@@ -27,7 +27,9 @@ from benchmarks.common import write
 from greenlab.config import CONFIG_DIR
 from greenlab.objectives.spark import DOWNSAMPLE, random_visible_mask
 
-SYNC_OPS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::item", "aten::_local_scalar_dense")
+SYNC_OPS = (  # each a host-device synchronisation on CUDA (nonzero: boolean-mask indexing)
+    "cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::item", "aten::_local_scalar_dense", "aten::nonzero",
+)  # fmt: skip
 
 
 def run(objective, batches, steps: int, device: torch.device, datamodule) -> dict:

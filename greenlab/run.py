@@ -18,6 +18,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
@@ -52,6 +53,12 @@ def run(cfg: DictConfig) -> dict:
     trainer, monitor = build_trainer(cfg)
 
     initial_backbone = copy.deepcopy(objective.trained_backbone()) if cfg.evaluate_initial_backbone else None
+    layout = {
+        "compiled": objective.compile_networks() if cfg.compile else [],
+        "channels_last": cfg.channels_last,
+    }
+    if cfg.channels_last:
+        objective.to(memory_format=torch.channels_last)
     budget = pretrain(trainer, monitor, objective, datamodule, resume_from)
     if not trainer.is_global_zero:  # the budget is reduced over all ranks; from here on rank 0 alone works
         return {"metrics": {}}
@@ -71,7 +78,7 @@ def run(cfg: DictConfig) -> dict:
         **record(cfg, output_dir, backbone, described, evaluation, scores),
         "objective": objective.run_notes(),
         "metrics": {**scores["metrics"], "final_train_loss": _final_loss(trainer)},
-        "compute": budget["compute"],
+        "compute": {**budget["compute"], **layout},
         "energy": budget["energy"],
         "artifacts": {
             "backbone_weights": exported["weights"],

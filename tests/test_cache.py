@@ -90,3 +90,46 @@ def test_two_processes_filling_one_cache_leave_it_intact(tmp_path):
     plain, _ = photos(tmp_path / "photos", None)
     assert all(np.array_equal(np.asarray(check.load(p)), np.asarray(plain.load(p))) for p in paths)
     assert check.cache.stats()["hits"] == 24 and check.cache.stats()["rebuilt"] == 0
+
+
+def test_volume_cache_reads_back_and_re_processes_only_an_edited_volume(tmp_path):
+    """CT's persistent cache: a second setup preprocesses nothing (same tensors), a touched NIfTI alone is
+    preprocessed again, a corrupt cache file is recomputed."""
+    import nibabel as nib
+    import torch
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"ct{i}.nii.gz")
+        nib.save(
+            nib.Nifti1Image(rng.uniform(-1000, 400, (12, 12, 8)).astype(np.float32), np.eye(4)), paths[-1]
+        )
+    (tmp_path / "m.csv").write_text(
+        "volume,report,finding\n" + "".join(f"{p},r{i},{i % 2}\n" for i, p in enumerate(paths))
+    )
+    cache = tmp_path / "cache"
+
+    def setup():
+        data = build("data/ct", manifest=str(tmp_path / "m.csv"), cache_dir=str(cache), spacing=(2.0, 2.0, 2.0),
+                     pad_size=(8, 8, 4), crop_size=(8, 8, 4), held_out_fraction=0.0, num_workers=0,
+                     output_dir=str(tmp_path / "run"))  # fmt: skip
+        before = {p: p.stat().st_mtime_ns for p in cache.rglob("*.pt")}
+        data.setup()
+        after = {p: p.stat().st_mtime_ns for p in cache.rglob("*.pt")}
+        return data, sum(before.get(p) != stamp for p, stamp in after.items())
+
+    first, written = setup()
+    assert written == 3
+    second, written = setup()
+    assert written == 0
+    torch.testing.assert_close(second.probe_train_set[1][0], first.probe_train_set[1][0], rtol=0, atol=0)
+    os.utime(paths[2], ns=(paths[2].stat().st_atime_ns, paths[2].stat().st_mtime_ns + 10**9))
+    assert setup()[1] == 1
+    from greenlab.data.volumes import source_stamp
+
+    victim = next(cache.rglob(source_stamp({"image": str(paths[0].resolve())}).decode() + ".pt"))
+    victim.write_bytes(b"not a tensor")
+    third, written = setup()
+    assert written == 1 and len(list(cache.rglob("*.pt"))) == 4  # 3 current + the touched volume's old one
+    torch.testing.assert_close(third.probe_train_set[1][0], first.probe_train_set[1][0], rtol=0, atol=0)

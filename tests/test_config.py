@@ -83,6 +83,8 @@ INTENTIONAL = {  # dotted key: the (before, now) pairs allowed
     "compute.energy_backend": [(None, "greenlab")],
     # #16: the preprocessing cache of photograph folders
     "data.pixel_cache_dir": [(None, "${paths.data_dir}/fundus_cache")],
+    "compile": [(None, False)],  # torch.compile of the objective's networks, off by default
+    "channels_last": [(None, False)],
     # the normalisation a ViT's weights expect, in its backbone config (python -m greenlab.evaluate feeds the data)
     "backbone.mean": [(None, [0.5, 0.5, 0.5]), (None, [0.485, 0.456, 0.406])],
     "backbone.std": [(None, [0.5, 0.5, 0.5]), (None, [0.229, 0.224, 0.225])],

@@ -131,3 +131,32 @@ def test_spatial_dropout_follows_each_blocks_output_as_nn_mobilenet():
     x = torch.randn(2, block.in_channels, 8, 8)
     assert torch.count_nonzero(block.train()(x)) == 0, "dropped after the residual: nothing passes"
     assert torch.count_nonzero(block.eval()(x)) > 0
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("training", [True, False])
+def test_masked_batch_norm_equals_batch_norm_on_the_active_rows(training, momentum):
+    """The sync-free masked sums give what BatchNorm over the gathered active rows gives: output, gradients
+    and running statistics (two steps, so the running update is exercised)."""
+    torch.manual_seed(0)
+    bn_rows = nn.BatchNorm2d(6, momentum=momentum).double()
+    with torch.no_grad():
+        bn_rows.weight.uniform_(0.5, 1.5), bn_rows.bias.uniform_(-1, 1)
+        bn_rows.running_mean.uniform_(-1, 1), bn_rows.running_var.uniform_(0.5, 2)
+    bn_masked = copy.deepcopy(bn_rows)
+    bn_rows.train(training), bn_masked.train(training)
+    for _ in range(2):
+        x = torch.randn(3, 6, 8, 8, dtype=torch.float64)
+        mask = random_visible_mask(3, (4, 4), 0.6, "cpu").repeat_interleave(2, -2).repeat_interleave(2, -1)
+        x_rows, x_masked = x.clone().requires_grad_(), x.clone().requires_grad_()
+        rows = masked_dense.batch_norm_rows(bn_rows, x_rows.permute(0, 2, 3, 1)[mask[:, 0]])
+        out = masked_dense.masked_batch_norm(bn_masked, x_masked, mask)
+        torch.testing.assert_close(out.permute(0, 2, 3, 1)[mask[:, 0]], rows, **TOL)
+        assert out.permute(0, 2, 3, 1)[~mask[:, 0]].abs().max() == 0
+        weights = torch.randn_like(rows)
+        (rows * weights).sum().backward()
+        (out.permute(0, 2, 3, 1)[mask[:, 0]] * weights).sum().backward()
+        torch.testing.assert_close(x_masked.grad, x_rows.grad, **TOL)
+        torch.testing.assert_close(bn_masked.weight.grad, bn_rows.weight.grad, **TOL)
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(getattr(bn_masked, name), getattr(bn_rows, name), **TOL, msg=name)

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 from monai import transforms as mt
-from monai.data import PersistentDataset
+from monai.data import Dataset, PersistentDataset
 from monai.data.utils import set_rnd
 from monai.data.utils import worker_init_fn as monai_worker_init_fn
 from tqdm.auto import tqdm
@@ -72,6 +72,21 @@ def _raw_nifti_spacing(path: str) -> np.ndarray:
         if size == 540:
             return np.array(struct.unpack(order + "8d", header[104:168])[1:4], dtype=float)
     raise ValueError(f"{path}: not a NIfTI-1/2 header")
+
+
+def source_stamp(source: dict[str, str]) -> bytes:
+    """The cache key of one volume: each source file's path, size and modification time (every file of a
+    DICOM series folder). The preprocessing's parameters key the cache folder (``cache_key``)."""
+    stamps = []
+    for key in sorted(source):
+        path = Path(source[key])
+        for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
+            if file.is_file():
+                status = file.stat()
+                stamps.append([str(file), status.st_size, status.st_mtime_ns])
+    if not stamps:
+        raise FileNotFoundError(f"{', '.join(source.values())}: no such file or no files in the folder")
+    return hashlib.sha1(json.dumps(stamps).encode()).hexdigest().encode()
 
 
 class VolumeDataModule(ImageDataModule):
@@ -142,10 +157,11 @@ class VolumeDataModule(ImageDataModule):
             return
         table = self._read_manifest()
         sources = [self.volume_sources(row) for _, row in table.iterrows()]
+        self.preprocessed = self._preprocessed(sources)
         skipped, keep = [], []
         for row, source in enumerate(tqdm(sources, desc="checking + caching volumes", unit="vol")):
             try:
-                self.preprocess(dict(source))
+                self.preprocessed[row]  # preprocessed once (a cache miss) or read back (a hit)
                 keep.append(row)
             except Exception as err:
                 root = err
@@ -163,7 +179,6 @@ class VolumeDataModule(ImageDataModule):
         if skipped:
             log.warning("skipped %d volumes; the list is in %s", len(skipped), self.write_skip_list(skipped))
         table = table.iloc[keep].reset_index(drop=True)
-        sources = [sources[i] for i in keep]
         reports = (
             table[self.report_column].fillna("").astype(str).tolist()
             if self.report_column in table
@@ -187,7 +202,7 @@ class VolumeDataModule(ImageDataModule):
                         self.dropped_findings)  # fmt: skip
         self.tasks = [Task(n, 2) for n, ok in zip(names, labelled.tolist()) if ok]
         labels = labels[:, labelled]
-        items = [{**s, "labels": labels[i], "report": reports[i]} for i, s in enumerate(sources)]
+        items = [{"index": row, "labels": labels[i], "report": reports[i]} for i, row in enumerate(keep)]
         self.test_ids = [i for i, t in zip(ids, test) if t]
         train_items = [it for it, t in zip(items, test) if not t]
         test_items = [it for it, t in zip(items, test) if t]
@@ -276,17 +291,25 @@ class VolumeDataModule(ImageDataModule):
                 "labels_from": f"reports ({self.labeller})" if self.labeller else "manifest columns",
                 "text_only_reports": len(self.text_only_set)}  # fmt: skip
 
-    def _dataset(self, items: list[dict], train: bool, with_report: bool = False):
-        keys = ("image", "report", "labels") if with_report else ("image", "labels")
-        transform = mt.Compose(
-            [self.preprocess, self.crops[0 if train else 1], mt.Lambda(lambda d: tuple(d[k] for k in keys))]
-        )
-        if self.cache_dir:
-            dataset = PersistentDataset(items, transform=transform, cache_dir=self.cache_dir)
-        else:
-            from monai.data import Dataset
+    def _preprocessed(self, sources: list[dict[str, str]]):
+        """The deterministic chain over every manifest row, cached on disk when ``cache_dir`` is set: one file
+        per volume, named by its source files' paths, sizes and modification times (``source_stamp``), so
+        an edited or replaced volume is re-processed alone; MONAI writes each file atomically and recomputes
+        one that does not load."""
+        if not self.cache_dir:
+            return Dataset(sources, transform=self.preprocess)
+        return PersistentDataset(sources, transform=self.preprocess, cache_dir=self.cache_dir,
+                                 hash_func=source_stamp)  # fmt: skip
 
-            dataset = Dataset(items, transform=transform)
+    def _dataset(self, items: list[dict], train: bool, with_report: bool = False):
+        """Training or evaluation samples: the cached volume of each item's row, then the crops chain."""
+        keys = ("image", "report", "labels") if with_report else ("image", "labels")
+        transform = mt.Compose([
+            mt.Lambda(lambda d: {**d, **self.preprocessed[d["index"]]}),
+            self.crops[0 if train else 1],
+            mt.Lambda(lambda d: tuple(d[k] for k in keys)),
+        ])  # fmt: skip
+        dataset = Dataset(items, transform=transform)
         set_rnd(dataset, seed=torch.initial_seed() % 2**32)  # the run's seed, for loading in this process
         return dataset
 

@@ -16,9 +16,19 @@ class PretrainingModule(L.LightningModule):
     satisfy (greenlab/contracts.py)."""
 
     requires: tuple[type, ...] = ()
+    compiled: tuple[str, ...] = (
+        "",
+    )  # submodules torch.compile'd under `compile: true` ("" = the whole forward)
 
     def trained_backbone(self) -> nn.Module:
         raise NotImplementedError
+
+    def compile_networks(self, **options) -> list[str]:
+        """``torch.compile`` the ``compiled`` submodules in place (``nn.Module.compile``: parameter names,
+        checkpoints and the exported backbone are unchanged); returns their names for results.json."""
+        for name in self.compiled:
+            self.get_submodule(name).compile(**options)
+        return [name or "forward" for name in self.compiled]
 
     def run_notes(self) -> dict:
         """Choices made at run time (e.g. a backend picked by measurement), for results.json."""

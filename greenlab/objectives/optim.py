@@ -63,8 +63,10 @@ def adamw(
     betas: tuple[float, float] = (0.9, 0.999),
 ) -> dict:
     """Lightning's optimiser config: AdamW over ``groups`` at ``lr``, times ``lr_factor(epoch)`` (one
-    callable, or one per group), stepped once per epoch."""
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
+    callable, or one per group), stepped once per epoch. Fused (one kernel for all parameters) when they all
+    live on a GPU: the same update, fewer launches."""
+    on_gpu = all(p.is_cuda for group in groups for p in group["params"])
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=on_gpu or None)
     return {
         "optimizer": optimizer,
         "lr_scheduler": {"scheduler": LambdaLR(optimizer, lr_factor), "interval": "epoch"},

@@ -69,16 +69,46 @@ def batch_norm_rows(bn: nn.modules.batchnorm._BatchNorm, rows: torch.Tensor) -> 
     )
 
 
+def masked_batch_norm(
+    bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """``bn`` on (B, C, H, W) ``x`` with statistics over the positions where ``mask`` (B, 1, H, W) is True;
+    zero elsewhere. The same function as ``batch_norm_rows`` on the active rows (biased variance to
+    normalise, unbiased n/(n-1) in the running variance), computed with masked sums instead of boolean
+    indexing: no data-dependent shapes, so no host-device synchronisation and nothing for torch.compile to
+    break on. Statistics in float32 at least (float64 stays float64); the output has ``x``'s dtype."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    weight, values = mask.to(dtype), x.to(dtype)
+    if bn.training or bn.running_mean is None:
+        count = weight.sum()
+        mean = (values * weight).sum((0, 2, 3)) / count
+        centred = (values - mean[:, None, None]) * weight
+        var = centred.square().sum((0, 2, 3)) / count
+        if bn.training and bn.track_running_stats:
+            bn.num_batches_tracked.add_(1)
+            factor = bn.momentum
+            if factor is None:  # cumulative moving average
+                factor = (1.0 / bn.num_batches_tracked).to(bn.running_mean.dtype)
+            with torch.no_grad():
+                bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), factor)
+                bn.running_var.lerp_((var * count / (count - 1)).to(bn.running_var.dtype), factor)
+    else:
+        mean, var = bn.running_mean.to(dtype), bn.running_var.to(dtype)
+        centred = (values - mean[:, None, None]) * weight
+    out = centred * torch.rsqrt(var + bn.eps)[:, None, None]
+    if bn.affine:
+        out = (out * bn.weight[:, None, None] + bn.bias[:, None, None]) * weight
+    return out.to(x.dtype)
+
+
 class MaskedBatchNorm:
     """BatchNorm over active positions only (+ timm BatchNormAct2d's drop and activation), zero elsewhere."""
 
     def forward(self, x):
-        mask = mask_at(x)[:, 0]  # (B, H, W)
-        out = x.new_zeros(x.shape[0], x.shape[2], x.shape[3], x.shape[1])
-        out[mask] = batch_norm_rows(self, x.permute(0, 2, 3, 1)[mask]).to(out.dtype)
-        out = out.permute(0, 3, 1, 2)
+        mask = mask_at(x)
+        out = masked_batch_norm(self, x, mask)
         if isinstance(self, BatchNormAct2d):
-            out = self.act(self.drop(out)) * mask.unsqueeze(1)
+            out = self.act(self.drop(out)) * mask
         return out
 
 
