@@ -299,10 +299,17 @@ def test_zero_shot_scores_an_oracle_perfectly():
     assert metrics["report_to_volume_chance@1"] == 0.2 and metrics["report_to_volume_chance@10"] == 1.0
 
 
-def test_greenrfm_main_command_end_to_end(tmp_path, data_dir):
-    """reports -> labels -> stage 1 -> stage 2 -> zero-shot, from the main command at a tiny size."""
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def greenrfm_run(tmp_path_factory, data_dir):
+    """The greenrfm main command at a tiny size (its run folder)."""
+    run = tmp_path_factory.mktemp("greenrfm") / "run"
     run_cli("+experiment=greenrfm", *TINY_GREENRFM, f"paths.data_dir={data_dir}", f"hydra.run.dir={run}")
+    return run
+
+
+def test_greenrfm_main_command_end_to_end(greenrfm_run):
+    """reports -> labels -> stage 1 -> stage 2 -> zero-shot, from the main command at a tiny size."""
+    run = greenrfm_run
     results = json.loads((run / "results.json").read_text())
     metrics = results["metrics"]
     for key in (
@@ -324,13 +331,11 @@ def test_greenrfm_main_command_end_to_end(tmp_path, data_dir):
     assert "text **random** — OSError" in readable and "vocabulary of" in readable  # CXR-BERT not cached
 
 
-def test_greenrfm_same_seed_same_results(tmp_path, data_dir):
+def test_greenrfm_same_seed_same_results(greenrfm_run, tmp_path, data_dir):
     """Determinism on CPU: random crops (MONAI), vocabulary ids and text-only draws repeat with the seed."""
-    metrics = []
-    for name in ("a", "b"):
-        run = tmp_path / name
-        run_cli("+experiment=greenrfm", *TINY_GREENRFM, f"paths.data_dir={data_dir}", f"hydra.run.dir={run}")
-        metrics.append(json.loads((run / "results.json").read_text())["metrics"])
+    run = tmp_path / "again"
+    run_cli("+experiment=greenrfm", *TINY_GREENRFM, f"paths.data_dir={data_dir}", f"hydra.run.dir={run}")
+    metrics = [json.loads((r / "results.json").read_text())["metrics"] for r in (greenrfm_run, run)]
     for key in (
         "final_train_loss",
         "zero_shot_auroc_macro",

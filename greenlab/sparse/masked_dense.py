@@ -20,13 +20,13 @@ from timm.layers import BatchNormAct2d
 from timm.layers.squeeze_excite import SEModule
 from torch import nn
 
-_ACTIVE: list[torch.Tensor] = []
+_ACTIVE: list[tuple[torch.Tensor, dict]] = []  # (mask, its expansions by size), innermost last
 
 
 @contextlib.contextmanager
 def active_mask(mask: torch.Tensor):
     """Within this block, sparsified modules compute only where ``mask`` (B, 1, h, w) is True."""
-    _ACTIVE.append(mask)
+    _ACTIVE.append((mask, {}))
     try:
         yield
     finally:
@@ -34,16 +34,22 @@ def active_mask(mask: torch.Tensor):
 
 
 def mask_at(x: torch.Tensor) -> torch.Tensor:
-    """The active mask expanded to ``x``'s spatial size: (B, 1, H, W) bool."""
+    """The active mask expanded to ``x``'s spatial size: (B, 1, H, W) bool, each cell repeated as a block.
+
+    Built by expand + reshape (``repeat_interleave`` would read its output size back from the device: one
+    host-device synchronisation per call, hundreds per step), once per size within the block.
+    """
     if not _ACTIVE:
         raise RuntimeError("a sparsified module ran outside `with active_mask(mask):`")
-    mask = _ACTIVE[-1]
-    scale_h, scale_w = x.shape[-2] // mask.shape[-2], x.shape[-1] // mask.shape[-1]
-    if scale_h * mask.shape[-2] != x.shape[-2] or scale_w * mask.shape[-1] != x.shape[-1]:
-        raise ValueError(
-            f"feature map {tuple(x.shape[-2:])} is not a multiple of the mask grid {tuple(mask.shape[-2:])}"
-        )
-    return mask.repeat_interleave(scale_h, dim=-2).repeat_interleave(scale_w, dim=-1)
+    mask, expanded = _ACTIVE[-1]
+    size = tuple(x.shape[-2:])
+    if size not in expanded:
+        (b, c, h, w), (sh, sw) = mask.shape, (size[0] // mask.shape[-2], size[1] // mask.shape[-1])
+        if (sh * h, sw * w) != size:
+            raise ValueError(f"feature map {size} is not a multiple of the mask grid {(h, w)}")
+        blocks = mask[:, :, :, None, :, None].expand(b, c, h, sh, w, sw)
+        expanded[size] = blocks.reshape(b, c, h * sh, w * sw)
+    return expanded[size]
 
 
 class MaskedOutput:
