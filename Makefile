@@ -24,11 +24,12 @@ bench:  ## benchmarks; each writes benchmarks/results/<name>.json with the machi
 	$(PYTHON) -m benchmarks.data_pipeline
 	$(PYTHON) -m benchmarks.energy_backends
 	$(PYTHON) -m benchmarks.loader_cache
+	$(PYTHON) -m benchmarks.volume_cache
 
 bench-gpu:  ## one short script for a lent GPU (a few minutes): SparK's real-loader profile, loader ratios, steps, energy
 	$(PYTHON) -m benchmarks.spark_profile --steps 30
 	$(PYTHON) -m benchmarks.data_pipeline --steps 30 --warmup 5
-	$(PYTHON) -m benchmarks.training_steps
+	$(PYTHON) -m benchmarks.training_steps --steps 40 --warmup 10 --variants compiled channels_last
 	$(PYTHON) -m benchmarks.energy_backends --seconds 20
 
 efficiency:  ## the efficiency study: 4 methods, one table + plots in experiments/efficiency (see its README)

@@ -6,7 +6,9 @@ Generates ``--images`` fundus-like 1024-px JPEG photographs (quality 90, as RETF
 once under $GREENLAB_HOME/bench_photos), then times one process (= one DataLoader worker) producing training
 samples at ``--img`` px with the RETFound-Green augmentations:
 - from source: decode the JPEG, crop the field of view, pad square (no resize: already 1024), augment;
-- from the cache: the cached pixels (field of view cropped, downsampled to ``--cache-side``), augment.
+- from the cache: the cached pixels (field of view cropped, downsampled to ``--cache-side``), augment;
+- the same deterministic part held by MONAI instead: ``CacheDataset`` (arrays in RAM) and
+  ``PersistentDataset`` (one torch.save file per photograph), then the same augmentations.
 The augmentations end in a uint8 tensor: the float scaling and normalisation happen on the training device,
 per batch (``ImageDataModule.on_after_batch_transfer``), not in the workers.
 Prints samples/s per worker for both, their ratio, and the cores needed to feed the committed H100 training
@@ -54,13 +56,35 @@ def photographs(folder: Path, count: int) -> list[Path]:
     return paths
 
 
-def rate(dm, paths: list[Path], transform) -> float:
-    """Samples per second of ``transform(dm.load(path))`` over ``paths`` in this process."""
-    start, done = time.perf_counter(), 0
-    for path in paths:
-        transform(dm.load(path))
-        done += 1
-    return done / (time.perf_counter() - start)
+def rate(load, items: list, transform) -> float:
+    """Samples per second of ``transform(load(item))`` over ``items`` in this process."""
+    start = time.perf_counter()
+    for item in items:
+        transform(load(item))
+    return len(items) / (time.perf_counter() - start)
+
+
+def monai_rates(plain, paths: list[Path], augment, folder: Path) -> dict:
+    """samples/s per worker of MONAI's caches of the same deterministic part (``plain.load``), and their fill
+    time: CacheDataset (uint8 arrays in RAM) and PersistentDataset (a .pt file per photograph)."""
+    from monai.data import CacheDataset, PersistentDataset
+    from monai.transforms import Lambda
+
+    deterministic = Lambda(lambda path: np.asarray(plain.load(path)))
+    out = {}
+    for name, make in (
+        ("monai_cache_dataset", lambda: CacheDataset([str(p) for p in paths], deterministic, num_workers=0, progress=False)),
+        ("monai_persistent_dataset", lambda: PersistentDataset([str(p) for p in paths], deterministic, cache_dir=folder)),
+    ):  # fmt: skip
+        start = time.perf_counter()
+        dataset = make()
+        if name == "monai_persistent_dataset":
+            for i in range(len(dataset)):  # the first epoch writes the files
+                dataset[i]
+        fill = time.perf_counter() - start
+        out[name] = {"samples_per_s": rate(dataset.__getitem__, range(len(paths)), lambda a: augment(Image.fromarray(np.asarray(a)))),
+                     "fill_seconds": fill}  # fmt: skip
+    return out
 
 
 def main() -> None:
@@ -81,13 +105,16 @@ def main() -> None:
         from greenlab.data.fundus import pretrain_transform
 
         augment = pretrain_transform(args.img, (0.5,) * 3, (0.5,) * 3)
-        from_source = rate(source, paths, augment)
+        from_source = rate(source.load, paths, augment)
         fill_start = time.perf_counter()
         for path in paths:
             cached.load(path)
         fill_seconds = time.perf_counter() - fill_start
-        from_cache = rate(cached, paths, augment)
+        from_cache = rate(cached.load, paths, augment)
         entry_bytes = sum(f.stat().st_size for f in cache.rglob("*.px")) / len(paths)
+        plain = build("data/fundus_folder", root=str(paths[0].parent), img_size=args.img,
+                      max_side=args.cache_side, pixel_cache_dir=None, num_workers=0)  # fmt: skip
+        monai = monai_rates(plain, paths, augment, cache / "monai")
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     result = {
@@ -95,7 +122,12 @@ def main() -> None:
         "images": len(paths),
         "img_size": args.img,
         "cache_side": args.cache_side,
-        "samples_per_s_per_worker": {"from_source": from_source, "from_cache": from_cache},
+        "samples_per_s_per_worker": {
+            "from_source": from_source,
+            "from_cache": from_cache,
+            **{k: v["samples_per_s"] for k, v in monai.items()},
+        },
+        "fill_seconds_monai": {k: v["fill_seconds"] for k, v in monai.items()},
         "cache_over_source": from_cache / from_source,
         "cache_fill_seconds": fill_seconds,
         "cache_bytes_per_image": entry_bytes,

@@ -97,7 +97,7 @@ def to_device(batch, device):
     return tuple(x.to(device) if torch.is_tensor(x) else x for x in batch)
 
 
-def run_case(name: str, size: str, steps: int, warmup: int) -> dict:
+def run_case(name: str, size: str, steps: int, warmup: int, variants: list[str]) -> dict:
     import lightning as L
 
     from greenlab.compute.energy import peak_host_memory_bytes
@@ -133,18 +133,27 @@ def run_case(name: str, size: str, steps: int, warmup: int) -> dict:
     flops = counter.get_total_flops()
     peak_plain = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_host_memory_bytes()
     del optimizer
-    # greenlab: a fresh objective of the same weights through Lightning with greenlab's compute monitor
-    objective, _, _ = build(name, size, device)
 
-    stamp = StepClock()
-    trainer = L.Trainer(accelerator=device.type, devices=1, max_steps=steps, max_epochs=1,
-                        precision="bf16-mixed" if bf16 else "32-true", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        callbacks=[build_option("callbacks/default", select="compute_monitor"), stamp])  # fmt: skip
-    if hasattr(objective, "build"):  # MUST builds its heads from the data in setup: already built above
-        objective.setup = lambda stage: None
-    trainer.fit(objective, train_dataloaders=SameBatch(batch, steps))
-    framework = stamp.seconds_per_step(warmup)
+    # greenlab: a fresh objective of the same weights through Lightning with greenlab's compute monitor; then,
+    # with --variants, the same with compile: true / channels_last: true (greenlab/run.py applies them alike)
+    def through_lightning(variant: str) -> float:
+        objective, _, _ = build(name, size, device)
+        if variant == "compiled":
+            objective.compile_networks()
+        elif variant == "channels_last":
+            objective.to(memory_format=torch.channels_last)
+        stamp = StepClock()
+        trainer = L.Trainer(accelerator=device.type, devices=1, max_steps=steps, max_epochs=1,
+                            precision="bf16-mixed" if bf16 else "32-true", logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                            callbacks=[build_option("callbacks/default", select="compute_monitor"), stamp])  # fmt: skip
+        if hasattr(objective, "build"):  # MUST builds its heads from the data in setup: already built above
+            objective.setup = lambda stage: None
+        trainer.fit(objective, train_dataloaders=SameBatch(batch, steps))
+        return stamp.seconds_per_step(warmup)
+
+    framework = through_lightning("eager")
+    variant_seconds = {v: through_lightning(v) for v in variants}
     batch_size = len(batch[-1]) if name.startswith("greenrfm") else len(batch[0])
     result = {
         "case": name,
@@ -162,12 +171,16 @@ def run_case(name: str, size: str, steps: int, warmup: int) -> dict:
         "flops_per_image": flops / batch_size,
         "peak_memory_bytes_plain_loop": peak_plain,
         "peak_memory_method": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "peak RSS",
+        **{f"greenlab_{v}_step_seconds": t for v, t in variant_seconds.items()},
+        **{f"speedup_{v}": framework / t for v, t in variant_seconds.items()},
     }
     if device.type == "cuda":
         peak = next((v for k, v in DENSE_BF16_PEAK.items() if k in torch.cuda.get_device_name()), None)
         result["peak_flops_assumed"] = peak
         result["mfu_plain"] = flops / plain / peak if peak and bf16 else None
         result["mfu_greenlab"] = flops / framework / peak if peak and bf16 else None
+        for v, t in variant_seconds.items():
+            result[f"mfu_greenlab_{v}"] = flops / t / peak if peak and bf16 else None
     return result
 
 
@@ -179,17 +192,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--only", nargs="*", default=list(CASES))
+    parser.add_argument(
+        "--variants",
+        nargs="*",
+        default=[],
+        choices=["compiled", "channels_last"],
+        help="also time greenlab with compile: true / channels_last: true (warm-up covers compiling)",
+    )
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
     args = parser.parse_args()
     args.size = args.size or ("paper" if torch.cuda.is_available() else "tiny")
     if args.case:
-        print(json.dumps(run_case(args.case, args.size, args.steps, args.warmup)))
+        print(json.dumps(run_case(args.case, args.size, args.steps, args.warmup, args.variants)))
         return
 
     results = []
     for name in args.only:
         command = [sys.executable, "-m", "benchmarks.training_steps", "--case", name, "--size", args.size,
-                   "--steps", str(args.steps), "--warmup", str(args.warmup)]  # fmt: skip
+                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--variants", *args.variants]  # fmt: skip
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode:
             results.append({"case": name, "error": done.stderr.strip().splitlines()[-1]})
@@ -197,7 +217,10 @@ def main() -> None:
             results.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(json.dumps(results[-1]), flush=True)
     kind = "gpu" if torch.cuda.is_available() else "cpu"
-    path = write(f"training_steps_{kind}_{args.size}", {"command": " ".join(sys.argv), "results": results})
+    suffix = "".join(f"_{v}" for v in args.variants)
+    path = write(
+        f"training_steps_{kind}_{args.size}{suffix}", {"command": " ".join(sys.argv), "results": results}
+    )
     print(f"wrote {path}")
 
 

@@ -21,6 +21,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 import greenlab
@@ -28,8 +29,10 @@ import greenlab.config
 from greenlab import contracts, recipe, wandb_run
 from greenlab.backbones import weights
 from greenlab.callbacks.compute_monitor import JOULES_PER_KWH, ComputeMonitor
+from greenlab.callbacks.interruption import EXIT_SIGTERM
 from greenlab.compute.energy import co2e_kg, energy_meter
 from greenlab.report import write_results
+from greenlab.run_folder import RunLock, refuse_finished
 
 log = logging.getLogger("greenlab")
 
@@ -38,15 +41,25 @@ CONFIG_DIR = str(greenlab.config.CONFIG_DIR)
 
 def run(cfg: DictConfig) -> dict:
     """Run the configured experiment; returns the results dict also written to results.json."""
-    composed = OmegaConf.to_container(cfg, resolve=False)  # as composed (instantiating resolves parts of cfg)
     output_dir = Path(cfg.paths.output_dir)
+    lock = RunLock(output_dir)
+    if _primary_process():  # DDP / SLURM workers run in their rank 0's folder
+        lock.acquire()
+    try:
+        return train_and_evaluate(cfg, output_dir)
+    finally:
+        lock.release()
+
+
+def train_and_evaluate(cfg: DictConfig, output_dir: Path) -> dict:
+    """``run`` inside the run folder's lock."""
+    composed = OmegaConf.to_container(cfg, resolve=False)  # as composed (instantiating resolves parts of cfg)
     resume_from = resume_checkpoint(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule, objective, evaluation = (
         instantiate(cfg.data),
-        instantiate(cfg.objective),
+        instantiate(cfg.objective, _convert_="all"),  # plain hparams: checkpoints load with weights_only=True
         instantiate(cfg.evaluation),
     )
     check_parts(evaluation, datamodule, objective)
@@ -174,8 +187,12 @@ def pretrain(trainer, monitor: ComputeMonitor, objective, datamodule, resume_fro
     warnings.filterwarnings(
         "ignore", message=".*module\\(s\\) in eval mode.*"
     )  # a frozen teacher, on purpose
-    # weights_only=False: the checkpoint is this run's own (its hparams hold OmegaConf containers)
-    trainer.fit(objective, datamodule=datamodule, ckpt_path=resume_from, weights_only=False)
+    try:
+        trainer.fit(objective, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+    except SIGTERMException:  # a SystemExit(None): would exit 0 as if the run had finished
+        log.error("stopped by SIGTERM at step %d; checkpoints/last.ckpt holds it: run the same command to resume",
+                  trainer.global_step)  # fmt: skip
+        raise SystemExit(EXIT_SIGTERM) from None
     return monitor.summary(trainer)
 
 
@@ -226,11 +243,7 @@ def resume_checkpoint(output_dir: Path) -> Path | None:
     ``checkpoints/resumed-from-<n>.ckpt`` (the training loop replaces last.ckpt as it goes), and the
     earlier CSV log is moved to ``csv/metrics.attempt-<n>.csv``; nothing is deleted.
     """
-    for done, what in (("results.json", "a finished run"), ("backbone.pth", "a run that finished training")):
-        if (output_dir / done).exists():
-            raise FileExistsError(
-                f"{output_dir} already holds {what} ({done}); choose a new output directory"
-            )
+    refuse_finished(output_dir)
     checkpoints = output_dir / "checkpoints"
     last = checkpoints / "last.ckpt"
     if not last.is_file():

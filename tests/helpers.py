@@ -15,3 +15,11 @@ class KillAtStep(L.Callback):
     def on_train_batch_end(self, trainer, *args) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class TermAtStep(KillAtStep):
+    """SIGTERM the process (SLURM pre-emption, ``docker stop``) after optimizer step ``step``."""
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)

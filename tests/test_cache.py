@@ -133,3 +133,14 @@ def test_volume_cache_reads_back_and_re_processes_only_an_edited_volume(tmp_path
     third, written = setup()
     assert written == 1 and len(list(cache.rglob("*.pt"))) == 4  # 3 current + the touched volume's old one
     torch.testing.assert_close(third.probe_train_set[1][0], first.probe_train_set[1][0], rtol=0, atol=0)
+
+
+def test_ct_and_mri_preprocessing_is_cached_whole(tmp_path):
+    """PersistentDataset caches up to the first Randomizable transform (a nested Compose is one): neither
+    modality's deterministic chain may hold one, or its cache would hold only the input paths."""
+    from monai.transforms import Randomizable
+
+    (tmp_path / "m.csv").write_text("volume,sagittal,coronal,axial\n")
+    for config in ("data/ct", "data/mri"):
+        data = build(config, manifest=str(tmp_path / "m.csv"), output_dir=str(tmp_path))
+        assert not [t for t in data.preprocess.transforms if isinstance(t, Randomizable)], config

@@ -149,11 +149,14 @@ def test_metrics_logged_to_csv_and_wandb_offline(main_run):
 
 
 def test_rerun_into_same_directory_never_overwrites(main_run, data_dir):
+    """Refused before Hydra writes anything: the finished run's files, its .hydra record included, stay."""
     run_dir, _ = main_run
-    before = (run_dir / "results.json").read_bytes()
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in files}
     proc = run_tiny(run_dir, data_dir, check=False)
     assert proc.returncode != 0 and "already holds a finished run" in proc.stderr
-    assert (run_dir / "results.json").read_bytes() == before
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in files} == before
+    assert [p for p in run_dir.rglob("*") if p.is_file()] == files
 
 
 def test_checkpoints_without_last_ckpt_are_left_alone(tmp_path, data_dir):
@@ -177,7 +180,9 @@ def test_killed_run_resumes_from_its_last_checkpoint(main_run, tmp_path, data_di
     assert killed.returncode != 0 and not (run / "results.json").exists()
     before = {p.name: p.read_bytes() for p in (run / "checkpoints").glob("epoch*.ckpt")}
     assert "epoch000.ckpt" in before
-    run_tiny(run, data_dir)
+    run_tiny(run, data_dir, "resume.allow_config_change=true")  # without the kill callback: a recorded change
+    changes = json.loads((run / ".hydra" / "attempt-1" / "resume_changes.json").read_text())
+    assert set(changes) == {"callbacks.kill._target_", "callbacks.kill.step"}
     results = json.loads((run / "results.json").read_text())
     assert results["compute"]["optimizer_steps"] == total and results["compute"]["resumed_attempts"] == 1
     assert results["compute"]["train_images_seen"] == whole["train_images_seen"]

@@ -85,6 +85,17 @@ INTENTIONAL = {  # dotted key: the (before, now) pairs allowed
     "data.pixel_cache_dir": [(None, "${paths.data_dir}/fundus_cache")],
     "compile": [(None, False)],  # torch.compile of the objective's networks, off by default
     "channels_last": [(None, False)],
+    # #17: SIGTERM saves last.ckpt; resuming checks the config
+    "callbacks.interruption": [
+        (
+            None,
+            {
+                "_target_": "greenlab.callbacks.interruption.SaveOnInterrupt",
+                "dirpath": "${paths.output_dir}/checkpoints",
+            },
+        )
+    ],
+    "resume": [(None, {"allow_config_change": False})],
     # the normalisation a ViT's weights expect, in its backbone config (python -m greenlab.evaluate feeds the data)
     "backbone.mean": [(None, [0.5, 0.5, 0.5]), (None, [0.485, 0.456, 0.406])],
     "backbone.std": [(None, [0.5, 0.5, 0.5]), (None, [0.229, 0.224, 0.225])],

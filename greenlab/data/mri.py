@@ -17,23 +17,20 @@ PLANES = ("sagittal", "coronal", "axial")
 THROUGH_PLANE_AXIS = {"sagittal": 0, "coronal": 1, "axial": 2}  # in RAS voxel order
 
 
-def mri_series_preprocessing(plane: str, series_size) -> mt.Compose:
-    """{plane: path} -> {plane: (1, in-plane, in-plane, slices) float in [-1, 1]}."""
+def mri_series_preprocessing(plane: str, series_size) -> list[mt.Transform]:
+    """The transforms {plane: path} -> {plane: (1, in-plane, in-plane, slices) float in [-1, 1]}: a list, for
+    one flat Compose (MONAI's PersistentDataset caches up to the first Randomizable, and a Compose is one)."""
     axis = THROUGH_PLANE_AXIS[plane]
     in_plane = [a for a in range(3) if a != axis]
     order = (0, *(1 + a for a in in_plane), 1 + axis)
-    return mt.Compose(
-        [
-            mt.LoadImaged(plane, ensure_channel_first=True, image_only=True),
-            CheckVolumed(plane),
-            mt.Orientationd(plane, axcodes="RAS"),
-            mt.Lambdad(plane, lambda v: v.permute(*order)),
-            mt.ScaleIntensityRangePercentilesd(
-                plane, lower=0.5, upper=99.5, b_min=-1.0, b_max=1.0, clip=True
-            ),
-            mt.Resized(plane, spatial_size=tuple(series_size), mode="trilinear"),
-        ]
-    )
+    return [
+        mt.LoadImaged(plane, ensure_channel_first=True, image_only=True),
+        CheckVolumed(plane),
+        mt.Orientationd(plane, axcodes="RAS"),
+        mt.Lambdad(plane, lambda v: v.permute(*order)),
+        mt.ScaleIntensityRangePercentilesd(plane, lower=0.5, upper=99.5, b_min=-1.0, b_max=1.0, clip=True),
+        mt.Resized(plane, spatial_size=tuple(series_size), mode="trilinear"),
+    ]
 
 
 class StackPlanesd(mt.Transform):
@@ -53,7 +50,7 @@ class MRIDataModule(VolumeDataModule):
     def __init__(self, manifest: str, series_size, **kwargs):
         series_size = tuple(series_size)
         preprocessing = mt.Compose(
-            [*(mri_series_preprocessing(p, series_size) for p in PLANES), StackPlanesd()]
+            [*(t for p in PLANES for t in mri_series_preprocessing(p, series_size)), StackPlanesd()]
         )
         super().__init__(manifest, volumes={p: p for p in PLANES}, preprocessing=preprocessing,
                          crops=(mt.Compose([]), mt.Compose([])), geometry={"series_size": series_size},

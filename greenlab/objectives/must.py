@@ -186,7 +186,9 @@ class MUST(PretrainingModule):
         for name, file in STAGE1_FILES.items():
             if not (directory / file).is_file():
                 raise FileNotFoundError(f"stage1_weights: {directory / file} not found")
-            getattr(self, name).load_state_dict(torch.load(directory / file, map_location="cpu"))
+            getattr(self, name).load_state_dict(
+                torch.load(directory / file, map_location="cpu", weights_only=True)
+            )
         if (directory / "text_tokenizer").is_dir():
             self.text_encoder.tokenizer = AutoTokenizer.from_pretrained(str(directory / "text_tokenizer"))
 
@@ -210,7 +212,7 @@ class MUST(PretrainingModule):
         for name, file in STAGE1_FILES.items():
             path, state = directory / file, getattr(self, name).state_dict()
             if path.exists():
-                saved = torch.load(path, map_location="cpu")
+                saved = torch.load(path, map_location="cpu", weights_only=True)
                 if saved.keys() == state.keys() and all(
                     torch.equal(saved[k], v.cpu()) for k, v in state.items()
                 ):

@@ -1,0 +1,99 @@
+"""Run folders are never mixed or lost: SIGTERM saves and exits non-zero, a resume must keep the config, one
+process per folder, checkpoints load with weights_only=True."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from greenlab.run_folder import RunLock, config_changes
+from tests.conftest import TINY_RUN, run_cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_tiny(run_dir, data_dir, *extra):
+    return run_cli("+experiment=retfound_green", *TINY_RUN, *extra, f"paths.data_dir={data_dir}",
+                   f"hydra.run.dir={run_dir}", check=False)  # fmt: skip
+
+
+def test_sigterm_saves_last_ckpt_exits_143_and_a_changed_resume_is_refused(tmp_path, data_dir):
+    run = tmp_path / "run"
+    term = ["+callbacks.term._target_=tests.helpers.TermAtStep", "+callbacks.term.step=2"]
+    proc = run_tiny(run, data_dir, *term)
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    assert not (run / "results.json").exists()
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert state["global_step"] == 2  # the step reached, not the last epoch end
+    record = {p: p.read_bytes() for p in (run / ".hydra").glob("*.yaml")}
+    proc = run_tiny(run, data_dir, *term, "trainer.gradient_clip_val=1.0", "trainer.max_epochs=3")
+    assert proc.returncode == 1
+    assert "resuming with a different config (trainer.gradient_clip_val: 0.1 -> 1.0)" in proc.stderr
+    assert {p: p.read_bytes() for p in (run / ".hydra").glob("*.yaml")} == record, (
+        "refused before Hydra wrote"
+    )
+    assert not (run / "checkpoints" / "resumed-from-1.ckpt").exists()
+
+
+def test_config_changes_ignore_the_budget_and_logging():
+    stored = {
+        "trainer": {"max_epochs": 2, "precision": "32"},
+        "logger": {"wandb": {"mode": "offline"}},
+        "seed": 1,
+    }
+    now = {
+        "trainer": {"max_epochs": 9, "precision": "bf16"},
+        "logger": {"wandb": {"mode": "online"}},
+        "lr": 3,
+    }
+    assert config_changes(stored, now) == {
+        "lr": [None, 3],
+        "seed": [1, None],
+        "trainer.precision": ["32", "bf16"],
+    }
+
+
+def test_one_process_per_folder_and_stale_locks_replaced(tmp_path, caplog):
+    with RunLock(tmp_path) as lock:
+        info = json.loads(lock.path.read_text())
+        assert info["pid"] == os.getpid()
+        with pytest.raises(RuntimeError, match=rf"in use by process {os.getpid()} on "):
+            RunLock(tmp_path).acquire()
+    assert not (tmp_path / "run.lock").exists()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    (tmp_path / "run.lock").write_text(json.dumps({"pid": int(dead.stdout), "host": os.uname().nodename}))
+    with RunLock(tmp_path):
+        assert json.loads((tmp_path / "run.lock").read_text())["pid"] == os.getpid()
+    assert "stale lock" in caplog.text
+
+
+class Planted:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_planted_last_ckpt_cannot_run_code(tmp_path, data_dir):
+    run, marker = tmp_path / "run", tmp_path / "pwned"
+    (run / "checkpoints").mkdir(parents=True)
+    payload = Planted()
+    payload.marker = marker
+    (run / "checkpoints" / "last.ckpt").write_bytes(pickle.dumps({"state_dict": payload}))
+    proc = run_tiny(run, data_dir)
+    assert proc.returncode != 0 and "Weights only load failed" in proc.stderr
+    assert not marker.exists()
+
+
+def test_every_torch_load_in_greenlab_says_weights_only_true():
+    for path in (REPO / "greenlab").rglob("*.py"):
+        for call in re.findall(r"torch\.load\([^)]*\)", path.read_text()):
+            assert "weights_only=True" in call, f"{path}: {call}"
