@@ -1,3 +1,5 @@
+import re
+
 import pandas as pd
 import pytest
 import yaml
@@ -96,8 +98,56 @@ def test_cli_writes_labels_and_never_overwrites(tmp_path, capsys):
     before = out.read_bytes()
     assert labels_main(args) == 2 and "never replaces" in capsys.readouterr().err
     assert out.read_bytes() == before
-    with pytest.raises(ValueError, match=r"reports\.csv.*\['report'\] not found"):
-        labels_main([*args[:4], "--text-columns", "report", *args[6:-1], str(tmp_path / "other.csv")])
+    assert labels_main([*args[:4], "--text-columns", "report", *args[6:-1], str(tmp_path / "other.csv")]) == 2
+    assert re.search(r"reports\.csv.*\['report'\] not found", capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        (b"", "empty file"),
+        (b"uid,findings\n", "a header and no reports"),
+        ("uid,findings\na,Kleiner Pleuraergu\u00df.\n".encode("latin-1"), "not utf-8 text (invalid"),
+    ],
+    ids=["zero-byte", "header-only", "latin-1"],
+)
+def test_cli_bad_reports_files_are_named(tmp_path, capsys, content, fragment):
+    reports = tmp_path / "reports.csv"
+    reports.write_bytes(content)
+    args = ["--input", str(reports), "--id-column", "uid", "--text-columns", "findings", "--findings", "chexpert14",
+            "--output", str(tmp_path / "labels.csv")]  # fmt: skip
+    assert labels_main(args) == 2
+    err = capsys.readouterr().err
+    assert str(reports) in err and fragment in err
+    if fragment.startswith("not utf-8"):
+        assert "--encoding latin-1" in err
+        assert labels_main([*args, "--encoding", "latin-1"]) == 0
+
+
+def test_rules_scope_is_bounded_and_long_reports_are_refused(monkeypatch):
+    """Each cue search sees at most SCOPE_CHARS either side of a mention (a report's cost stays linear in its
+    length: one 100 KB sentence used to take minutes); a report beyond MAX_REPORT_CHARS is named."""
+    from greenlab.labels import rules
+
+    seen = []
+
+    class Recording:
+        def __init__(self, pattern):
+            self.pattern = pattern
+
+        def search(self, text):
+            seen.append(len(text))
+            return self.pattern.search(text)
+
+    for name in ("PRE_UNCERTAIN_RE", "POST_UNCERTAIN_RE", "PRE_NEGATION_RE", "POST_NEGATION_RE"):
+        monkeypatch.setattr(rules, name, Recording(getattr(rules, name)))
+    labeller = RuleLabeller("chexpert14")
+    sentence = "there is " + " and ".join(["mild edema near the hilum"] * 4000)  # one 100 KB sentence
+    assert labeller(sentence)["edema"] == 1
+    assert len(seen) >= 4000 and max(seen) <= rules.SCOPE_CHARS
+    assert labeller("no edema, but " + "x " * 500 + "effusion")["edema"] == 0  # scopes still end at clauses
+    with pytest.raises(ValueError, match="report r2: 1,000,001 characters"):
+        labeller.label_many(["edema", "e" * 1_000_001], ids=["r1", "r2"])
 
 
 def test_rules_against_manual_codes_on_real_reports():

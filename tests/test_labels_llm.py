@@ -8,7 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from greenlab.config import build
-from greenlab.labels.llm import LLMError, LLMLabeller, parse_answer
+from greenlab.labels.llm import EndpointUnreachable, LLMError, LLMLabeller, parse_answer
 from greenlab.labels.vocabulary import load_vocabulary
 
 VOCAB = load_vocabulary("chexpert14")
@@ -31,6 +31,12 @@ class FakeOpenAI(BaseHTTPRequestHandler):
             action = FakeOpenAI.script.pop(0) if FakeOpenAI.script else "ok"
         if "poison" in report:
             action = 500
+        if isinstance(action, tuple):  # ("redirect", url) or ("retry_after", header value)
+            kind, value = action
+            self.send_response(307 if kind == "redirect" else 429)
+            self.send_header("Location" if kind == "redirect" else "Retry-After", value)
+            self.end_headers()
+            return
         if isinstance(action, int):
             self.send_response(action)
             self.end_headers()
@@ -131,6 +137,45 @@ def test_unreachable_endpoint_fails_clearly(tmp_path, monkeypatch):
     model = labeller("http://127.0.0.1:9/v1", tmp_path, retries=1, timeout_s=2)
     with pytest.raises(LLMError, match="gave up after 2 attempts") as error:
         model.label_many(["Small effusion."])
+    assert SECRET not in str(error.value)
+
+
+def test_unreachable_endpoint_stops_after_consecutive_connection_failures(tmp_path, monkeypatch):
+    """Not an attempt per report: 5 failures in a row (any reports) end the run, naming the URL."""
+    monkeypatch.setenv("FAKE_LLM_KEY", SECRET)
+    model = labeller("http://127.0.0.1:9/v1", tmp_path, retries=3, timeout_s=2, concurrency=2)
+    with pytest.raises(
+        EndpointUnreachable, match=r"127.0.0.1:9/v1/chat/completions: 5 connection failures in a row"
+    ):
+        model.label_many([f"Report {i} with effusion." for i in range(200)])
+    assert model.calls <= 5 + 2
+
+
+def test_retry_after_is_honoured(server, tmp_path, monkeypatch):
+    import greenlab.labels.llm as llm
+
+    waits = []
+    monkeypatch.setattr(llm.time, "sleep", waits.append)
+    FakeOpenAI.script = [("retry_after", "7")]
+    assert labeller(server, tmp_path, concurrency=1).label_many(REPORTS[:1])[0]["pleural_effusion"] == 1
+    assert waits == [7.0]
+    assert llm.retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past
+    assert (
+        llm.retry_after_seconds("99999") == llm.MAX_RETRY_AFTER_S and llm.retry_after_seconds("soon") is None
+    )
+
+
+def test_a_redirect_to_another_host_is_refused_and_the_key_never_sent_there(server, tmp_path):
+    other = ThreadingHTTPServer(("127.0.0.1", 0), FakeOpenAI)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    elsewhere = f"http://localhost:{other.server_address[1]}/steal"  # another host name: another origin
+    FakeOpenAI.script = [("redirect", elsewhere)]
+    try:
+        with pytest.raises(LLMError, match="redirected .* to another host, http://localhost:") as error:
+            labeller(server, tmp_path, concurrency=1, retries=0).label_many(REPORTS[:1])
+    finally:
+        other.shutdown()
+    assert len(FakeOpenAI.seen) == 1, "nothing reached the other host"
     assert SECRET not in str(error.value)
 
 

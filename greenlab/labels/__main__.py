@@ -22,11 +22,23 @@ from greenlab.labels.rules import RuleLabeller
 from greenlab.labels.vocabulary import load_vocabulary
 
 
-def read_reports(path: Path, id_column: str, text_columns: list[str]) -> tuple[list[str], list[str]]:
-    """(ids, texts): the text columns of each row joined; errors name the file and what is missing."""
+def read_reports(
+    path: Path, id_column: str, text_columns: list[str], encoding: str = "utf-8"
+) -> tuple[list[str], list[str]]:
+    """(ids, texts): the text columns of each row joined; errors name the file and what is wrong."""
     if not path.is_file():
         raise FileNotFoundError(f"reports file not found: {path}")
-    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding=encoding)
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{path}: empty file (no header, no rows)") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not {encoding} text ({err.reason}); "
+                         "give the file's encoding, e.g. --encoding latin-1") from None  # fmt: skip
+    except pd.errors.ParserError as err:
+        raise ValueError(f"{path}: not a readable CSV ({str(err).strip()})") from None
+    if table.empty:
+        raise ValueError(f"{path}: a header and no reports")
     missing = [c for c in [id_column, *text_columns] if c not in table.columns]
     if missing:
         raise ValueError(f"{path}: columns {missing} not found (has {list(table.columns)})")
@@ -53,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--backend", choices=["rules", "llm"], default="rules")
     parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--encoding", default="utf-8", help="of the reports CSV, e.g. latin-1")
     llm = parser.add_argument_group(
         "llm backend (any OpenAI-compatible endpoint; defaults: greenlab/conf/data/labeller/llm.yaml)"
     )
@@ -68,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     llm.add_argument("--llm-concurrency", type=int, default=defaults.concurrency)
     llm.add_argument("--llm-retries", type=int, default=defaults.retries)
+    llm.add_argument("--llm-max-connection-failures", type=int, default=defaults.max_connection_failures,
+                     help="connection failures in a row before giving up on the endpoint")  # fmt: skip
     llm.add_argument("--cache", type=Path, help="persistent answer cache (default: <output>.llm_cache.jsonl)")
     args = parser.parse_args(argv)
     if args.output.exists():
@@ -76,8 +91,17 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    try:
+        return label_file(args, parser, defaults)
+    except (OSError, ValueError, RuntimeError) as err:  # bad input or an unusable endpoint: one clear line
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def label_file(args, parser, defaults) -> int:
     vocabulary = load_vocabulary(args.findings)
-    ids, texts = read_reports(args.input, args.id_column, [c.strip() for c in args.text_columns.split(",")])
+    columns = [c.strip() for c in args.text_columns.split(",")]
+    ids, texts = read_reports(args.input, args.id_column, columns, args.encoding)
     if args.backend == "rules":
         labeller = RuleLabeller(vocabulary)
     else:
@@ -90,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             cache_path=args.cache or args.output.with_name(args.output.name + ".llm_cache.jsonl"),
             api_key_env=args.llm_api_key_env, concurrency=args.llm_concurrency, retries=args.llm_retries,
             timeout_s=defaults.timeout_s, backoff_s=defaults.backoff_s,
+            max_connection_failures=args.llm_max_connection_failures,
         )  # fmt: skip
     frame = label_reports(ids, texts, labeller)
     frame = frame.rename(columns={"id": args.id_column})

@@ -3,7 +3,11 @@
 - The key comes from an environment variable (default ``OPENAI_API_KEY``) and is sent only in the
   Authorization header: never logged, never in an error message or repr.
 - Bounded concurrency (a thread pool), up to ``retries`` retries with exponential backoff on HTTP 429,
-  5xx, timeouts, connection errors and answers that fail validation.
+  5xx, timeouts, connection errors and answers that fail validation; a server's ``Retry-After`` (seconds
+  or an HTTP date, capped at ``MAX_RETRY_AFTER_S``) is waited instead when it asks for longer.
+- ``max_connection_failures`` connection failures in a row (whatever the report) stop the whole run with
+  a clear error: an unreachable endpoint costs seconds, not an hour of retries over every report.
+- A redirect to another host is refused (the Authorization header never leaves the configured host).
 - Strict validation: the answer must be a JSON object ``{"labels": {finding: value}}`` with exactly the
   vocabulary's findings and values ``present`` / ``absent`` / ``uncertain`` / ``not_mentioned``.
 - A persistent cache (JSON lines, appended and flushed per report) keyed by sha256(model, prompt, report
@@ -20,8 +24,10 @@ import random
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -32,10 +38,42 @@ log = logging.getLogger(__name__)
 
 VALUES = {"present": 1, "absent": 0, "uncertain": -1, "not_mentioned": None}
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
+MAX_RETRY_AFTER_S = 300.0
 
 
 class LLMError(RuntimeError):
     """A report could not be labelled; the message never contains the API key."""
+
+
+class EndpointUnreachable(LLMError):
+    """Too many connection failures in a row: the run stops instead of trying every report."""
+
+
+class SameHostRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only within the configured host; another host is refused before any request."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        old, new = urllib.parse.urlsplit(req.full_url), urllib.parse.urlsplit(newurl)
+        if (old.scheme, old.netloc) != (new.scheme, new.netloc):
+            raise LLMError(
+                f"{req.full_url} redirected (HTTP {code}) to another host, {new.scheme}://{new.netloc}: refused "
+                "(the API key is only ever sent to the configured host); set base_url to the endpoint itself"
+            )
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """A ``Retry-After`` header (delta seconds or an HTTP date) in seconds, capped; None when absent/invalid."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
 
 
 def build_prompt(vocabulary: Vocabulary) -> str:
@@ -104,7 +142,8 @@ class LLMLabeller:
     """``labeller.label_many(texts) -> [{finding: 1 | 0 | -1 | None}]``, cached, concurrent, retried."""
 
     def __init__(self, vocabulary: Vocabulary | str, base_url: str, model: str, cache_path: str | Path,
-                 api_key_env: str, concurrency: int, retries: int, timeout_s: float, backoff_s: float):  # fmt: skip
+                 api_key_env: str, concurrency: int, retries: int, timeout_s: float, backoff_s: float,
+                 max_connection_failures: int = 5):  # fmt: skip
         vocabulary = load_vocabulary(vocabulary) if isinstance(vocabulary, str) else vocabulary
         if not base_url or not model:
             raise ValueError(
@@ -124,6 +163,9 @@ class LLMLabeller:
         self.cache = LabelCache(Path(cache_path))
         self.calls = 0
         self._calls_lock = threading.Lock()
+        self.max_connection_failures, self._failures_in_a_row = max_connection_failures, 0
+        self._unreachable: str | None = None
+        self._opener = urllib.request.build_opener(SameHostRedirects)
 
     def __repr__(self) -> str:
         return f"LLMLabeller(model={self.model!r}, url={self.url!r}, key from ${self.api_key_env})"
@@ -150,6 +192,11 @@ class LLMLabeller:
                 i = futures[future]
                 try:
                     results[i] = future.result()
+                except EndpointUnreachable as err:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    done = sum(r is not None for r in results)
+                    raise EndpointUnreachable(f"{err}; {done} of {len(texts)} reports labelled, kept in "
+                                              f"{self.cache.path}") from None  # fmt: skip
                 except LLMError as err:
                     failures.append(f"report {ids[i]}: {err}")
         if failures:
@@ -161,14 +208,15 @@ class LLMLabeller:
 
     def label_one(self, text: str) -> dict:
         key = self.cache_key(text)
-        last = "no attempt"
+        last, wait = "no attempt", None
         for attempt in range(self.retries + 1):
             if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1) * (1 + random.random() / 4))
+                backoff = self.backoff_s * 2 ** (attempt - 1) * (1 + random.random() / 4)
+                time.sleep(max(backoff, wait or 0.0))
             try:
                 labels = parse_answer(self._request(text), self.vocabulary)
             except _Retryable as err:
-                last = str(err)
+                last, wait = str(err), err.retry_after
                 continue
             except ValueError as err:  # malformed answer: ask again
                 last = f"invalid answer: {err}"
@@ -191,23 +239,46 @@ class LLMLabeller:
             self.url, data=json.dumps(body).encode(), headers=headers, method="POST"
         )
         with self._calls_lock:
+            if self._unreachable:  # another report's request found the endpoint gone: send nothing more
+                raise EndpointUnreachable(self._unreachable)
             self.calls += 1
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+            with self._opener.open(request, timeout=self.timeout_s) as response:
                 payload = json.loads(response.read())
         except urllib.error.HTTPError as err:
+            self._connected()
             if err.code in RETRY_STATUS:
-                raise _Retryable(f"HTTP {err.code}") from None
+                raise _Retryable(
+                    f"HTTP {err.code}", retry_after_seconds(err.headers.get("Retry-After"))
+                ) from None
             raise LLMError(f"HTTP {err.code} from {self.url}: {err.reason}") from None
         except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
-            raise _Retryable(f"{type(err).__name__}: {getattr(err, 'reason', err)}") from None
+            reason = f"{type(err).__name__}: {getattr(err, 'reason', err)}"
+            with self._calls_lock:
+                self._failures_in_a_row += 1
+                if self._failures_in_a_row >= self.max_connection_failures and not self._unreachable:
+                    self._unreachable = (
+                        f"{self.url}: {self._failures_in_a_row} connection failures in a row (last: {reason}); "
+                        "stopped: is the server running and base_url right?"
+                    )
+            if self._unreachable:
+                raise EndpointUnreachable(self._unreachable) from None
+            raise _Retryable(reason) from None
         except json.JSONDecodeError:
+            self._connected()
             raise _Retryable("response body is not JSON") from None
+        self._connected()
         try:
             return payload["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError):
             raise ValueError("response has no choices[0].message.content") from None
 
+    def _connected(self) -> None:
+        with self._calls_lock:
+            self._failures_in_a_row = 0
+
 
 class _Retryable(Exception):
-    pass
+    def __init__(self, reason: str, retry_after: float | None = None):
+        super().__init__(reason)
+        self.retry_after = retry_after

@@ -6,7 +6,8 @@ Per sentence, each mention of a finding is classified by the words around it, in
 2. negation before it ("no", "without", "negative for", "no evidence of", ...) or after it
    ("is absent", "has resolved", "not seen", ...)      -> 0
 3. otherwise                                          -> 1
-A scope ends at a clause break (", but", "however", "although", ";"). A phrase from the finding's
+A scope ends at a clause break (", but", "however", "although", ";"), and at most ``SCOPE_CHARS``
+characters from the mention (far beyond any cue; it keeps a report's cost linear in its length). A phrase from the finding's
 ``absent`` list ("heart size is normal") gives 0. Per report: any 1 -> 1, else any -1 -> -1, else any
 0 -> 0, else not mentioned (None). With ``derived_no_finding``: ``no_finding`` = 1 when no other finding
 but support devices is 1 or -1, else 0.
@@ -14,6 +15,7 @@ but support devices is 1 or -1, else 0.
 
 from __future__ import annotations
 
+import bisect
 import re
 
 from tqdm.auto import tqdm
@@ -44,6 +46,8 @@ CLAUSE_BREAK = re.compile(
     r",\s*(?:but|however|although|which|though)\b|\b(?:but|however|although|though|except)\b|;"
 )
 SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
+SCOPE_CHARS = 400  # the longest cue scope looked at on either side of a mention
+MAX_REPORT_CHARS = 1_000_000  # longer is not a radiology report (a whole file pasted into one cell?)
 
 
 def _alternation(patterns: list[str]) -> str:
@@ -76,18 +80,23 @@ class RuleLabeller:
         return f"RuleLabeller({self.vocabulary.name})"
 
     def label_many(self, texts: list[str], ids: list[str] | None = None) -> list[dict[str, int | None]]:
+        ids = ids or [f"row {i + 1}" for i in range(len(texts))]
+        for text, name in zip(texts, ids):
+            if text and len(text) > MAX_REPORT_CHARS:
+                raise ValueError(f"report {name}: {len(text):,} characters, more than {MAX_REPORT_CHARS:,}")
         return [self(text) for text in tqdm(texts, desc="labelling reports", unit="report")]
 
     def __call__(self, text: str) -> dict[str, int | None]:
         found: dict[str, list[int]] = {name: [] for name in self.patterns}
         for sentence in SENTENCE.split((text or "").lower()):
+            breaks = [(m.start(), m.end()) for m in CLAUSE_BREAK.finditer(sentence)]
             for name, (mention, absent) in self.patterns.items():
                 if absent is not None and absent.search(sentence):
                     found[name].append(0)
                 if mention is None:
                     continue
                 for match in mention.finditer(sentence):
-                    found[name].append(self.classify(sentence, match.start(), match.end()))
+                    found[name].append(self.classify(sentence, breaks, match.start(), match.end()))
         labels = {name: aggregate(values) for name, values in found.items()}
         if self.vocabulary.derived_no_finding and "no_finding" in labels:
             others = [v for k, v in labels.items() if k not in ("no_finding", "support_devices")]
@@ -95,11 +104,14 @@ class RuleLabeller:
         return labels
 
     @staticmethod
-    def classify(sentence: str, start: int, end: int) -> int:
-        """1 / 0 / -1 for the mention at sentence[start:end], looking within its clause."""
-        before, after = sentence[:start], sentence[end:]
-        before = CLAUSE_BREAK.split(before)[-1]
-        after = CLAUSE_BREAK.split(after)[0]
+    def classify(sentence: str, breaks: list[tuple[int, int]], start: int, end: int) -> int:
+        """1 / 0 / -1 for the mention at sentence[start:end], looking within its clause (``breaks``: the
+        sentence's clause-break spans) and at most ``SCOPE_CHARS`` either side."""
+        i = bisect.bisect_right(breaks, (start, start))  # the breaks before the mention are breaks[:i]
+        clause_start = max(breaks[i - 1][1] if i and breaks[i - 1][1] <= start else 0, start - SCOPE_CHARS)
+        j = bisect.bisect_left(breaks, (end, end))
+        clause_end = min(breaks[j][0] if j < len(breaks) else len(sentence), end + SCOPE_CHARS)
+        before, after = sentence[clause_start:start], sentence[end:clause_end]
         if PRE_UNCERTAIN_RE.search(before) or POST_UNCERTAIN_RE.search(after):
             return -1
         if PRE_NEGATION_RE.search(before) or POST_NEGATION_RE.search(after):
