@@ -25,7 +25,7 @@ def ct_preprocessing(spacing, hu_window, pad_size, pad_value) -> mt.Compose:
     return mt.Compose(
         [
             mt.LoadImaged("image", ensure_channel_first=True, image_only=True),
-            CheckVolumed("image"),
+            CheckVolumed("image", target_spacing=spacing),
             mt.Orientationd("image", axcodes="RAS"),
             mt.Spacingd("image", pixdim=tuple(spacing), mode="bilinear"),
             mt.ScaleIntensityRanged(

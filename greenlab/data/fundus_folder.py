@@ -1,8 +1,9 @@
 """A folder of fundus photographs (jpg / png / tif / bmp, searched recursively) with optional labels CSV.
 
 Labels CSV: one row per image, an id column (matched against the image's path relative to the folder,
-with or without extension, or its file name / stem) and one column per label task. Integer labels are
-used as they are; text labels are numbered in sorted order. An empty cell = no label for that task.
+with or without extension, or its file name / stem when that is unique in the folder) and one column per
+label task: non-negative integers, or text classes in the order ``label_types`` gives
+(greenlab/data/tables.py); an empty cell = no label for that task.
 Optional columns that are not tasks: a group column (patient / subject id; all images of a group land on
 one side of the held-out split) and a split column (the dataset's official train / val / test).
 """
@@ -12,12 +13,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import pandas as pd
+import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from greenlab.data import splits
+from greenlab.data import splits, tables
 from greenlab.data.base import ImageDataModule, ItemDataset, Task
 from greenlab.data.cache import PreprocessedCache
 from greenlab.data.fundus import FIELD_OF_VIEW, PRETRAIN_TRANSFORMS, crop_field_of_view, eval_transform
@@ -25,12 +26,36 @@ from greenlab.data.fundus import FIELD_OF_VIEW, PRETRAIN_TRANSFORMS, crop_field_
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+MIN_SIDE = 32  # px: a smaller file is not a fundus photograph (a thumbnail, an icon, a broken export)
+
+
+def to_rgb8(image: Image.Image) -> Image.Image:
+    """8-bit RGB. 16-bit and 32-bit greyscale (TIFF ``I;16``, ``I``, ``F``) are scaled by their bit depth
+    (65,535 -> 255), not clipped at 255 as ``convert("RGB")`` does; float images in [0, 1] by 255."""
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        pixels = np.asarray(image, dtype=np.float64)
+        if pixels.size and (pixels.min() < 0 or not np.isfinite(pixels).all()):
+            raise ValueError(f"{image.mode} pixels outside [0, 65535] or not finite")
+        top = pixels.max(initial=0)
+        full = (
+            1.0
+            if image.mode == "F" and top <= 1.0
+            else 255.0
+            if top <= 255 and image.mode == "F"
+            else 65535.0
+        )
+        if top > full:
+            raise ValueError(f"{image.mode} pixels up to {top:g}, beyond 16 bits")
+        grey = np.round(pixels * (255.0 / full)).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    return image.convert("RGB")
 
 
 class FundusFolderDataModule(ImageDataModule):
     """Args:
     root: folder of photographs. labels_csv: optional CSV (see module doc); id_column: its id column;
-    label_columns: task columns (default: every other column but the group and split columns).
+    label_columns: task columns (default: every other column but the group and split columns); label_types:
+    {column: [class order] | text} for text-valued tasks (``greenlab.data.tables.class_labels``).
     group_column: patient / subject id column (None: ``splits.GROUP_COLUMNS`` when the CSV has one); the
     held-out split is then by group, stratified by the first task. split_column: the official split column
     (train / val / test) instead. held_out_fraction / split_seed: the deterministic held-out split for
@@ -49,6 +74,7 @@ class FundusFolderDataModule(ImageDataModule):
         labels_csv: str | None,
         id_column: str,
         label_columns: list[str] | None,
+        label_types: dict | None,
         group_column: str | None,
         split_column: str | None,
         held_out_fraction: float,
@@ -67,7 +93,12 @@ class FundusFolderDataModule(ImageDataModule):
         super().__init__(**loader_kwargs)
         self.root = Path(root).expanduser()
         self.labels_csv = Path(labels_csv).expanduser() if labels_csv else None
-        self.id_column, self.label_columns = id_column, label_columns
+        self.id_column, self.label_columns, self.label_types = (
+            id_column,
+            label_columns,
+            dict(label_types or {}),
+        )
+        self.label_schema: dict[str, dict] = {}
         self.group_column, self.split_column = group_column, split_column
         self.held_out_fraction, self.split_seed = held_out_fraction, split_seed
         self.img_size, self.mean, self.std = img_size, tuple(mean), tuple(std)
@@ -154,7 +185,7 @@ class FundusFolderDataModule(ImageDataModule):
         return {**super().describe(), "preprocessing": {
             "field_of_view_crop": self.field_of_view,
             "resize": [self.img_size, self.img_size], "interpolation": "bilinear", "crop_pct": 1.0,
-            "mean": list(self.mean), "std": list(self.std)}}  # fmt: skip
+            "mean": list(self.mean), "std": list(self.std)}, "label_schema": self.label_schema}  # fmt: skip
 
     def load(self, path: Path) -> Image.Image:
         """One photograph as RGB, field-of-view cropped and downsampled when configured (from the cache when
@@ -165,9 +196,11 @@ class FundusFolderDataModule(ImageDataModule):
         """Decode, crop the field of view, pad square, downsample to ``max_side``."""
         try:
             with Image.open(path) as handle:
-                image = handle.convert("RGB")
+                image = to_rgb8(handle)
         except Exception as err:
             raise ValueError(f"cannot read image {path}: {type(err).__name__}: {err}") from err
+        if min(image.size) < MIN_SIDE:
+            raise ValueError(f"{path}: {image.size[0]}x{image.size[1]} px, smaller than {MIN_SIDE} px a side")
         return crop_field_of_view(image, max_side=self.max_side) if self.fov_crop else image
 
     def _scan(self) -> list[Path]:
@@ -184,6 +217,10 @@ class FundusFolderDataModule(ImageDataModule):
             try:
                 with Image.open(path) as handle:
                     handle.load()
+                    if min(handle.size) < MIN_SIDE:
+                        raise ValueError(
+                            f"{handle.size[0]}x{handle.size[1]} px, smaller than {MIN_SIDE} px a side"
+                        )
                 good.append(path)
             except Exception as err:
                 reason = f"unreadable image: {type(err).__name__}: {err}"
@@ -197,9 +234,7 @@ class FundusFolderDataModule(ImageDataModule):
     def _read_labels(self, paths: list[Path], ids: list[str], skipped: list) -> tuple[torch.Tensor, dict]:
         """(N, T) int64 labels for ``paths`` (-1 = no label), and {"group" / "split": (column, one value per
         image)} for the columns that are given; fills ``self.tasks``."""
-        if not self.labels_csv.is_file():
-            raise FileNotFoundError(f"labels CSV not found: {self.labels_csv}")
-        table = pd.read_csv(self.labels_csv, dtype={self.id_column: str})
+        table = tables.read_csv(self.labels_csv, "labels CSV")
         if self.id_column not in table.columns:
             raise ValueError(
                 f"{self.labels_csv}: no id column {self.id_column!r} (columns: {list(table.columns)})"
@@ -219,28 +254,25 @@ class FundusFolderDataModule(ImageDataModule):
             raise ValueError(
                 f"{self.labels_csv}: columns {missing_cols} not found (columns: {list(table.columns)})"
             )
-        coded = {}
-        self.tasks = []
-        for column in columns:
-            values = table[column]
-            if pd.api.types.is_numeric_dtype(values):
-                numbers = values.astype("Int64")
-                if (numbers.dropna() < 0).any():
-                    raise ValueError(
-                        f"{self.labels_csv}: column {column!r} has negative labels; use blank for missing"
-                    )
-            else:
-                categories = sorted(values.dropna().unique())
-                numbers = values.map({c: i for i, c in enumerate(categories)}).astype("Int64")
-                log.info("%s: %s coded as %s", self.labels_csv.name, column, dict(enumerate(categories)))
-            coded[column] = numbers.fillna(-1).astype(int).tolist()
-            self.tasks.append(Task(column, max(2, int(numbers.max()) + 1)))
+        coded, self.label_schema = tables.class_labels(table, columns, self.labels_csv, self.label_types)
+        self.tasks = [Task(c, len(self.label_schema[c]["classes"])) for c in columns]
         row_of = {key: r for r, key in enumerate(table[self.id_column])}
         labels = torch.full((len(paths), len(columns)), -1, dtype=torch.int64)
         meta = {kind: (column, [None] * len(paths))
                 for kind, column in (("group", group_column), ("split", self.split_column)) if column}  # fmt: skip
+        by_name: dict[str, list[Path]] = {}
+        for path in paths:
+            for key in {path.name, path.stem}:
+                by_name.setdefault(key, []).append(path)
         for i, (path, image_id) in enumerate(zip(paths, ids)):
-            row = next((row_of[k] for k in (image_id, path.name, path.stem) if k in row_of), None)
+            key = next((k for k in (image_id, path.name, path.stem) if k in row_of), None)
+            if key is not None and key != image_id and len(by_name[key]) > 1:
+                first, second = by_name[key][:2]
+                raise ValueError(
+                    f"{self.labels_csv}: id {key!r} matches both {first} and {second}; use the paths relative to "
+                    f"{self.root} as ids (e.g. {first.relative_to(self.root).with_suffix('').as_posix()!r})"
+                )
+            row = row_of.get(key) if key is not None else None
             if row is None:
                 reason = f"no row in {self.labels_csv} for image id {image_id!r}"
                 if not self.skip_bad:

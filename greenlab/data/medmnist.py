@@ -8,6 +8,7 @@ has it, else on ``val_*``. Labels (N, 1) are one multi-class task; (N, K>1) are 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,8 @@ from PIL import Image
 
 from greenlab.data.base import ImageDataModule, ItemDataset, Task
 from greenlab.data.fundus import PRETRAIN_TRANSFORMS, eval_transform
+
+log = logging.getLogger(__name__)
 
 
 class MedMNISTDataModule(ImageDataModule):
@@ -96,6 +99,8 @@ class MedMNISTDataModule(ImageDataModule):
             raise ValueError(
                 f"{self.path}: needs test_images or val_images for evaluation (has {sorted(arrays)})"
             )
+        for key in [k for k in arrays if k.endswith("_images")]:
+            arrays[key] = self._pixels(key, arrays[key])
         images = arrays["train_images"]
         if images.ndim == 4 and images.shape[-1] not in (1, 3):
             self.is_3d = True
@@ -105,12 +110,55 @@ class MedMNISTDataModule(ImageDataModule):
             )
         return arrays
 
+    def _pixels(self, key: str, images: np.ndarray) -> np.ndarray:
+        """uint8 as MedMNIST stores them; float arrays in [0, 1] or [0, 255] are scaled to uint8 (logged), any
+        other dtype or range is an error naming the key."""
+        if images.dtype == np.uint8:
+            return images
+        if not np.issubdtype(images.dtype, np.floating):
+            raise ValueError(
+                f"{self.path}: {key} has dtype {images.dtype}; expected uint8 (or float in [0, 1])"
+            )
+        if not np.isfinite(images).all():
+            raise ValueError(f"{self.path}: {key} holds NaN or infinite pixels")
+        low, high = float(images.min()), float(images.max())
+        if low < 0 or high > 255:
+            raise ValueError(
+                f"{self.path}: {key} values span [{low:g}, {high:g}]; expected [0, 1] or [0, 255]"
+            )
+        scale = 255.0 if high <= 1.0 else 1.0
+        log.info(
+            "%s: %s is %s in [%g, %g], scaled to uint8 x%g",
+            self.path.name,
+            key,
+            images.dtype,
+            low,
+            high,
+            scale,
+        )
+        return np.round(images * scale).astype(np.uint8)
+
     def _labels(self, arrays: dict, split: str) -> torch.Tensor:
         labels = arrays.get(f"{split}_labels")
         images = arrays[f"{split}_images"]
         if labels is None or len(labels) != len(images):
             raise ValueError(f"{self.path}: {split}_labels missing or not one row per image")
-        labels = torch.as_tensor(np.asarray(labels).reshape(len(labels), -1), dtype=torch.int64)
+        labels = np.asarray(labels).reshape(len(labels), -1)
+        key = f"{split}_labels"
+        if labels.dtype == np.uint8 and (labels == 255).any():
+            raise ValueError(f"{self.path}: {key} holds 255 in a uint8 array: a -1 (no label) stored unsigned? "
+                             "store labels as signed integers, -1 for none")  # fmt: skip
+        if not (np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.floating)):
+            raise ValueError(f"{self.path}: {key} has dtype {labels.dtype}; expected integer class labels")
+        if np.issubdtype(labels.dtype, np.floating) and not np.all(
+            np.isnan(labels) | (labels == np.round(labels))
+        ):
+            bad = labels[~np.isnan(labels) & (labels != np.round(labels))][0]
+            raise ValueError(f"{self.path}: {key} holds {bad!r}; expected integer class labels (-1 for none)")
+        labels = np.nan_to_num(labels, nan=-1)
+        if (labels < -1).any():
+            raise ValueError(f"{self.path}: {key} holds {labels.min()!r}; class labels are >= 0, -1 for none")
+        labels = torch.as_tensor(labels.astype(np.int64))
         return labels[: self.max_per_split] if self.max_per_split else labels
 
     def _dataset(self, arrays: dict, split: str, labels: torch.Tensor, transform) -> ItemDataset:

@@ -26,15 +26,25 @@ from monai.data.utils import set_rnd
 from monai.data.utils import worker_init_fn as monai_worker_init_fn
 from tqdm.auto import tqdm
 
-from greenlab.data import splits
+from greenlab.data import splits, tables
 from greenlab.data.base import MISSING, UNCERTAIN, ImageDataModule, Task
 from greenlab.labels import label_reports
 
 log = logging.getLogger(__name__)
 
 
+SPACING_MM = (0.05, 50.0)  # plausible voxel spacing of a CT / MR scan; outside it the header is wrong
+MAX_RESAMPLED_VOXELS = 2**30  # 4 GiB as float32: a resampled size beyond this is refused before allocating
+
+
 class CheckVolumed(mt.MapTransform):
-    """Refuse volumes that are not 3D, hold NaN/inf, or have no usable voxel spacing; the error names the file."""
+    """Refuse volumes that are not 3D, hold NaN/inf, have no usable voxel spacing or one outside
+    ``SPACING_MM``, or (``target_spacing`` given) would resample to under one voxel along an axis or more than
+    ``MAX_RESAMPLED_VOXELS``; the error names the file."""
+
+    def __init__(self, keys, target_spacing=None):
+        super().__init__(keys)
+        self.target_spacing = None if target_spacing is None else np.asarray(target_spacing, dtype=float)
 
     def __call__(self, data):
         image = data[self.keys[0]]
@@ -46,7 +56,46 @@ class CheckVolumed(mt.MapTransform):
         spacing = _header_spacing(image, str(source))
         if spacing is None or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
             raise ValueError(f"{source}: no usable voxel spacing in its header (got {spacing})")
+        low, high = SPACING_MM
+        if np.any(spacing < low) or np.any(spacing > high):
+            raise ValueError(f"{source}: voxel spacing {np.round(spacing, 4).tolist()} mm is outside [{low}, {high}] "
+                             "mm: a wrong header (units?)")  # fmt: skip
+        if self.target_spacing is not None:
+            size = np.floor(np.asarray(image.shape[1:]) * spacing / self.target_spacing).astype(int)
+            if size.min() < 1 or size.prod(dtype=float) > MAX_RESAMPLED_VOXELS:
+                raise ValueError(f"{source}: {list(image.shape[1:])} voxels at {np.round(spacing, 4).tolist()} mm "
+                                 f"resample to {size.tolist()} at {self.target_spacing.tolist()} mm (allowed: >= 1 "
+                                 f"per axis, <= {MAX_RESAMPLED_VOXELS:,} in all)")  # fmt: skip
         return data
+
+
+def check_dicom_series(folder: Path) -> None:
+    """A DICOM series folder must have evenly spaced slices: a gap (a missing slice) would be interpolated
+    over silently. Positions along the slice normal from each file's header; a step more than 1.5 x the
+    median step is an error naming the two files around it."""
+    import pydicom
+
+    slices = []
+    for file in sorted(p for p in Path(folder).iterdir() if p.is_file()):
+        try:
+            header = pydicom.dcmread(file, stop_before_pixels=True)
+            position = np.asarray(header.ImagePositionPatient, dtype=float)
+            orientation = np.asarray(header.ImageOrientationPatient, dtype=float)
+        except Exception:  # not a slice (DICOMDIR, a text file): the reader decides
+            continue
+        slices.append((float(np.dot(np.cross(orientation[:3], orientation[3:]), position)), file.name))
+    if len(slices) < 3:
+        return
+    slices.sort()
+    steps = np.diff([p for p, _ in slices])
+    typical = float(np.median(steps))
+    worst = int(np.argmax(steps))
+    if typical <= 0 or steps.min() <= 0.01 * typical:
+        raise ValueError(f"{folder}: two slices at the same position ({slices[int(np.argmin(steps))][1]}, "
+                         f"{slices[int(np.argmin(steps)) + 1][1]}): a duplicated or mixed series")  # fmt: skip
+    if steps[worst] > 1.5 * typical:
+        raise ValueError(f"{folder}: slice gap of {steps[worst]:.2f} mm between {slices[worst][1]} and "
+                         f"{slices[worst + 1][1]} (the series steps {typical:.2f} mm): a missing slice")  # fmt: skip
 
 
 def _header_spacing(image, source: str) -> np.ndarray | None:
@@ -161,6 +210,9 @@ class VolumeDataModule(ImageDataModule):
         skipped, keep = [], []
         for row, source in enumerate(tqdm(sources, desc="checking + caching volumes", unit="vol")):
             try:
+                for path in source.values():
+                    if Path(path).is_dir():
+                        check_dicom_series(Path(path))
                 self.preprocessed[row]  # preprocessed once (a cache miss) or read back (a hit)
                 keep.append(row)
             except Exception as err:
@@ -221,7 +273,7 @@ class VolumeDataModule(ImageDataModule):
             raise FileNotFoundError(f"text_only_reports not found: {path}")
         if not self.labeller:
             raise ValueError(f"{path}: text-only reports need data.labeller to label them")
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+        table = tables.read_csv(path, "text_only_reports")
         if self.report_column not in table.columns:
             raise ValueError(f"{path}: no column {self.report_column!r} (columns: {list(table.columns)})")
         reports = table[self.report_column].tolist()
@@ -252,12 +304,7 @@ class VolumeDataModule(ImageDataModule):
             if missing:
                 raise ValueError(f"{self.manifest}: label columns {missing} not found")
             frame = table[columns]
-        values = frame.apply(pd.to_numeric, errors="coerce")
-        bad = values.notna() & ~values.isin([1, 0, -1])
-        if bad.any().any():
-            column = bad.any().idxmax()
-            raise ValueError(f"{self.manifest}: column {column!r} holds values other than 1, 0, -1 or blank")
-        array = values.to_numpy(dtype=float).reshape(len(table), -1)
+        array = tables.finding_labels(frame, self.manifest if not self.labeller else Path(cache))
         array = np.where(np.isnan(array), MISSING, np.where(array == -1, UNCERTAIN, array))
         return list(frame.columns), torch.from_numpy(array.astype(np.int64))
 
@@ -314,9 +361,7 @@ class VolumeDataModule(ImageDataModule):
         return dataset
 
     def _read_manifest(self) -> pd.DataFrame:
-        if not self.manifest.is_file():
-            raise FileNotFoundError(f"manifest not found: {self.manifest}")
-        table = pd.read_csv(self.manifest)
+        table = tables.read_csv(self.manifest, "manifest")
         needed = [*self.volumes.values(), self.group_column]
         absent = [c for c in needed if c and c not in table.columns]
         if absent:

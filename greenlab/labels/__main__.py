@@ -12,10 +12,10 @@ import os
 import sys
 from pathlib import Path
 
-import pandas as pd
 from omegaconf import OmegaConf
 
 from greenlab.config import CONFIG_DIR
+from greenlab.data.tables import read_csv
 from greenlab.labels import label_reports
 from greenlab.labels.llm import LLMLabeller
 from greenlab.labels.rules import RuleLabeller
@@ -26,17 +26,7 @@ def read_reports(
     path: Path, id_column: str, text_columns: list[str], encoding: str = "utf-8"
 ) -> tuple[list[str], list[str]]:
     """(ids, texts): the text columns of each row joined; errors name the file and what is wrong."""
-    if not path.is_file():
-        raise FileNotFoundError(f"reports file not found: {path}")
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding=encoding)
-    except pd.errors.EmptyDataError:
-        raise ValueError(f"{path}: empty file (no header, no rows)") from None
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not {encoding} text ({err.reason}); "
-                         "give the file's encoding, e.g. --encoding latin-1") from None  # fmt: skip
-    except pd.errors.ParserError as err:
-        raise ValueError(f"{path}: not a readable CSV ({str(err).strip()})") from None
+    table = read_csv(path, "reports file", encoding)
     if table.empty:
         raise ValueError(f"{path}: a header and no reports")
     missing = [c for c in [id_column, *text_columns] if c not in table.columns]
