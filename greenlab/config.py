@@ -89,3 +89,65 @@ def build(option: str, /, overrides: list[str] = (), select: str | None = None, 
         if key in node:  # (pop would resolve the value first)
             del node[key]
     return instantiate(node, _partial_=True)(**arguments)
+
+
+def _integer(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+# dotted key: (test, what is allowed). Checked at start-up on the composed config, where the key exists.
+VALUE_RULES = {
+    "seed": (_integer, "an integer"),
+    "img_size": (lambda v: _integer(v) and v >= 8, "an integer >= 8 (px)"),
+    "trainer.max_epochs": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    "trainer.accumulate_grad_batches": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    "trainer.gradient_clip_val": (lambda v: v is None or (_number(v) and v > 0), "a number > 0, or null"),
+    "trainer.log_every_n_steps": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    "data.batch_size": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    "data.eval_batch_size": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    "data.num_workers": (lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+    "data.held_out_fraction": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "data.split_seed": (_integer, "an integer"),
+    "objective.lr": (lambda v: _number(v) and v > 0, "a number > 0"),
+    "objective.base_lr": (lambda v: _number(v) and v > 0, "a number > 0"),
+    "objective.min_lr": (lambda v: _number(v) and v >= 0, "a number >= 0"),
+    "objective.start_lr": (lambda v: _number(v) and v >= 0, "a number >= 0"),
+    "objective.weight_decay": (lambda v: _number(v) and v >= 0, "a number >= 0"),
+    "objective.mask_ratio": (lambda v: _number(v) and 0 < v < 1, "a number in (0, 1)"),
+    "objective.warmup_epochs": (lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+    "objective.cosine_epochs": (lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+    "evaluation.bootstrap_resamples": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    "evaluation.ci_resamples": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    "evaluation.folds": (lambda v: _integer(v) and v >= 2, "an integer >= 2"),
+    "evaluation.epochs": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    "compile": (lambda v: isinstance(v, bool), "true or false"),
+    "channels_last": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def check_values(cfg) -> None:
+    """Refuse, before anything runs, a composed config whose values do not fit ``VALUE_RULES`` (e.g.
+    ``trainer.max_epochs=abc``, ``data.held_out_fraction=1.0``): one error naming every such key, its value
+    and what is allowed."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    problems = []
+    for key, (test, allowed) in VALUE_RULES.items():
+        parent, _, leaf = key.rpartition(".")
+        try:
+            node = OmegaConf.select(cfg, parent) if parent else cfg
+            if not OmegaConf.is_dict(node) or leaf not in node or OmegaConf.is_missing(node, leaf):
+                continue  # not part of this config, or left to the experiment to set (checked elsewhere)
+            value = node[leaf]
+        except OmegaConfBaseException as err:  # an interpolation that does not resolve
+            problems.append(f"{key}: {err}")
+            continue
+        if not test(value):
+            problems.append(f"{key}={value!r}: expected {allowed}")
+    if problems:
+        raise ValueError("invalid config values: " + "; ".join(problems))

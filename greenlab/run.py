@@ -311,6 +311,10 @@ def hydra_main(cfg: DictConfig) -> float | None:
             "greenlab: trainer.max_epochs is not set: choose an experiment (+experiment=NAME) or set it\n"
             + experiment_list()
         )
+    try:
+        greenlab.config.check_values(cfg)
+    except ValueError as err:
+        raise SystemExit(f"greenlab: {err}") from None
     results = run(cfg)
     return sweep_value(results)  # the value a Hydra sweeper optimises
 

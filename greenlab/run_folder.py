@@ -24,6 +24,8 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from greenlab.config import check_values
+
 log = logging.getLogger(__name__)
 
 FINISHED = (("results.json", "a finished run"), ("backbone.pth", "a run that finished training"))
@@ -142,6 +144,7 @@ class RunFolderGuard(Callback):
             raise SystemExit(f"greenlab: {refusal}") from None
 
     def check(self, config: DictConfig) -> None:
+        check_values(config)  # bad values: refused before a run folder is even made
         folder = Path(OmegaConf.select(config, "hydra.run.dir"))
         if not folder.exists():
             return

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -93,6 +94,8 @@ class FundusFolderDataModule(ImageDataModule):
         super().__init__(**loader_kwargs)
         self.root = Path(root).expanduser()
         self.labels_csv = Path(labels_csv).expanduser() if labels_csv else None
+        if OmegaConf.is_config(label_types):
+            label_types = OmegaConf.to_container(label_types)
         self.id_column, self.label_columns, self.label_types = (
             id_column,
             label_columns,

@@ -154,10 +154,14 @@ class MedMNISTDataModule(ImageDataModule):
             np.isnan(labels) | (labels == np.round(labels))
         ):
             bad = labels[~np.isnan(labels) & (labels != np.round(labels))][0]
-            raise ValueError(f"{self.path}: {key} holds {bad!r}; expected integer class labels (-1 for none)")
+            raise ValueError(
+                f"{self.path}: {key} holds {float(bad):g}; expected integer class labels (-1 for none)"
+            )
         labels = np.nan_to_num(labels, nan=-1)
         if (labels < -1).any():
-            raise ValueError(f"{self.path}: {key} holds {labels.min()!r}; class labels are >= 0, -1 for none")
+            raise ValueError(
+                f"{self.path}: {key} holds {float(labels.min()):g}; class labels are >= 0, -1 for none"
+            )
         labels = torch.as_tensor(labels.astype(np.int64))
         return labels[: self.max_per_split] if self.max_per_split else labels
 
