@@ -151,7 +151,7 @@ class RunFolderGuard(Callback):
         refuse_finished(folder)
         RunLock(folder).refuse_if_held()
         stored = folder / ".hydra" / "config.yaml"
-        if not (folder / "checkpoints" / "last.ckpt").is_file() or not stored.is_file():
+        if not any((folder / "checkpoints").glob("*.ckpt")) or not stored.is_file():
             return
         now = OmegaConf.to_container(config, resolve=False)
         now.pop("hydra", None)

@@ -95,7 +95,7 @@ INTENTIONAL = {  # dotted key: the (before, now) pairs allowed
             },
         )
     ],
-    "resume": [(None, {"allow_config_change": False})],
+    "resume": [(None, {"allow_config_change": False, "from": None})],
     # the normalisation a ViT's weights expect, in its backbone config (python -m greenlab.evaluate feeds the data)
     "backbone.mean": [(None, [0.5, 0.5, 0.5]), (None, [0.485, 0.456, 0.406])],
     "backbone.std": [(None, [0.5, 0.5, 0.5]), (None, [0.229, 0.224, 0.225])],

@@ -84,7 +84,11 @@ def test_text_labels_and_blank_cells(tmp_path):
     (tmp_path / "labels.csv").write_text(
         "image_id,quality,dr\nimg0,good,0\nimg1,bad,\nimg2,good,2\nimg3,bad,1\n"
     )
-    dm = labelled_photos(tmp_path, held_out_fraction=0.0)
+    with pytest.raises(
+        ValueError, match=r"column 'quality', row 2: 'good' is not a class label.*label_types"
+    ):
+        labelled_photos(tmp_path, held_out_fraction=0.0).setup()  # text classes only when declared
+    dm = labelled_photos(tmp_path, held_out_fraction=0.0, label_types={"quality": ["bad", "good"]})
     dm.setup()
     assert [(t.name, t.num_classes) for t in dm.tasks] == [("quality", 2), ("dr", 3)]
     labels = dm.pretrain_set.labels

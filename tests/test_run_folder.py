@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import re
 import subprocess
 import sys
@@ -87,10 +86,40 @@ def test_a_planted_last_ckpt_cannot_run_code(tmp_path, data_dir):
     (run / "checkpoints").mkdir(parents=True)
     payload = Planted()
     payload.marker = marker
-    (run / "checkpoints" / "last.ckpt").write_bytes(pickle.dumps({"state_dict": payload}))
+    torch.save({"state_dict": payload}, run / "checkpoints" / "last.ckpt")  # a valid zip, a hostile pickle
     proc = run_tiny(run, data_dir)
     assert proc.returncode != 0 and "Weights only load failed" in proc.stderr
     assert not marker.exists()
+
+
+def test_a_truncated_last_ckpt_is_named_and_the_newest_intact_epoch_offered(tmp_path):
+    from greenlab.run import resume_checkpoint
+
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    for epoch in (0, 1):
+        torch.save({"epoch": epoch}, checkpoints / f"epoch{epoch:03d}.ckpt")
+    whole = (checkpoints / "epoch001.ckpt").read_bytes()
+    (checkpoints / "last.ckpt").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match=r"last.ckpt is truncated or unreadable .*resume.from=epoch001"):
+        resume_checkpoint(tmp_path)
+    (checkpoints / "epoch001.ckpt").write_bytes(whole[:-40])  # damaged too: the one before is offered
+    with pytest.raises(ValueError, match=r"resume.from=epoch000"):
+        resume_checkpoint(tmp_path)
+    assert resume_checkpoint(tmp_path, "epoch-0") == checkpoints / "epoch000.ckpt"
+    assert (checkpoints / "last.unusable-1.ckpt").is_file() and not (checkpoints / "last.ckpt").exists()
+
+
+def test_retries_of_a_resume_add_no_copies(tmp_path):
+    from greenlab.run import resume_checkpoint
+
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    torch.save({"step": 7}, checkpoints / "last.ckpt")
+    first = resume_checkpoint(tmp_path)
+    assert first.name == "resumed-from-1.ckpt" and not (checkpoints / "last.ckpt").exists()
+    assert resume_checkpoint(tmp_path) == first  # the attempt died before saving: same state, no new file
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["resumed-from-1.ckpt"]
 
 
 def test_every_torch_load_in_greenlab_says_weights_only_true():

@@ -135,7 +135,7 @@ class EmbeddedFundusDataModule(FundusFolderDataModule):
         self.generator_args = {"num_images": num_images, "width": width, "height": height, "seed": seed}
         self.cache_dir = Path(cache_dir)
         # the generated folder's layout and handling: labels.csv by image_id, a field of view to crop, no bad file
-        super().__init__(root=str(self.cache_dir), labels_csv=None, id_column="image_id", label_columns=None,
+        super().__init__(root=str(self.cache_dir), labels_csv=None, id_column="image_id", label_columns=None, label_types=None,
                          group_column=None, split_column=None, fov_crop=True, verify=True, skip_bad=False, **kwargs)  # fmt: skip
 
     def prepare_data(self) -> None:

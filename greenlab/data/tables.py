@@ -37,8 +37,8 @@ def read_csv(path: Path, what: str, encoding: str = "utf-8") -> pd.DataFrame:
     except pd.errors.EmptyDataError:
         raise ValueError(f"{path}: empty file (no header, no rows)") from None
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not {encoding} text ({err.reason}); give the file's encoding, "
-                         "e.g. --encoding latin-1 / data.encoding=latin-1") from None  # fmt: skip
+        raise ValueError(f"{path}: not {encoding} text ({err.reason}); re-save it as UTF-8, or give its encoding "
+                         "where the reader takes one (python -m greenlab.labels --encoding latin-1)") from None  # fmt: skip
     except pd.errors.ParserError as err:
         raise ValueError(f"{path}: not a readable CSV ({str(err).strip()})") from None
 
@@ -111,8 +111,11 @@ def finding_labels(frame: pd.DataFrame, source: Path) -> np.ndarray:
     """(N, C) float: 1, 0, -1 or NaN (blank) from text cells; any other value is an error naming it."""
     out = np.full(frame.shape, np.nan)
     for j, column in enumerate(frame.columns):
-        for row, cell in enumerate(frame[column].astype(str).str.strip()):
-            if cell in ("", "nan", "None"):
+        for row, value in enumerate(frame[column].tolist()):
+            cell = (
+                "" if value is None or (not isinstance(value, str) and pd.isna(value)) else str(value).strip()
+            )
+            if not cell:
                 continue
             value = FINDING.get(cell[:-2] if cell.endswith(".0") else cell)
             if value is None:

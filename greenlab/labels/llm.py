@@ -143,7 +143,7 @@ class LLMLabeller:
 
     def __init__(self, vocabulary: Vocabulary | str, base_url: str, model: str, cache_path: str | Path,
                  api_key_env: str, concurrency: int, retries: int, timeout_s: float, backoff_s: float,
-                 max_connection_failures: int = 5):  # fmt: skip
+                 max_connection_failures: int):  # fmt: skip
         vocabulary = load_vocabulary(vocabulary) if isinstance(vocabulary, str) else vocabulary
         if not base_url or not model:
             raise ValueError(
