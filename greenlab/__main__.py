@@ -1,4 +1,4 @@
-from greenlab.run import main
+from greenlab.cli import main
 
 if __name__ == "__main__":
     main()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 
 CONFIG_DIR = Path(__file__).resolve().parent / "conf"  # greenlab/conf/, package data: installed with greenlab
@@ -17,6 +16,8 @@ CONFIG_DIR = Path(__file__).resolve().parent / "conf"  # greenlab/conf/, package
 
 def auto_precision() -> str:
     """Lightning precision flag: bf16 mixed precision on a GPU that supports it, fp32 elsewhere."""
+    import torch  # here, not at the top: the command line answers refusals without loading torch
+
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return "bf16-mixed"
     return "32-true"
@@ -24,6 +25,8 @@ def auto_precision() -> str:
 
 def on_cuda(accelerator: str) -> bool:
     """Whether a Trainer with this ``accelerator`` runs on CUDA GPUs (SyncBatchNorm needs them)."""
+    import torch
+
     return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 

@@ -16,7 +16,6 @@ import warnings
 import zipfile
 from pathlib import Path
 
-import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
@@ -347,34 +346,3 @@ def finish_wandb() -> None:
     wandb = sys.modules.get("wandb")  # imported only when a W&B logger was configured
     if wandb is not None and wandb.run is not None:
         wandb.finish()
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
-def hydra_main(cfg: DictConfig) -> float | None:
-    if OmegaConf.is_missing(cfg.trainer, "max_epochs"):
-        raise SystemExit(
-            "greenlab: trainer.max_epochs is not set: choose an experiment (+experiment=NAME) or set it\n"
-            + experiment_list()
-        )
-    try:
-        greenlab.config.check_values(cfg)
-    except ValueError as err:
-        raise SystemExit(f"greenlab: {err}") from None
-    results = run(cfg)
-    return sweep_value(results)  # the value a Hydra sweeper optimises
-
-
-def main() -> None:
-    """``python -m greenlab [overrides]``; with no argument at all, the experiments and how to run one."""
-    if len(sys.argv) == 1:
-        print(experiment_list())
-        return
-    hydra_main()
-
-
-def experiment_list() -> str:
-    """The experiments, one example command each (also the head of ``greenlab --help``)."""
-    return (
-        "greenlab experiments (greenlab +experiment=NAME [overrides]):\n"
-        + greenlab.config.experiment_examples()
-    )
