@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import datetime
 import logging
-import os
 import sys
 import warnings
 import zipfile
@@ -31,7 +30,7 @@ from greenlab.callbacks.compute_monitor import JOULES_PER_KWH, ComputeMonitor
 from greenlab.callbacks.interruption import EXIT_SIGTERM
 from greenlab.compute.energy import co2e_kg, energy_meter
 from greenlab.report import write_results
-from greenlab.run_folder import RunLock, refuse_finished
+from greenlab.run_folder import RunLock, primary_process, refuse_finished
 
 log = logging.getLogger("greenlab")
 
@@ -42,7 +41,7 @@ def run(cfg: DictConfig) -> dict:
     """Run the configured experiment; returns the results dict also written to results.json."""
     output_dir = Path(cfg.paths.output_dir)
     lock = RunLock(output_dir)
-    if _primary_process():  # DDP / SLURM workers run in their rank 0's folder
+    if primary_process():  # DDP / SLURM workers run in their rank 0's folder
         lock.acquire()
     try:
         return train_and_evaluate(cfg, output_dir)
@@ -267,7 +266,7 @@ def resume_checkpoint(output_dir: Path, named: str | None = None) -> Path | None
     else:
         return None
     check_intact(chosen, checkpoints)
-    if not _primary_process():  # DDP / SLURM workers: the same state, bookkeeping left to rank 0
+    if not primary_process():  # DDP / SLURM workers: the same state, bookkeeping left to rank 0
         return chosen
     attempt = 1 + len(earlier)
     if chosen == last:
@@ -304,11 +303,6 @@ def _zip_problem(path: Path) -> str | None:
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
         return f"{type(err).__name__}: {err}"
     return f"member {bad} fails its CRC" if bad else None
-
-
-def _primary_process() -> bool:
-    """False in the worker processes a DDP launcher or SLURM starts (before Lightning knows its rank)."""
-    return all(os.environ.get(v, "0") == "0" for v in ("LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "RANK"))
 
 
 def _final_loss(trainer) -> float | None:

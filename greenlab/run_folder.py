@@ -38,6 +38,12 @@ RESUME_MAY_CHANGE = (
 )
 
 
+def primary_process() -> bool:
+    """False in the worker processes a DDP launcher or SLURM starts (before Lightning knows its rank): they
+    run in their rank 0's folder, which rank 0 has checked and locked."""
+    return all(os.environ.get(v, "0") == "0" for v in ("LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "RANK"))
+
+
 def refuse_finished(folder: Path) -> None:
     for done, what in FINISHED:
         if (folder / done).exists():
@@ -138,6 +144,8 @@ class RunFolderGuard(Callback):
     turns a callback's exception into a warning and carries on, so a refusal exits here (SystemExit, code 1)."""
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        if not primary_process():
+            return
         try:
             self.check(config)
         except (OSError, RuntimeError, ValueError) as refusal:
