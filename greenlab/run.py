@@ -12,7 +12,6 @@ import datetime
 import logging
 import sys
 import warnings
-import zipfile
 from pathlib import Path
 
 import lightning as L
@@ -30,7 +29,7 @@ from greenlab.callbacks.compute_monitor import JOULES_PER_KWH, ComputeMonitor
 from greenlab.callbacks.interruption import EXIT_SIGTERM
 from greenlab.compute.energy import co2e_kg, energy_meter
 from greenlab.report import write_results
-from greenlab.run_folder import RunLock, primary_process, refuse_finished
+from greenlab.run_folder import RunLock, primary_process, refuse_finished, resume_source, resumed_files
 
 log = logging.getLogger("greenlab")
 
@@ -234,44 +233,25 @@ def report(results: dict, evaluation, trainer, output_dir: Path, arrays: dict | 
 
 
 def resume_checkpoint(output_dir: Path, named: str | None = None) -> Path | None:
-    """The checkpoint to continue an interrupted run in ``output_dir`` from, or None for a new run.
+    """The checkpoint to continue an interrupted run in ``output_dir`` from (``run_folder.resume_source``:
+    checked intact and safe to load), or None for a new run; and the bookkeeping of a resumed attempt.
 
-    A finished run (results.json) or one that finished training (backbone.pth) is never touched. An
-    interrupted one continues from ``checkpoints/last.ckpt``, renamed (not copied) to
-    ``checkpoints/resumed-from-<n>.ckpt`` (the training loop writes a new last.ckpt as it goes); an attempt
-    that ended before saving one continues from the same resumed-from file again, so retries add no copies.
-    ``named`` (``resume.from``: ``epoch-4``, ``epoch004`` or a file name in checkpoints/) resumes from that
-    checkpoint instead. Each is checked first: a truncated or unreadable one is an error naming the newest
-    intact epoch checkpoint to resume from. The earlier CSV log is moved to ``csv/metrics.attempt-<n>.csv``;
-    nothing is deleted.
+    last.ckpt is renamed (not copied) to ``checkpoints/resumed-from-<n>.ckpt`` (the training loop writes a
+    new last.ckpt as it goes); an attempt that ended before saving one continues from the same resumed-from
+    file again, so retries add no copies. Resuming from an epoch checkpoint (``resume.from``) past an unusable
+    last.ckpt sets that aside as ``last.unusable-<n>.ckpt``. The earlier CSV log is moved to
+    ``csv/metrics.attempt-<n>.csv``; nothing is deleted.
     """
     refuse_finished(output_dir)
+    chosen = resume_source(output_dir, named)
+    if chosen is None or not primary_process():  # DDP / SLURM workers: bookkeeping left to rank 0
+        return chosen
     checkpoints = output_dir / "checkpoints"
     last = checkpoints / "last.ckpt"
-    earlier = sorted(checkpoints.glob("resumed-from-*.ckpt"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
-    if named:
-        epoch = named[len("epoch-") :]
-        chosen = checkpoints / (
-            f"epoch{int(epoch):03d}.ckpt" if named.startswith("epoch-") and epoch.isdigit() else named
-        )
-        chosen = chosen if chosen.suffix == ".ckpt" else chosen.with_name(chosen.name + ".ckpt")
-        if not chosen.is_file():
-            raise FileNotFoundError(f"resume.from={named}: no {chosen}")
-    elif last.is_file():
-        chosen = last
-    elif earlier:
-        chosen = earlier[-1]
-    elif checkpoints.is_dir() and any(checkpoints.iterdir()):
-        raise FileExistsError(f"{checkpoints} holds checkpoints but no last.ckpt to resume from")
-    else:
-        return None
-    check_intact(chosen, checkpoints)
-    if not primary_process():  # DDP / SLURM workers: the same state, bookkeeping left to rank 0
-        return chosen
-    attempt = 1 + len(earlier)
+    attempt = 1 + len(resumed_files(checkpoints))
     if chosen == last:
         chosen = last.rename(checkpoints / f"resumed-from-{attempt}.ckpt")
-    elif last.is_file():  # resuming from an epoch checkpoint past an unusable last.ckpt: set it aside, kept
+    elif last.is_file():
         last.rename(checkpoints / f"last.unusable-{attempt}.ckpt")
     metrics = output_dir / "csv" / "metrics.csv"
     if metrics.is_file():
@@ -281,28 +261,6 @@ def resume_checkpoint(output_dir: Path, named: str | None = None) -> Path | None
         metrics.rename(metrics.with_name(f"metrics.attempt-{n}.csv"))
     log.warning("resuming the interrupted run in %s from %s", output_dir, chosen)
     return chosen
-
-
-def check_intact(checkpoint: Path, checkpoints: Path) -> None:
-    """A checkpoint is a zip archive (torch.save): every member's CRC must check out. Otherwise an error
-    naming it and the newest intact epoch checkpoint (``resume.from=...``)."""
-    problem = _zip_problem(checkpoint)
-    if problem is None:
-        return
-    epochs = sorted(checkpoints.glob("epoch*.ckpt"), reverse=True)
-    intact = next((p for p in epochs if p != checkpoint and _zip_problem(p) is None), None)
-    offer = (f"resume from the newest intact epoch checkpoint with resume.from={intact.stem}" if intact
-             else "no intact epoch checkpoint is left: start a new output folder")  # fmt: skip
-    raise ValueError(f"{checkpoint} is truncated or unreadable ({problem}); {offer}")
-
-
-def _zip_problem(path: Path) -> str | None:
-    try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
-        return f"{type(err).__name__}: {err}"
-    return f"member {bad} fails its CRC" if bad else None
 
 
 def _final_loss(trainer) -> float | None:

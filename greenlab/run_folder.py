@@ -4,6 +4,7 @@
 (its ``.hydra/*.yaml`` and log), so a refused re-run leaves the earlier run exactly as it was. It refuses
 - a folder holding a finished run (results.json) or one that finished training (backbone.pth);
 - a folder another greenlab process is running in (``run.lock``, see ``RunLock``);
+- a checkpoint to resume from that is truncated, unreadable or not safe to load (``resume_source``);
 - resuming an interrupted run with a different config: every key but the budget and logging
   (``RESUME_MAY_CHANGE``) must equal the stored ``.hydra/config.yaml``, else the differing keys are named
   (``resume.allow_config_change=true`` resumes anyway; the change is recorded in
@@ -17,8 +18,10 @@ import datetime
 import json
 import logging
 import os
+import pickle
 import shutil
 import socket
+import zipfile
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
@@ -48,6 +51,70 @@ def refuse_finished(folder: Path) -> None:
     for done, what in FINISHED:
         if (folder / done).exists():
             raise FileExistsError(f"{folder} already holds {what} ({done}); choose a new output directory")
+
+
+def resumed_files(checkpoints: Path) -> list[Path]:
+    """``resumed-from-<n>.ckpt`` files, oldest attempt first."""
+    return sorted(checkpoints.glob("resumed-from-*.ckpt"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
+
+
+def resume_source(folder: Path, named: str | None = None) -> Path | None:
+    """The checkpoint a run in ``folder`` resumes from, or None for a new run: ``named`` (``resume.from``:
+    ``epoch-4``, ``epoch004`` or a file name in checkpoints/), else last.ckpt, else the newest
+    resumed-from file (an attempt that ended before saving). A folder with checkpoints but none of these is
+    refused; the chosen one must be intact and safe to load (``check_checkpoint``)."""
+    checkpoints = Path(folder) / "checkpoints"
+    last = checkpoints / "last.ckpt"
+    earlier = resumed_files(checkpoints)
+    if named:
+        epoch = named[len("epoch-") :]
+        chosen = checkpoints / (
+            f"epoch{int(epoch):03d}" if named.startswith("epoch-") and epoch.isdigit() else named
+        )
+        chosen = chosen if chosen.suffix == ".ckpt" else chosen.with_name(chosen.name + ".ckpt")
+        if not chosen.is_file():
+            raise FileNotFoundError(f"resume.from={named}: no {chosen}")
+    elif last.is_file():
+        chosen = last
+    elif earlier:
+        chosen = earlier[-1]
+    elif checkpoints.is_dir() and any(checkpoints.iterdir()):
+        raise FileExistsError(f"{checkpoints} holds checkpoints but no last.ckpt to resume from")
+    else:
+        return None
+    check_checkpoint(chosen, checkpoints)
+    return chosen
+
+
+def check_checkpoint(checkpoint: Path, checkpoints: Path) -> None:
+    """A checkpoint is a zip archive (torch.save) whose members all pass their CRC, and it loads with
+    ``weights_only=True`` (tensors and plain containers: a planted file cannot run code; read memory-mapped,
+    so the weights are not read twice). Otherwise an error naming it and the newest intact epoch checkpoint
+    (``resume.from=...``)."""
+    problem = _zip_problem(checkpoint)
+    if problem is None:
+        import torch
+
+        try:
+            torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as err:
+            raise ValueError(f"{checkpoint} holds more than tensors and plain containers; refused unloaded "
+                             f"(weights_only=True): {str(err).strip().splitlines()[-1]}") from None  # fmt: skip
+        return
+    epochs = sorted(checkpoints.glob("epoch*.ckpt"), reverse=True)
+    intact = next((p for p in epochs if p != checkpoint and _zip_problem(p) is None), None)
+    offer = (f"resume from the newest intact epoch checkpoint with resume.from={intact.stem}" if intact
+             else "no intact epoch checkpoint is left: start a new output folder")  # fmt: skip
+    raise ValueError(f"{checkpoint} is truncated or unreadable ({problem}); {offer}")
+
+
+def _zip_problem(path: Path) -> str | None:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        return f"{type(err).__name__}: {err}"
+    return f"member {bad} fails its CRC" if bad else None
 
 
 def flatten(node, prefix: str = "") -> dict:
@@ -159,7 +226,7 @@ class RunFolderGuard(Callback):
         refuse_finished(folder)
         RunLock(folder).refuse_if_held()
         stored = folder / ".hydra" / "config.yaml"
-        if not any((folder / "checkpoints").glob("*.ckpt")) or not stored.is_file():
+        if resume_source(folder, OmegaConf.select(config, "resume.from")) is None or not stored.is_file():
             return
         now = OmegaConf.to_container(config, resolve=False)
         now.pop("hydra", None)

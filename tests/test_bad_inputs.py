@@ -54,6 +54,7 @@ LABEL_CASES = {  # name: (CSV text, data kwargs, error fragment; None = accepted
     "text class not declared": ("id,dr\na,mild\nb,none\nc,severe\nd,none\n", {"label_types": {"dr": ["none", "mild"]}},
                                 "row 4: 'severe' is not one of the classes"),
     "label_types of no column": ("id,dr\na,1\nb,0\nc,1\nd,0\n", {"label_types": {"grade": "text"}}, "label_types names ['grade']"),
+    "latin-1 file": ("id,grade\na,0\nb,1\nc,1\nd,0\n# Patient M\u00fcller\n".encode("latin-1"), {}, "not utf-8 text"),
     "negative label": ("id,grade\na,-1\nb,0\nc,1\nd,0\n", {}, "row 2: '-1' is not a class label"),
 }  # fmt: skip
 
@@ -62,7 +63,8 @@ LABEL_CASES = {  # name: (CSV text, data kwargs, error fragment; None = accepted
 def test_bad_labels_csv_is_named(tmp_path, name):
     text, kwargs, fragment = LABEL_CASES[name]
     root = photos(tmp_path / "photos")
-    (tmp_path / "labels.csv").write_text(text)
+    path = tmp_path / "labels.csv"
+    path.write_bytes(text) if isinstance(text, bytes) else path.write_text(text)
     with pytest.raises(ValueError) as error:
         fundus(root, tmp_path / "labels.csv", **kwargs)
     assert fragment in str(error.value)

@@ -232,7 +232,9 @@ def test_experiment_config_composes(experiment, scale):
     assert backbone.get("img_size", cfg.img_size) == cfg.img_size
 
 
-RUN_IN_FULL = ("retfound_green", "greenrfm")  # whole tiny runs elsewhere (main_run; test_must.py)
+# whole tiny runs elsewhere (main_run; test_must.py); greenrfm_lite is greenrfm with the stem of
+# backbone/resnet3d18 stem_kernel=4 (tests/test_label_supervised.py) and composes (test_config.py snapshots)
+RUN_IN_FULL = ("retfound_green", "greenrfm", "greenrfm_lite")
 
 
 @pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if e not in RUN_IN_FULL])

@@ -88,7 +88,10 @@ def test_a_planted_last_ckpt_cannot_run_code(tmp_path, data_dir):
     payload.marker = marker
     torch.save({"state_dict": payload}, run / "checkpoints" / "last.ckpt")  # a valid zip, a hostile pickle
     proc = run_tiny(run, data_dir)
-    assert proc.returncode != 0 and "Weights only load failed" in proc.stderr
+    assert (
+        proc.returncode != 0
+        and "last.ckpt holds more than tensors and plain containers; refused" in proc.stderr
+    )
     assert not marker.exists()
 
 
