@@ -29,6 +29,7 @@ bench:  ## benchmarks; each writes benchmarks/results/<name>.json with the machi
 bench-gpu:  ## one short script for a lent GPU (a few minutes): SparK's real-loader profile, loader ratios, steps, energy
 	$(PYTHON) -m benchmarks.spark_profile --steps 30
 	$(PYTHON) -m benchmarks.data_pipeline --steps 30 --warmup 5
+	$(PYTHON) -m benchmarks.data_pipeline --steps 20 --warmup 5 --paper-photos 1000 --only retfound_green sparse_cnn_mae data.num_workers=$$(nproc)
 	$(PYTHON) -m benchmarks.training_steps --steps 40 --warmup 10 --variants compiled channels_last
 	$(PYTHON) -m benchmarks.energy_backends --seconds 20
 

@@ -4,6 +4,12 @@
 - training through greenlab with that loader, and with one batch repeated (no loading at all).
 
     python -m benchmarks.data_pipeline [--steps 12] [--only retfound_green ...] [hydra overrides, e.g. data.num_workers=8]
+    python -m benchmarks.data_pipeline --paper-photos 1000 --only retfound_green sparse_cnn_mae data.num_workers=16
+
+``--paper-photos N``: at paper scale instead (``scale=paper``: 392 px and batch 128 for retfound_green, 224 px
+for SparK) on N generated 1024-px fundus JPEGs (benchmarks.loader_cache's, kept under
+$GREENLAB_HOME/bench_photos), read through the preprocessing cache (filled before timing): the question
+"can this machine's cores feed the GPU at the paper's sizes?" (goal: ratio >= 0.95).
 
 ratio = training throughput with the real loader / with the repeated batch: 1.0 = loading costs
 nothing, below 1 = the loader holds training back. On a 2-core CPU the workers compete with training
@@ -14,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import sys
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -26,6 +34,20 @@ from benchmarks.common import SameBatch, StepClock, write
 from greenlab.config import CONFIG_DIR
 
 EXPERIMENTS = ("retfound_green", "sparse_cnn_mae", "greenrfm")
+
+
+def paper_scale(photos: int, data_dir: str) -> list[str]:
+    """Overrides for the paper-scale comparison on ``photos`` generated 1024-px photographs."""
+    from benchmarks.loader_cache import photographs
+
+    home = Path(os.environ.get("GREENLAB_HOME", "~/.cache/greenlab")).expanduser()
+    folder = photographs(home / "bench_photos", photos)[0].parent
+    return [
+        "scale=paper",
+        "data=fundus_folder",
+        f"data.root={folder}",
+        f"data.pixel_cache_dir={data_dir}/bench_cache",
+    ]
 
 
 def measure(experiment: str, steps: int, warmup: int, data_dir: str, extra: list[str]) -> dict:
@@ -56,6 +78,11 @@ def measure(experiment: str, steps: int, warmup: int, data_dir: str, extra: list
 
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
+    if (
+        getattr(datamodule, "cache", None) is not None
+    ):  # fill the preprocessing cache before anything is timed
+        for path in datamodule._scan():
+            datamodule.load(path)
     loader = datamodule.train_dataloader()
     iterator = (batch for _ in itertools.count() for batch in loader)  # epoch after epoch, nothing cached
     for _ in range(warmup):
@@ -87,16 +114,22 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=list(EXPERIMENTS))
     parser.add_argument("--data-dir", default="data")
     parser.add_argument(
+        "--paper-photos", type=int, default=0, help="paper scale on this many 1024-px photographs"
+    )
+    parser.add_argument(
         "overrides", nargs="*", help="Hydra overrides for every experiment, e.g. data.num_workers=8"
     )
     args = parser.parse_args()
     results = []
+    scale = paper_scale(args.paper_photos, args.data_dir) if args.paper_photos else []
     for experiment in args.only:
-        results.append({**measure(experiment, args.steps, args.warmup, args.data_dir, args.overrides),
+        results.append({**measure(experiment, args.steps, args.warmup, args.data_dir, [*scale, *args.overrides]),
                         "overrides": args.overrides})  # fmt: skip
         print(results[-1], flush=True)
     kind = "gpu" if torch.cuda.is_available() else "cpu"
-    suffix = "".join(f"_{o.split('.')[-1].replace('=', '')}" for o in args.overrides)
+    suffix = ("_paper" if args.paper_photos else "") + "".join(
+        f"_{o.split('.')[-1].replace('=', '')}" for o in args.overrides
+    )
     print(
         "wrote", write(f"data_pipeline_{kind}{suffix}", {"command": " ".join(sys.argv), "results": results})
     )
