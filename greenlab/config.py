@@ -136,7 +136,6 @@ def check_values(cfg) -> None:
     """Refuse, before anything runs, a composed config whose values do not fit ``VALUE_RULES`` (e.g.
     ``trainer.max_epochs=abc``, ``data.held_out_fraction=1.0``): one error naming every such key, its value
     and what is allowed."""
-    from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     problems = []

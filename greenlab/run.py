@@ -7,6 +7,7 @@ Everything is built from the composed config with ``hydra.utils.instantiate``; s
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import logging
@@ -29,7 +30,14 @@ from greenlab.callbacks.compute_monitor import JOULES_PER_KWH, ComputeMonitor
 from greenlab.callbacks.interruption import EXIT_SIGTERM
 from greenlab.compute.energy import co2e_kg, energy_meter
 from greenlab.report import write_results
-from greenlab.run_folder import RunLock, primary_process, refuse_finished, resume_source, resumed_files
+from greenlab.run_folder import (
+    RunLock,
+    check_checkpoint,
+    primary_process,
+    refuse_finished,
+    resume_source,
+    resumed_files,
+)
 
 log = logging.getLogger("greenlab")
 
@@ -39,13 +47,9 @@ CONFIG_DIR = str(greenlab.config.CONFIG_DIR)
 def run(cfg: DictConfig) -> dict:
     """Run the configured experiment; returns the results dict also written to results.json."""
     output_dir = Path(cfg.paths.output_dir)
-    lock = RunLock(output_dir)
-    if primary_process():  # DDP / SLURM workers run in their rank 0's folder
-        lock.acquire()
-    try:
+    # DDP / SLURM workers run in their rank 0's folder, under its lock
+    with RunLock(output_dir) if primary_process() else contextlib.nullcontext():
         return train_and_evaluate(cfg, output_dir)
-    finally:
-        lock.release()
 
 
 def train_and_evaluate(cfg: DictConfig, output_dir: Path) -> dict:
@@ -233,8 +237,9 @@ def report(results: dict, evaluation, trainer, output_dir: Path, arrays: dict | 
 
 
 def resume_checkpoint(output_dir: Path, named: str | None = None) -> Path | None:
-    """The checkpoint to continue an interrupted run in ``output_dir`` from (``run_folder.resume_source``:
-    checked intact and safe to load), or None for a new run; and the bookkeeping of a resumed attempt.
+    """The checkpoint to continue an interrupted run in ``output_dir`` from (``run_folder.resume_source``),
+    checked intact and safe to load (``check_checkpoint``), or None for a new run; and the bookkeeping of a
+    resumed attempt.
 
     last.ckpt is renamed (not copied) to ``checkpoints/resumed-from-<n>.ckpt`` (the training loop writes a
     new last.ckpt as it goes); an attempt that ended before saving one continues from the same resumed-from
@@ -244,9 +249,10 @@ def resume_checkpoint(output_dir: Path, named: str | None = None) -> Path | None
     """
     refuse_finished(output_dir)
     chosen = resume_source(output_dir, named)
-    if chosen is None or not primary_process():  # DDP / SLURM workers: bookkeeping left to rank 0
+    if chosen is None or not primary_process():  # DDP / SLURM workers: checks and bookkeeping left to rank 0
         return chosen
     checkpoints = output_dir / "checkpoints"
+    check_checkpoint(chosen, checkpoints)
     last = checkpoints / "last.ckpt"
     attempt = 1 + len(resumed_files(checkpoints))
     if chosen == last:

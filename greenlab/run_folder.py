@@ -4,7 +4,7 @@
 (its ``.hydra/*.yaml`` and log), so a refused re-run leaves the earlier run exactly as it was. It refuses
 - a folder holding a finished run (results.json) or one that finished training (backbone.pth);
 - a folder another greenlab process is running in (``run.lock``, see ``RunLock``);
-- a checkpoint to resume from that is truncated, unreadable or not safe to load (``resume_source``);
+- a folder with checkpoints but nothing to resume from (``resume_source``);
 - resuming an interrupted run with a different config: every key but the budget and logging
   (``RESUME_MAY_CHANGE``) must equal the stored ``.hydra/config.yaml``, else the differing keys are named
   (``resume.allow_config_change=true`` resumes anyway; the change is recorded in
@@ -62,7 +62,7 @@ def resume_source(folder: Path, named: str | None = None) -> Path | None:
     """The checkpoint a run in ``folder`` resumes from, or None for a new run: ``named`` (``resume.from``:
     ``epoch-4``, ``epoch004`` or a file name in checkpoints/), else last.ckpt, else the newest
     resumed-from file (an attempt that ended before saving). A folder with checkpoints but none of these is
-    refused; the chosen one must be intact and safe to load (``check_checkpoint``)."""
+    refused. Only chooses: the run checks the chosen file once (``check_checkpoint``) before resuming."""
     checkpoints = Path(folder) / "checkpoints"
     last = checkpoints / "last.ckpt"
     earlier = resumed_files(checkpoints)
@@ -82,7 +82,6 @@ def resume_source(folder: Path, named: str | None = None) -> Path | None:
         raise FileExistsError(f"{checkpoints} holds checkpoints but no last.ckpt to resume from")
     else:
         return None
-    check_checkpoint(chosen, checkpoints)
     return chosen
 
 

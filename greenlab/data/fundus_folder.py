@@ -38,18 +38,20 @@ def to_rgb8(image: Image.Image) -> Image.Image:
         if pixels.size and (pixels.min() < 0 or not np.isfinite(pixels).all()):
             raise ValueError(f"{image.mode} pixels outside [0, 65535] or not finite")
         top = pixels.max(initial=0)
-        full = (
-            1.0
-            if image.mode == "F" and top <= 1.0
-            else 255.0
-            if top <= 255 and image.mode == "F"
-            else 65535.0
-        )
+        full = 65535.0  # the integer modes hold 16-bit data
+        if image.mode == "F":  # float: its range says its scale
+            full = 1.0 if top <= 1.0 else 255.0 if top <= 255.0 else 65535.0
         if top > full:
             raise ValueError(f"{image.mode} pixels up to {top:g}, beyond 16 bits")
         grey = np.round(pixels * (255.0 / full)).astype(np.uint8)
         return Image.fromarray(grey).convert("RGB")
     return image.convert("RGB")
+
+
+def check_size(size: tuple[int, int]) -> None:
+    """Refuse an image under ``MIN_SIDE`` px a side."""
+    if min(size) < MIN_SIDE:
+        raise ValueError(f"{size[0]}x{size[1]} px, smaller than {MIN_SIDE} px a side")
 
 
 class FundusFolderDataModule(ImageDataModule):
@@ -202,8 +204,10 @@ class FundusFolderDataModule(ImageDataModule):
                 image = to_rgb8(handle)
         except Exception as err:
             raise ValueError(f"cannot read image {path}: {type(err).__name__}: {err}") from err
-        if min(image.size) < MIN_SIDE:
-            raise ValueError(f"{path}: {image.size[0]}x{image.size[1]} px, smaller than {MIN_SIDE} px a side")
+        try:
+            check_size(image.size)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
         return crop_field_of_view(image, max_side=self.max_side) if self.fov_crop else image
 
     def _scan(self) -> list[Path]:
@@ -220,10 +224,7 @@ class FundusFolderDataModule(ImageDataModule):
             try:
                 with Image.open(path) as handle:
                     handle.load()
-                    if min(handle.size) < MIN_SIDE:
-                        raise ValueError(
-                            f"{handle.size[0]}x{handle.size[1]} px, smaller than {MIN_SIDE} px a side"
-                        )
+                    check_size(handle.size)
                 good.append(path)
             except Exception as err:
                 reason = f"unreadable image: {type(err).__name__}: {err}"

@@ -69,6 +69,17 @@ class CheckVolumed(mt.MapTransform):
         return data
 
 
+class CheckSeriesGapsd(mt.MapTransform):
+    """{key: path}: a DICOM series folder must have evenly spaced slices (``check_dicom_series``); NIfTI
+    files pass. First in the cached chain, so a cached volume is not checked again."""
+
+    def __call__(self, data):
+        for key in self.keys:
+            if Path(data[key]).is_dir():
+                check_dicom_series(Path(data[key]))
+        return data
+
+
 def check_dicom_series(folder: Path) -> None:
     """A DICOM series folder must have evenly spaced slices: a gap (a missing slice) would be interpolated
     over silently. Positions along the slice normal from each file's header; a step more than 1.5 x the
@@ -210,9 +221,6 @@ class VolumeDataModule(ImageDataModule):
         skipped, keep = [], []
         for row, source in enumerate(tqdm(sources, desc="checking + caching volumes", unit="vol")):
             try:
-                for path in source.values():
-                    if Path(path).is_dir():
-                        check_dicom_series(Path(path))
                 self.preprocessed[row]  # preprocessed once (a cache miss) or read back (a hit)
                 keep.append(row)
             except Exception as err:
@@ -342,11 +350,12 @@ class VolumeDataModule(ImageDataModule):
         """The deterministic chain over every manifest row, cached on disk when ``cache_dir`` is set: one file
         per volume, named by its source files' paths, sizes and modification times (``source_stamp``), so
         an edited or replaced volume is re-processed alone; MONAI writes each file atomically and recomputes
-        one that does not load."""
+        one that does not load. A DICOM series is checked for slice gaps first (on a cache miss only): one flat
+        chain, as PersistentDataset caches only up to the first Randomizable, which a nested Compose is."""
+        chain = mt.Compose([CheckSeriesGapsd(list(self.volumes)), *self.preprocess.transforms])
         if not self.cache_dir:
-            return Dataset(sources, transform=self.preprocess)
-        return PersistentDataset(sources, transform=self.preprocess, cache_dir=self.cache_dir,
-                                 hash_func=source_stamp)  # fmt: skip
+            return Dataset(sources, transform=chain)
+        return PersistentDataset(sources, transform=chain, cache_dir=self.cache_dir, hash_func=source_stamp)
 
     def _dataset(self, items: list[dict], train: bool, with_report: bool = False):
         """Training or evaluation samples: the cached volume of each item's row, then the crops chain."""

@@ -16,9 +16,8 @@ class PretrainingModule(L.LightningModule):
     satisfy (greenlab/contracts.py)."""
 
     requires: tuple[type, ...] = ()
-    compiled: tuple[str, ...] = (
-        "",
-    )  # submodules torch.compile'd under `compile: true` ("" = the whole forward)
+    # the submodules torch.compile'd under `compile: true` ("" = the whole forward)
+    compiled: tuple[str, ...] = ("",)
 
     def trained_backbone(self) -> nn.Module:
         raise NotImplementedError
