@@ -141,7 +141,7 @@ def run_case(name: str, size: str, steps: int, warmup: int, variants: list[str])
         if variant == "compiled":
             objective.compile_networks()
         elif variant == "channels_last":
-            objective.to(memory_format=torch.channels_last)
+            objective.use_channels_last()
         stamp = StepClock()
         trainer = L.Trainer(accelerator=device.type, devices=1, max_steps=steps, max_epochs=1,
                             precision="bf16-mixed" if bf16 else "32-true", logger=False, enable_checkpointing=False,

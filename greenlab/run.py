@@ -16,7 +16,6 @@ import warnings
 from pathlib import Path
 
 import lightning as L
-import torch
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -72,7 +71,7 @@ def train_and_evaluate(cfg: DictConfig, output_dir: Path) -> dict:
         "channels_last": cfg.channels_last,
     }
     if cfg.channels_last:
-        objective.to(memory_format=torch.channels_last)
+        objective.use_channels_last()
     budget = pretrain(trainer, monitor, objective, datamodule, resume_from)
     if not trainer.is_global_zero:  # the budget is reduced over all ranks; from here on rank 0 alone works
         return {"metrics": {}}

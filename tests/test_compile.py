@@ -31,3 +31,20 @@ def test_compiled_token_reconstruction_gives_the_eager_loss_and_gradients(monkey
     for name, grad in eager[1].items():
         torch.testing.assert_close(compiled[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
     assert list(module.state_dict()) == names, "checkpoints and exports keep their keys"
+
+
+def test_channels_last_covers_2d_and_3d_convolutions_and_keeps_the_outputs():
+    """``channels_last: true`` on a 3D CNN objective: 5-D weights go to NDHWC (``Module.to(channels_last)``
+    refuses them), 4-D ones to NHWC; same outputs and state_dict keys."""
+    torch.manual_seed(0)
+    encoder = build("backbone/resnet3d18", depth=10, stem_kernel=4, weights="random").eval()
+    module = build("objective/label_supervised", backbone=encoder)
+    module.head = torch.nn.Conv2d(2, 3, 1)  # a 4-D weight beside the 3-D network's 5-D ones
+    volumes = torch.randn(2, 1, 16, 32, 32)
+    before, names = encoder(volumes), list(module.state_dict())
+
+    module.use_channels_last()
+    assert encoder.net.stem[0].weight.is_contiguous(memory_format=torch.channels_last_3d)
+    assert module.head.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(encoder(volumes), before, rtol=1e-4, atol=1e-5)
+    assert list(module.state_dict()) == names

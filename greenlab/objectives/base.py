@@ -5,9 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+import torch
 from torch import nn
 
 from greenlab.backbones import weights
+
+# tensor rank -> channels-last memory format (under `channels_last: true`)
+LAYOUTS = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 class PretrainingModule(L.LightningModule):
@@ -28,6 +32,14 @@ class PretrainingModule(L.LightningModule):
         for name in self.compiled:
             self.get_submodule(name).compile(**options)
         return [name or "forward" for name in self.compiled]
+
+    def use_channels_last(self) -> None:
+        """Convolution weights (and so activations) in channels-last layout: 4-D weights (2D convs) as
+        ``channels_last`` (NHWC), 5-D weights (3D convs) as ``channels_last_3d`` (NDHWC). ``Module.to`` takes
+        one format, and the 2D one refuses 5-D tensors."""
+        for tensor in [*self.parameters(), *self.buffers()]:
+            if tensor.dim() in LAYOUTS:
+                tensor.data = tensor.data.contiguous(memory_format=LAYOUTS[tensor.dim()])
 
     def run_notes(self) -> dict:
         """Choices made at run time (e.g. a backend picked by measurement), for results.json."""
