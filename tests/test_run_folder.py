@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -129,3 +130,64 @@ def test_every_torch_load_in_greenlab_says_weights_only_true():
     for path in (REPO / "greenlab").rglob("*.py"):
         for call in re.findall(r"torch\.load\([^)]*\)", path.read_text()):
             assert "weights_only=True" in call, f"{path}: {call}"
+
+
+def index_data(size: int = 23, batch_size: int = 4):
+    """An ImageDataModule whose images are their own indices, to see the order training receives."""
+    from greenlab.data.base import ImageDataModule, ItemDataset
+
+    data = ImageDataModule(batch_size=batch_size, eval_batch_size=8, num_workers=0, output_dir=None)
+    ids, labels = [str(i) for i in range(size)], torch.zeros(size, 1)
+    data.pretrain_set = ItemDataset(ids, lambda i: float(i), labels, torch.tensor)
+    return data
+
+
+def train_recording_order(tmp_path, epochs: int, stop_after=None, resume=None) -> list[tuple[int, list[int]]]:
+    """(epoch, image indices) of every training batch; ``stop_after=(epoch, batch)``: SIGTERM as Lightning
+    receives it after that batch (SaveOnInterrupt writes last.ckpt)."""
+    import lightning as L
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from greenlab.callbacks.interruption import SaveOnInterrupt
+
+    seen: list[tuple[int, list[int]]] = []
+
+    class Model(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def training_step(self, batch, batch_idx):
+            seen.append((self.current_epoch, batch[0].long().tolist()))
+            if stop_after == (self.current_epoch, batch_idx):
+                os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler: stop after this batch
+            return (self.weight - batch[0].float().mean()).pow(2)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    L.seed_everything(7)
+    trainer = L.Trainer(max_epochs=epochs, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[SaveOnInterrupt(tmp_path)], default_root_dir=tmp_path)  # fmt: skip
+    try:
+        trainer.fit(Model(), datamodule=index_data(), ckpt_path=resume)
+    except SIGTERMException:
+        pass
+    return seen
+
+
+@pytest.mark.parametrize("stop_after", [(1, 2), (0, 5)], ids=["mid-epoch", "at an epoch's end"])
+def test_a_resumed_run_trains_on_the_order_of_an_uninterrupted_one(tmp_path, stop_after):
+    """A plain DataLoader resumed mid-epoch starts a new shuffle (some images twice, others never that
+    epoch; Lightning warns): greenlab's resumes with the rest of the interrupted epoch's order."""
+    uninterrupted = train_recording_order(tmp_path / "a", epochs=3)
+    assert [epoch for epoch, _ in uninterrupted] == [0] * 6 + [1] * 6 + [2] * 6
+    for epoch in range(3):  # every image once per epoch, in a new order each epoch
+        images = sum((batch for e, batch in uninterrupted if e == epoch), [])
+        assert sorted(images) == list(range(23))
+    assert uninterrupted[0][1] != uninterrupted[6][1]
+
+    interrupted = train_recording_order(tmp_path / "b", epochs=3, stop_after=stop_after)
+    assert interrupted == uninterrupted[: len(interrupted)]
+    resumed = train_recording_order(tmp_path / "b", epochs=3, resume=tmp_path / "b" / "last.ckpt")
+    assert interrupted + resumed == uninterrupted

@@ -8,13 +8,14 @@ A sample is ``(image, labels)``: image (C, H, W) float tensor (or (1, D, H, W) f
 from __future__ import annotations
 
 import csv
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from greenlab.data.fundus import normalise_batch
 
@@ -42,6 +43,46 @@ class ItemDataset(Dataset):
         return self.transform(self.load(index)), self.labels[index]
 
 
+class EpochOrder(DistributedSampler):
+    """The pre-training order: this rank's share of a permutation drawn from (run seed, epoch) alone
+    (torch's ``DistributedSampler``; one rank on one device), so a resumed run replays the interrupted run's
+    order. ``skip``: samples of the next epoch iterated that are left out, those already trained on."""
+
+    def __init__(self, dataset: Dataset, shuffle: bool, epoch: int, ranks: int = 1, rank: int = 0):
+        seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))  # set by L.seed_everything
+        super().__init__(dataset, num_replicas=ranks, rank=rank, shuffle=shuffle, seed=seed)
+        self.set_epoch(epoch)
+        self.skip = 0
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        skip, self.skip = self.skip, 0
+        return iter(indices[skip:])
+
+
+class ResumableLoader(DataLoader):
+    """The pre-training DataLoader, resumable mid-epoch by Lightning (``state_dict``/``load_state_dict`` are
+    saved in every checkpoint): a run interrupted after ``b`` batches of epoch ``e`` resumes with the rest of
+    epoch ``e``'s order (``EpochOrder``), where a plain DataLoader starts a new shuffle and trains some images
+    twice and others not at all that epoch. The resumed batches' augmentations are fresh draws."""
+
+    delivered = 0  # batches of the current epoch handed to the training loop (Lightning prefetches none)
+
+    def __iter__(self) -> Iterator:
+        self.delivered = 0
+        for batch in super().__iter__():
+            self.delivered += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": getattr(self.sampler, "epoch", None), "batches": self.delivered}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Other samplers (draws with replacement) have no order to replay."""
+        if isinstance(self.sampler, EpochOrder) and state["epoch"] == self.sampler.epoch:
+            self.sampler.skip = state["batches"] * self.batch_size if state["batches"] < len(self) else 0
+
+
 class ImageDataModule(L.LightningDataModule):
     """Base class: subclasses fill ``pretrain_set``, ``probe_train_set``, ``probe_test_set`` and ``tasks``
     in ``setup``. ``probe_*`` sets use the deterministic evaluation transform."""
@@ -66,8 +107,17 @@ class ImageDataModule(L.LightningDataModule):
 
     worker_init_fn = None  # a DataLoader worker_init_fn (None: Lightning seeds the workers)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.pretrain_set, self.batch_size, shuffle=self.shuffle)
+    def train_dataloader(self) -> ResumableLoader:
+        """Resumable in the epoch Lightning will run next (the one a checkpoint left unfinished)."""
+        trainer = self.trainer
+        order = EpochOrder(
+            self._present(self.pretrain_set),
+            self.shuffle,
+            epoch=trainer.fit_loop.epoch_progress.current.processed if trainer else 0,
+            ranks=trainer.world_size if trainer else 1,
+            rank=trainer.global_rank if trainer else 0,
+        )
+        return ResumableLoader(self.pretrain_set, self.batch_size, sampler=order, **self._workers())
 
     def probe_dataloaders(self) -> tuple[DataLoader, DataLoader]:
         """(probe-train, held-out) loaders, in a fixed order."""
@@ -107,17 +157,20 @@ class ImageDataModule(L.LightningDataModule):
         return type(self).__name__
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(self._present(dataset), batch_size, shuffle=shuffle, **self._workers())
+
+    def _present(self, dataset: Dataset | None) -> Dataset:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() has not been called")
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            worker_init_fn=self.worker_init_fn,
-        )
+        return dataset
+
+    def _workers(self) -> dict:
+        return {
+            "num_workers": self.num_workers,
+            "persistent_workers": self.num_workers > 0,
+            "pin_memory": torch.cuda.is_available(),
+            "worker_init_fn": self.worker_init_fn,
+        }
 
     def write_skip_list(self, skipped: list[tuple[str, str]], filename: str = "skipped_inputs.csv") -> Path:
         """Write (path, reason) rows to the run's output directory; returns the file written."""

@@ -27,7 +27,7 @@ from monai.data.utils import worker_init_fn as monai_worker_init_fn
 from tqdm.auto import tqdm
 
 from greenlab.data import splits, tables
-from greenlab.data.base import MISSING, UNCERTAIN, ImageDataModule, Task
+from greenlab.data.base import MISSING, UNCERTAIN, ImageDataModule, ResumableLoader, Task
 from greenlab.labels import label_reports
 
 log = logging.getLogger(__name__)
@@ -294,10 +294,10 @@ class VolumeDataModule(ImageDataModule):
         if not (self.pair_reports and self.text_only_set):
             return paired
         from lightning.pytorch.utilities import CombinedLoader
-        from torch.utils.data import DataLoader, RandomSampler
+        from torch.utils.data import RandomSampler
 
         draws = RandomSampler(self.text_only_set, replacement=True, num_samples=2**31 - 1)
-        text_only = DataLoader(self.text_only_set, batch_size=self.text_only_batch_size, sampler=draws)
+        text_only = ResumableLoader(self.text_only_set, batch_size=self.text_only_batch_size, sampler=draws)
         return CombinedLoader({"paired": paired, "text_only": text_only}, mode="min_size")
 
     def _labels(self, table: pd.DataFrame, reports: list[str], cache: str = "report_labels.csv"
