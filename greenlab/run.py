@@ -73,6 +73,7 @@ def train_and_evaluate(cfg: DictConfig, output_dir: Path) -> dict:
     if cfg.channels_last:
         objective.use_channels_last()
     budget = pretrain(trainer, monitor, objective, datamodule, resume_from)
+    layout["fused_optimizer"] = any(o.defaults.get("fused") for o in trainer.optimizers)  # AdamW on a GPU
     if not trainer.is_global_zero:  # the budget is reduced over all ranks; from here on rank 0 alone works
         return {"metrics": {}}
     backbone = objective.trained_backbone()

@@ -1,5 +1,7 @@
 """CT loading with MONAI: orientation, spacing, HU window, crops; NIfTI vs DICOM parity on a real scan."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -139,6 +141,10 @@ def test_labels_distilled_from_reports_cached_and_checked(tmp_path):
     again = make()  # a second setup reuses the cached labels file, unchanged
     again.setup()
     assert (run / "report_labels.csv").read_text() == cached
+    (run / "report_labels.csv").write_text(cached.replace(",,,1,", ",,,yes,", 1))  # hand-edited
+    with pytest.raises(ValueError, match=rf"{re.escape(str(run))}/report_labels\.csv: column .*'yes'"):
+        make().setup()
+    (run / "report_labels.csv").write_text(cached)
     (tmp_path / "manifest.csv").write_text((tmp_path / "manifest.csv").read_text().replace("5 mm", "6 mm"))
     with pytest.raises(ValueError, match="report_labels.csv was made from other reports"):
         make().setup()

@@ -305,14 +305,16 @@ class VolumeDataModule(ImageDataModule):
         """(finding names, (N, C) int64: 1, 0, UNCERTAIN -2, MISSING -1) from columns or the labeller
         (its labels kept in the run folder's ``cache`` file)."""
         if self.labeller:
-            frame = self._distilled_labels(table, reports, cache)
+            source = (self.output_dir or Path.cwd()) / cache
+            frame = self._distilled_labels(table, reports, source)
         else:
+            source = self.manifest
             columns = self.label_columns or [c for c in table.columns if c not in self._non_label_columns()]
             missing = [c for c in columns if c not in table.columns]
             if missing:
                 raise ValueError(f"{self.manifest}: label columns {missing} not found")
             frame = table[columns]
-        array = tables.finding_labels(frame, self.manifest if not self.labeller else Path(cache))
+        array = tables.finding_labels(frame, source)
         array = np.where(np.isnan(array), MISSING, np.where(array == -1, UNCERTAIN, array))
         return list(frame.columns), torch.from_numpy(array.astype(np.int64))
 
@@ -322,11 +324,10 @@ class VolumeDataModule(ImageDataModule):
     def _non_label_columns(self) -> set:
         return {*self.volumes.values(), self.report_column, self.group_column, *splits.GROUP_COLUMNS}
 
-    def _distilled_labels(self, table: pd.DataFrame, reports: list[str], cache: str) -> pd.DataFrame:
-        """Labels from the report text (greenlab.labels), cached in the run folder: never recomputed."""
+    def _distilled_labels(self, table: pd.DataFrame, reports: list[str], path: Path) -> pd.DataFrame:
+        """Labels from the report text (greenlab.labels), cached in the run folder's ``path``: never
+        recomputed."""
         vocabulary = self.labeller.vocabulary
-        directory = self.output_dir or Path.cwd()
-        path = directory / cache
         ids = [str(i) for i in range(len(table))]
         if path.is_file():
             frame = pd.read_csv(path, dtype={"report": str}, keep_default_na=False)
@@ -336,7 +337,7 @@ class VolumeDataModule(ImageDataModule):
             return frame[vocabulary.names]
         frame = label_reports(ids, reports, self.labeller)
         frame.insert(1, "report", reports)
-        directory.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         frame.to_csv(path, index=False)
         log.info("labels distilled from %d reports (%s) -> %s", len(reports), self.labeller, path)
         return frame[vocabulary.names]
