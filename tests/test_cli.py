@@ -56,7 +56,11 @@ def test_main_command_writes_complete_results(main_run):
     assert set(results["metrics"]["probe_tasks"]) == {"haemorrhages", "hard_exudates", "grade"}
     assert "probe_auroc_macro" in results["metrics"]["initial_backbone"]
     compute = results["compute"]
-    assert compute["compiled"] == [] and compute["channels_last"] is False and compute["fused_optimizer"] is False
+    assert (
+        compute["compiled"] == []
+        and compute["channels_last"] is False
+        and compute["fused_optimizer"] is False
+    )
     # 24 generated images, 80 % kept for pre-training (by id hash), 2 epochs
     assert compute["train_images_seen"] == 2 * results["data"]["pretrain_images"]
     assert compute["train_flops"] == pytest.approx(
