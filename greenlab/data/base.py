@@ -75,12 +75,13 @@ class ResumableLoader(DataLoader):
             yield batch
 
     def state_dict(self) -> dict:
-        return {"epoch": getattr(self.sampler, "epoch", None), "batches": self.delivered}
+        """The epoch and the samples of its order trained on (in samples: a resume may change the batch)."""
+        return {"epoch": getattr(self.sampler, "epoch", None), "samples": self.delivered * self.batch_size}
 
     def load_state_dict(self, state: dict) -> None:
         """Other samplers (draws with replacement) have no order to replay."""
         if isinstance(self.sampler, EpochOrder) and state["epoch"] == self.sampler.epoch:
-            self.sampler.skip = state["batches"] * self.batch_size if state["batches"] < len(self) else 0
+            self.sampler.skip = state["samples"] if state["samples"] < len(self.sampler) else 0
 
 
 class ImageDataModule(L.LightningDataModule):
