@@ -148,6 +148,8 @@ def train_recording_order(tmp_path, epochs: int, stop_after=None, resume=None) -
     import lightning as L
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
     from greenlab.callbacks.interruption import SaveOnInterrupt
 
     seen: list[tuple[int, list[int]]] = []
@@ -168,7 +170,8 @@ def train_recording_order(tmp_path, epochs: int, stop_after=None, resume=None) -
 
     L.seed_everything(7)
     trainer = L.Trainer(max_epochs=epochs, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[SaveOnInterrupt(tmp_path)], default_root_dir=tmp_path)  # fmt: skip
+                        callbacks=[SaveOnInterrupt(tmp_path), ModelCheckpoint(tmp_path, "{epoch}", save_top_k=-1)],
+                        default_root_dir=tmp_path)  # fmt: skip
     try:
         trainer.fit(Model(), datamodule=index_data(), ckpt_path=resume)
     except SIGTERMException:
@@ -191,3 +194,10 @@ def test_a_resumed_run_trains_on_the_order_of_an_uninterrupted_one(tmp_path, sto
     assert interrupted == uninterrupted[: len(interrupted)]
     resumed = train_recording_order(tmp_path / "b", epochs=3, resume=tmp_path / "b" / "last.ckpt")
     assert interrupted + resumed == uninterrupted
+
+
+def test_a_run_resumed_from_an_epoch_checkpoint_trains_on_the_next_epochs_order(tmp_path):
+    """From the checkpoint ModelCheckpoint writes at the end of epoch 0 (what a kill -9 leaves)."""
+    uninterrupted = train_recording_order(tmp_path / "a", epochs=3)
+    resumed = train_recording_order(tmp_path / "b", epochs=3, resume=tmp_path / "a" / "epoch=0.ckpt")
+    assert resumed == uninterrupted[6:]
