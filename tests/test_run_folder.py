@@ -146,9 +146,8 @@ def train_recording_order(tmp_path, epochs: int, stop_after=None, resume=None) -
     """(epoch, image indices) of every training batch; ``stop_after=(epoch, batch)``: SIGTERM as Lightning
     receives it after that batch (SaveOnInterrupt writes last.ckpt)."""
     import lightning as L
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
     from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from greenlab.callbacks.interruption import SaveOnInterrupt
 
