@@ -31,6 +31,9 @@ def test_paper_scale_with_the_official_weights_is_faithful():
     assert check("retfound_green", ["data=fundus_folder", "data.root=/photos", "trainer=gpu"], LOADED)[
         "faithful"
     ]
+    # nor the speed options (same maths) or how a run resumes
+    speed = ["compile=true", "channels_last=true", "resume.allow_config_change=true", "resume.from=epoch-3"]
+    assert check("sparse_cnn_mae", speed, {"requested": "random", "used": "random"})["faithful"]
 
 
 def test_the_demo_lists_its_budget_and_initialisation():
