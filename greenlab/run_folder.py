@@ -37,6 +37,8 @@ RESUME_MAY_CHANGE = (
     "logger.",
     "resume.",
     "callbacks.progress_bar.",
+    "callbacks.checkpoint.",
+    "callbacks.latest.",
     "data.num_workers",
 )
 

@@ -96,6 +96,17 @@ INTENTIONAL = {  # dotted key: the (before, now) pairs allowed
         )
     ],
     "resume": [(None, {"allow_config_change": False, "from": None})],
+    # last.ckpt after every epoch (Lightning >= 2.5 wrote it only with an archive checkpoint, every 5-20 epochs)
+    "callbacks.checkpoint.save_last": [(True, False)],
+    "callbacks.latest": [
+        (
+            None,
+            {
+                "_target_": "greenlab.callbacks.interruption.LatestCheckpoint",
+                "dirpath": "${paths.output_dir}/checkpoints",
+            },
+        )
+    ],
     # the normalisation a ViT's weights expect, in its backbone config (python -m greenlab.evaluate feeds the data)
     "backbone.mean": [(None, [0.5, 0.5, 0.5]), (None, [0.485, 0.456, 0.406])],
     "backbone.std": [(None, [0.5, 0.5, 0.5]), (None, [0.229, 0.224, 0.225])],

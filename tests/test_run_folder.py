@@ -142,14 +142,16 @@ def index_data(size: int = 23, batch_size: int = 4):
     return data
 
 
-def train_recording_order(tmp_path, epochs: int, stop_after=None, resume=None) -> list[tuple[int, list[int]]]:
-    """(epoch, image indices) of every training batch; ``stop_after=(epoch, batch)``: SIGTERM as Lightning
-    receives it after that batch (SaveOnInterrupt writes last.ckpt)."""
+def train_recording_order(folder, epochs: int, archive_every: int = 1, stop_after=None, resume=None,
+                          extra=()) -> list[tuple[int, list[int]]]:  # fmt: skip
+    """(epoch, image indices) of every training batch of a one-parameter model on ``index_data()``, saved by
+    greenlab's checkpoint callbacks into ``folder`` (the archive every ``archive_every`` epochs);
+    ``stop_after=(epoch, batch)``: SIGTERM as Lightning receives it after that batch (SaveOnInterrupt)."""
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from greenlab.callbacks.interruption import SaveOnInterrupt
+    from greenlab.config import build
 
     seen: list[tuple[int, list[int]]] = []
 
@@ -167,10 +169,14 @@ def train_recording_order(tmp_path, epochs: int, stop_after=None, resume=None) -
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.01)
 
+    saving = [
+        SaveOnInterrupt(folder),
+        build("callbacks/default", select="checkpoint", dirpath=str(folder), every_n_epochs=archive_every),
+        build("callbacks/default", select="latest", dirpath=str(folder)),
+    ]
     L.seed_everything(7)
     trainer = L.Trainer(max_epochs=epochs, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[SaveOnInterrupt(tmp_path), ModelCheckpoint(tmp_path, "{epoch}", save_top_k=-1)],
-                        default_root_dir=tmp_path)  # fmt: skip
+                        callbacks=[*saving, *extra], default_root_dir=folder)  # fmt: skip
     try:
         trainer.fit(Model(), datamodule=index_data(), ckpt_path=resume)
     except SIGTERMException:
@@ -196,7 +202,26 @@ def test_a_resumed_run_trains_on_the_order_of_an_uninterrupted_one(tmp_path, sto
 
 
 def test_a_run_resumed_from_an_epoch_checkpoint_trains_on_the_next_epochs_order(tmp_path):
-    """From the checkpoint ModelCheckpoint writes at the end of epoch 0 (what a kill -9 leaves)."""
+    """From the archive checkpoint written at the end of epoch 0."""
     uninterrupted = train_recording_order(tmp_path / "a", epochs=3)
-    resumed = train_recording_order(tmp_path / "b", epochs=3, resume=tmp_path / "a" / "epoch=0.ckpt")
+    resumed = train_recording_order(tmp_path / "b", epochs=3, resume=tmp_path / "a" / "epoch000.ckpt")
     assert resumed == uninterrupted[6:]
+
+
+def test_last_ckpt_is_written_after_every_epoch_between_archive_checkpoints(tmp_path):
+    """At scale=paper the archive saves every 5 epochs; Lightning >= 2.5 writes ``save_last``'s last.ckpt only
+    along an archive checkpoint, so a run killed in epoch 3 had nothing to resume from. The ``latest``
+    callback writes it after every epoch; no other file appears between archive epochs."""
+    import lightning as L
+
+    found = []
+
+    class LookAtLast(L.Callback):
+        def on_train_epoch_start(self, trainer, module):
+            last = tmp_path / "last.ckpt"
+            found.append(torch.load(last, weights_only=True)["epoch"] if last.exists() else None)
+
+    train_recording_order(tmp_path, epochs=3, archive_every=5, extra=[LookAtLast()])
+    assert found == [None, 0, 1]
+    assert [p.name for p in tmp_path.glob("*.ckpt")] == ["last.ckpt"]
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["epoch"] == 2

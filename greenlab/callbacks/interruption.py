@@ -1,7 +1,11 @@
-"""SIGTERM (SLURM pre-emption, ``docker stop``, ``kill``) or Ctrl-C during training: the state reached is
-written to ``checkpoints/last.ckpt`` (atomically: a temporary file renamed), so the same command resumes from
-it; the process then exits non-zero (143 after SIGTERM, Lightning's 1 after Ctrl-C), never 0 as if finished.
-Under SLURM, Lightning's own SLURM plugin requeues on the pre-emption signal as usual."""
+"""What an interrupted run resumes from: ``checkpoints/last.ckpt``.
+
+- After every epoch (``LatestCheckpoint``), so a run killed outright (kill -9, out of memory, power) loses at
+  most one epoch.
+- On SIGTERM (SLURM pre-emption, ``docker stop``, ``kill``) or Ctrl-C during training, the state reached
+  (``SaveOnInterrupt``; atomically: a temporary file renamed); the process then exits non-zero (143 after
+  SIGTERM, Lightning's 1 after Ctrl-C), never 0 as if finished. Under SLURM, Lightning's own SLURM plugin
+  requeues on the pre-emption signal as usual."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import os
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger(__name__)
@@ -34,3 +39,18 @@ class SaveOnInterrupt(L.Callback):
         if trainer.is_global_zero:
             os.replace(partial, self.dirpath / "last.ckpt")
             log.warning("interrupted at step %d: saved %s", trainer.global_step, self.dirpath / "last.ckpt")
+
+
+class LatestCheckpoint(ModelCheckpoint):
+    """``last.ckpt`` in ``dirpath`` after every epoch, overwritten. (``ModelCheckpoint(save_last=True)`` beside
+    an archive saved every few epochs writes it only along an archive file since Lightning 2.5, and a second
+    plain ModelCheckpoint saving every epoch clashes with an every-epoch archive: same state key.)"""
+
+    def __init__(self, dirpath: str):
+        super().__init__(
+            dirpath, filename="last", enable_version_counter=False, every_n_epochs=1, save_top_k=1
+        )
+
+    @property
+    def state_key(self) -> str:
+        return type(self).__name__
