@@ -27,6 +27,7 @@ import torch
 
 from benchmarks.common import SameBatch, StepClock, write
 from greenlab.config import build as build_option
+from greenlab.objectives.base import use_channels_last
 
 DENSE_BF16_PEAK = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
 
@@ -141,7 +142,7 @@ def run_case(name: str, size: str, steps: int, warmup: int, variants: list[str])
         if variant == "compiled":
             objective.compile_networks()
         elif variant == "channels_last":
-            objective.use_channels_last()
+            use_channels_last(objective)
         stamp = StepClock()
         trainer = L.Trainer(accelerator=device.type, devices=1, max_steps=steps, max_epochs=1,
                             precision="bf16-mixed" if bf16 else "32-true", logger=False, enable_checkpointing=False,

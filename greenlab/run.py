@@ -28,6 +28,7 @@ from greenlab.backbones import weights
 from greenlab.callbacks.compute_monitor import JOULES_PER_KWH, ComputeMonitor
 from greenlab.callbacks.interruption import EXIT_SIGTERM
 from greenlab.compute.energy import co2e_kg, energy_meter
+from greenlab.objectives.base import use_channels_last
 from greenlab.report import write_results
 from greenlab.run_folder import (
     RunLock,
@@ -71,7 +72,9 @@ def train_and_evaluate(cfg: DictConfig, output_dir: Path) -> dict:
         "channels_last": cfg.channels_last,
     }
     if cfg.channels_last:
-        objective.use_channels_last()
+        for network in (objective, initial_backbone):
+            if network is not None:
+                use_channels_last(network)
     budget = pretrain(trainer, monitor, objective, datamodule, resume_from)
     layout["fused_optimizer"] = any(o.defaults.get("fused") for o in trainer.optimizers)  # AdamW on a GPU
     if not trainer.is_global_zero:  # the budget is reduced over all ranks; from here on rank 0 alone works

@@ -56,6 +56,7 @@ TINY_MAE = [  # mae_baseline: a 2-block ViT/16 at 32 px (4 patches, 1 visible), 
 TINY_3D = [  # greenrfm_stage1_medmnist3d: ResNet-10 on 16^3 volumes, {npz_3d} is filled in by the test
     "data.path={npz_3d}",
     "backbone.depth=10",
+    "channels_last=true",  # the 3D layout (NDHWC weights) end to end, the trained and the initial encoder
     "data.batch_size=4",
     "data.num_workers=0",
     "trainer.max_epochs=1",

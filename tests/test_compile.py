@@ -3,6 +3,7 @@
 import torch
 
 from greenlab.config import build
+from greenlab.objectives.base import use_channels_last
 from tests.conftest import TINY_VIT
 
 
@@ -43,7 +44,7 @@ def test_channels_last_covers_2d_and_3d_convolutions_and_keeps_the_outputs():
     volumes = torch.randn(2, 1, 16, 32, 32)
     before, names = encoder(volumes), list(module.state_dict())
 
-    module.use_channels_last()
+    use_channels_last(module)
     assert encoder.net.stem[0].weight.is_contiguous(memory_format=torch.channels_last_3d)
     assert module.head.weight.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(encoder(volumes), before, rtol=1e-4, atol=1e-5)

@@ -14,6 +14,15 @@ from greenlab.backbones import weights
 LAYOUTS = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
+def use_channels_last(module: nn.Module) -> None:
+    """Convolution weights (and so activations) in channels-last layout: 4-D weights (2D convs) as
+    ``channels_last`` (NHWC), 5-D weights (3D convs) as ``channels_last_3d`` (NDHWC). ``Module.to`` takes one
+    format, and the 2D one refuses 5-D tensors."""
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if tensor.dim() in LAYOUTS:
+            tensor.data = tensor.data.contiguous(memory_format=LAYOUTS[tensor.dim()])
+
+
 class PretrainingModule(L.LightningModule):
     """Base class of the objectives. A subclass defines the loss (``forward``, ``training_step``),
     ``configure_optimizers`` and ``trained_backbone``; ``requires`` lists the protocols its datamodule must
@@ -32,14 +41,6 @@ class PretrainingModule(L.LightningModule):
         for name in self.compiled:
             self.get_submodule(name).compile(**options)
         return [name or "forward" for name in self.compiled]
-
-    def use_channels_last(self) -> None:
-        """Convolution weights (and so activations) in channels-last layout: 4-D weights (2D convs) as
-        ``channels_last`` (NHWC), 5-D weights (3D convs) as ``channels_last_3d`` (NDHWC). ``Module.to`` takes
-        one format, and the 2D one refuses 5-D tensors."""
-        for tensor in [*self.parameters(), *self.buffers()]:
-            if tensor.dim() in LAYOUTS:
-                tensor.data = tensor.data.contiguous(memory_format=LAYOUTS[tensor.dim()])
 
     def run_notes(self) -> dict:
         """Choices made at run time (e.g. a backend picked by measurement), for results.json."""
