@@ -288,9 +288,14 @@ def test_zero_shot_scores_an_oracle_perfectly():
         def probe_dataloaders(self):
             return None, loader
 
+    encoded, encode_text = [], model.encode_text
+    model.encode_text = lambda texts: encoded.append(tuple(texts)) or encode_text(texts)
     metrics = build("evaluation/zero_shot", linear_probe=None, vocabulary=None)(
         model, Data(), torch.device("cpu")
     )["metrics"]
+    assert encoded.count(("not pleural effusion.",)) == 1, (
+        "the configured templates, p1, are not scored twice"
+    )
     assert metrics["zero_shot_auroc/pleural_effusion"] == 1.0 and metrics["zero_shot_auroc_macro"] == 1.0
     assert metrics["zero_shot_findings_scored"] == 2 and metrics["report_to_volume_recall@5"] == 1.0
     by_prompt = metrics["zero_shot_auroc_macro_by_prompt"]  # each official pair, and the five averaged

@@ -139,11 +139,17 @@ class ZeroShot:
             labels = torch.cat(labels).numpy()
             reports = model.encode_text(datamodule.test_reports).float().cpu().numpy()
             scores, probabilities = self.diagnose(model, image, labels, datamodule.tasks, self.templates)
-            by_prompt = {name: self.diagnose(model, image, labels, datamodule.tasks, prompt_pairs([name]))[0]
-                         for name in OFFICIAL_PROMPTS}  # fmt: skip
-            by_prompt["p1-p5 averaged"] = self.diagnose(
-                model, image, labels, datamodule.tasks, prompt_pairs(OFFICIAL_PROMPTS)
-            )[0]
+            by_prompt = {}  # each official pair and the five averaged; the configured templates not twice
+            for name, pairs in {
+                **{p: [p] for p in OFFICIAL_PROMPTS},
+                "p1-p5 averaged": [*OFFICIAL_PROMPTS],
+            }.items():
+                pairs = prompt_pairs(pairs)
+                by_prompt[name] = (
+                    scores
+                    if pairs == self.templates
+                    else self.diagnose(model, image, labels, datamodule.tasks, pairs)[0]
+                )
         model.train(was_training)
         pool = len(image)
         metrics = {
