@@ -139,17 +139,14 @@ class ZeroShot:
             labels = torch.cat(labels).numpy()
             reports = model.encode_text(datamodule.test_reports).float().cpu().numpy()
             scores, probabilities = self.diagnose(model, image, labels, datamodule.tasks, self.templates)
-            by_prompt = {}  # each official pair and the five averaged; the configured templates not twice
-            for name, pairs in {
-                **{p: [p] for p in OFFICIAL_PROMPTS},
-                "p1-p5 averaged": [*OFFICIAL_PROMPTS],
-            }.items():
-                pairs = prompt_pairs(pairs)
-                by_prompt[name] = (
-                    scores
-                    if pairs == self.templates
-                    else self.diagnose(model, image, labels, datamodule.tasks, pairs)[0]
-                )
+            choices = {name: prompt_pairs([name]) for name in OFFICIAL_PROMPTS}
+            choices["p1-p5 averaged"] = prompt_pairs(OFFICIAL_PROMPTS)
+            by_prompt = {  # the configured templates (the paper's: [p1]) are not scored twice
+                name: scores
+                if pairs == self.templates
+                else self.diagnose(model, image, labels, datamodule.tasks, pairs)[0]
+                for name, pairs in choices.items()
+            }
         model.train(was_training)
         pool = len(image)
         metrics = {
