@@ -102,9 +102,9 @@ def main() -> None:
                        pixel_cache_dir=None, num_workers=0)  # fmt: skip
         cached = build("data/fundus_folder", root=str(paths[0].parent), img_size=args.img,
                        max_side=args.cache_side, pixel_cache_dir=str(cache), num_workers=0)  # fmt: skip
-        from greenlab.data.fundus import pretrain_transform
+        from greenlab.data.transforms2d import retfound_green_transform
 
-        augment = pretrain_transform(args.img, (0.5,) * 3, (0.5,) * 3)
+        augment = retfound_green_transform(args.img, (0.5,) * 3, (0.5,) * 3)
         from_source = rate(source.load, paths, augment)
         fill_start = time.perf_counter()
         for path in paths:

@@ -107,6 +107,8 @@ def run_case(name: str, size: str, steps: int, warmup: int, variants: list[str])
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     objective, batch, what = build(name, size, device)
     batch = to_device(batch, device)
+    batch_size = len(batch[-1]) if name.startswith("greenrfm") else len(batch[0])
+    objective.effective_batch_size = batch_size  # the lr rules' global batch: one process, no accumulation
     clip = 0.5 if name.endswith("stage2") else None  # MUST stage 2 clips gradients itself (greenlab does too)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
@@ -136,26 +138,28 @@ def run_case(name: str, size: str, steps: int, warmup: int, variants: list[str])
     del optimizer
 
     # greenlab: a fresh objective of the same weights through Lightning with greenlab's compute monitor; then,
-    # with --variants, the same with compile: true / channels_last: true (greenlab/run.py applies them alike)
+    # with --variants, the same with compile: true / channels_last: true (greenlab/pipeline/run.py applies them alike)
     def through_lightning(variant: str) -> float:
         objective, _, _ = build(name, size, device)
+        objective.effective_batch_size = batch_size
         if variant == "compiled":
             objective.compile_networks()
         elif variant == "channels_last":
             use_channels_last(objective)
         stamp = StepClock()
+        monitor = build_option("callbacks/default", select="compute_monitor")
+        monitor.budget = build_option("compute/default")
         trainer = L.Trainer(accelerator=device.type, devices=1, max_steps=steps, max_epochs=1,
                             precision="bf16-mixed" if bf16 else "32-true", logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                            callbacks=[build_option("callbacks/default", select="compute_monitor"), stamp])  # fmt: skip
-        if hasattr(objective, "build"):  # MUST builds its heads from the data in setup: already built above
-            objective.setup = lambda stage: None
+                            callbacks=[monitor, stamp])  # fmt: skip
+        # no datamodule: the global batch is set above; MUST's heads (built from the data in setup) too
+        objective.setup = lambda stage: None
         trainer.fit(objective, train_dataloaders=SameBatch(batch, steps))
         return stamp.seconds_per_step(warmup)
 
     framework = through_lightning("eager")
     variant_seconds = {v: through_lightning(v) for v in variants}
-    batch_size = len(batch[-1]) if name.startswith("greenrfm") else len(batch[0])
     result = {
         "case": name,
         "what": what,

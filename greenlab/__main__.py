@@ -1,4 +1,4 @@
-from greenlab.cli import main
+from greenlab.pipeline.cli import main
 
 if __name__ == "__main__":
     main()

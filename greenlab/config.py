@@ -7,6 +7,7 @@ arguments given replacing its values.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -94,52 +95,73 @@ def build(option: str, /, overrides: list[str] = (), select: str | None = None, 
     return instantiate(node, _partial_=True)(**arguments)
 
 
-def _integer(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+# What a value may be, in words that are also its test (``allows``): "true or false"; or "an integer" / "a number",
+# then optionally ">= x", "> x" or "in [a, b)" (a bracket includes its end, a parenthesis does not), then optionally
+# ", or null"; a trailing "(...)" is a note.
+RULE = re.compile(r"(?P<kind>an integer|a number)(?: (?P<op>>=|>) (?P<bound>[-.\de]+)"
+                  r"| in (?P<left>[\[(])(?P<low>[-.\de]+), (?P<high>[-.\de]+)(?P<right>[\])]))?(?P<null>, or null)?(?: \(.+\))?")  # fmt: skip
 
+# Config group: the package that reads its values and whose ``VALUE_RULES`` (keys inside the group) say what they
+# may be.
+GROUP_RULES = {
+    "data": "greenlab.data",
+    "objective": "greenlab.objectives",
+    "evaluation": "greenlab.evaluation",
+}
 
-def _number(v) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
-
-
-# dotted key: (test, what is allowed). Checked at start-up on the composed config, where the key exists.
+# The values no package's ``VALUE_RULES`` covers: the primary configs' (greenlab/conf/config.yaml, evaluate.yaml)
+# and the trainer's (Lightning's arguments). Dotted key: what is allowed.
 VALUE_RULES = {
-    "seed": (_integer, "an integer"),
-    "img_size": (lambda v: _integer(v) and v >= 8, "an integer >= 8 (px)"),
-    "trainer.max_epochs": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
-    "trainer.accumulate_grad_batches": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
-    "trainer.gradient_clip_val": (lambda v: v is None or (_number(v) and v > 0), "a number > 0, or null"),
-    "trainer.log_every_n_steps": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
-    "data.batch_size": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
-    "data.eval_batch_size": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
-    "data.num_workers": (lambda v: _integer(v) and v >= 0, "an integer >= 0"),
-    "data.held_out_fraction": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "data.split_seed": (_integer, "an integer"),
-    "objective.lr": (lambda v: _number(v) and v > 0, "a number > 0"),
-    "objective.base_lr": (lambda v: _number(v) and v > 0, "a number > 0"),
-    "objective.min_lr": (lambda v: _number(v) and v >= 0, "a number >= 0"),
-    "objective.start_lr": (lambda v: _number(v) and v >= 0, "a number >= 0"),
-    "objective.weight_decay": (lambda v: _number(v) and v >= 0, "a number >= 0"),
-    "objective.mask_ratio": (lambda v: _number(v) and 0 < v < 1, "a number in (0, 1)"),
-    "objective.warmup_epochs": (lambda v: _integer(v) and v >= 0, "an integer >= 0"),
-    "objective.cosine_epochs": (lambda v: _integer(v) and v >= 0, "an integer >= 0"),
-    "evaluation.bootstrap_resamples": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
-    "evaluation.ci_resamples": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
-    "evaluation.folds": (lambda v: _integer(v) and v >= 2, "an integer >= 2"),
-    "evaluation.epochs": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
-    "compile": (lambda v: isinstance(v, bool), "true or false"),
-    "channels_last": (lambda v: isinstance(v, bool), "true or false"),
+    "seed": "an integer",
+    "img_size": "an integer >= 8 (px)",
+    "compile": "true or false",
+    "channels_last": "true or false",
+    "trainer.max_epochs": "an integer >= 1",
+    "trainer.accumulate_grad_batches": "an integer >= 1",
+    "trainer.gradient_clip_val": "a number > 0, or null",
+    "trainer.log_every_n_steps": "an integer >= 1",
 }
 
 
+def value_rules() -> dict[str, str]:
+    """Dotted key: what is allowed; ``VALUE_RULES`` and those of each group's package (``GROUP_RULES``)."""
+    from importlib import import_module
+
+    rules = dict(VALUE_RULES)
+    for group, package in GROUP_RULES.items():
+        rules.update({f"{group}.{key}": rule for key, rule in import_module(package).VALUE_RULES.items()})
+    return rules
+
+
+def allows(rule: str, value) -> bool:
+    """Whether ``value`` is what ``rule`` (the words of ``RULE``) allows; booleans are not numbers."""
+    if rule == "true or false":
+        return isinstance(value, bool)
+    match = RULE.fullmatch(rule)
+    if match is None:
+        raise ValueError(f"value rule {rule!r} is not in the words greenlab.config.RULE reads")
+    if value is None:
+        return match["null"] is not None
+    kind = int if match["kind"] == "an integer" else int | float
+    if isinstance(value, bool) or not isinstance(value, kind):
+        return False
+    if match["op"]:
+        return value >= float(match["bound"]) if match["op"] == ">=" else value > float(match["bound"])
+    if match["left"]:
+        low, high = float(match["low"]), float(match["high"])
+        above = low <= value if match["left"] == "[" else low < value
+        return above and (value < high if match["right"] == ")" else value <= high)
+    return True
+
+
 def check_values(cfg) -> None:
-    """Refuse, before anything runs, a composed config whose values do not fit ``VALUE_RULES`` (e.g.
+    """Refuse, before anything runs, a composed config whose values do not fit their rules (``value_rules``, e.g.
     ``trainer.max_epochs=abc``, ``data.held_out_fraction=1.0``): one error naming every such key, its value
     and what is allowed."""
     from omegaconf.errors import OmegaConfBaseException
 
     problems = []
-    for key, (test, allowed) in VALUE_RULES.items():
+    for key, rule in value_rules().items():
         parent, _, leaf = key.rpartition(".")
         try:
             node = OmegaConf.select(cfg, parent) if parent else cfg
@@ -149,7 +171,7 @@ def check_values(cfg) -> None:
         except OmegaConfBaseException as err:  # an interpolation that does not resolve
             problems.append(f"{key}: {err}")
             continue
-        if not test(value):
-            problems.append(f"{key}={value!r}: expected {allowed}")
+        if not allows(rule, value):
+            problems.append(f"{key}={value!r}: expected {rule}")
     if problems:
         raise ValueError("invalid config values: " + "; ".join(problems))

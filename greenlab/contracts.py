@@ -1,4 +1,5 @@
-"""The contracts between the parts of a run: what ``run.py`` and ``report.py`` may rely on, and nothing else.
+"""The contracts between the parts of a run: what the pipeline (``greenlab/pipeline``) and the results
+(``greenlab/results``) may rely on, and nothing else.
 
 A run composes four parts from the config (``greenlab/conf/``): a backbone, an objective that pre-trains it, a
 datamodule, and an evaluation. Each part is a plain class of its own package; these protocols say what
@@ -54,10 +55,11 @@ class Objective(Protocol):
 class Evaluation(Protocol):
     """Scores a frozen (or fine-tuned copy of a) backbone on a datamodule's labelled sets.
 
-    ``__call__(backbone, datamodule, device)`` -> ``{"metrics": {...}, "embedding": {...}}`` and, where it
-    resamples, ``"arrays": {name: np.ndarray}`` (saved as bootstrap.npz beside results.json);
-    ``markdown(metrics)``: its section of results.md; ``optimized_metric``: the metrics key a sweeper
-    optimises; ``requires``: protocols the datamodule must satisfy.
+    ``__call__(backbone, datamodule, device)`` -> ``greenlab.results.model.Evaluated``: its metrics, the
+    comparisons it scored (with their bootstrap draws, saved in bootstrap.npz), the held-out sets, the
+    embedding; ``markdown(results)``: its sections of results.md (``results``: the run's ``Results``; the
+    comparisons table is the report's own); ``optimized_metric``: the metrics key a sweeper optimises;
+    ``requires``: protocols the datamodule must satisfy.
     """
 
     requires: tuple[type, ...]
@@ -65,7 +67,7 @@ class Evaluation(Protocol):
 
     def __call__(self, backbone: nn.Module, datamodule, device: torch.device) -> dict: ...
 
-    def markdown(self, metrics: dict) -> list[str]: ...
+    def markdown(self, results) -> list[str]: ...
 
 
 @runtime_checkable

@@ -23,3 +23,14 @@ class TermAtStep(KillAtStep):
     def on_train_batch_end(self, trainer, *args) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+class FailOnRank(L.Callback):
+    """Raise at the end of training on the DDP process of global rank ``rank`` (a rank that fails late)."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def on_fit_end(self, trainer, *args) -> None:
+        if trainer.global_rank == self.rank:
+            raise RuntimeError(f"FailOnRank: rank {self.rank} fails on purpose")

@@ -10,7 +10,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from greenlab.config import CONFIG_DIR
-from tests.conftest import TINY, TINY_RUN, run_cli, write_npz_3d, write_tiny_npz
+from tests.conftest import TINY, TINY_RUN, run_cli, write_npz_3d
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 RESULT_KEYS = {
@@ -94,7 +94,7 @@ def test_evaluate_only_gives_the_training_runs_probe_numbers(main_run, data_dir,
     run_dir, _ = main_run
     tiny = [o for o in TINY_RUN if not o.startswith(("trainer.", "data.batch_size"))]
     run_cli(*tiny, f"backbone.weights={run_dir / 'backbone.pth'}", f"paths.data_dir={data_dir}", "compute.region=FRA",
-            f"hydra.run.dir={tmp_path / 'eval'}", module="greenlab.evaluate")  # fmt: skip
+            f"hydra.run.dir={tmp_path / 'eval'}", module="greenlab.pipeline.evaluate")  # fmt: skip
     trained, evaluated = (json.loads((d / "results.json").read_text()) for d in (run_dir, tmp_path / "eval"))
     assert evaluated["init"]["used"] == "file" and evaluated["objective"] is None
     assert (
@@ -259,30 +259,71 @@ def test_same_seed_same_config_same_results(main_run, tmp_path, data_dir):
     assert results[0]["metrics"]["probe_tasks"] == results[1]["metrics"]["probe_tasks"]
 
 
-def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path, data_dir):
-    """trainer=ddp with 2 gloo processes x 16 = one process x 32 (the global batch: the whole training set,
-    so the sampling order cannot matter): same losses, same metrics, images and FLOPs counted once, and
-    results.json / the W&B run written by rank 0 alone."""
-    write_tiny_npz(tmp_path / "tiny2d.npz", (16, 16), counts=(32, 16))  # binary, 32 train
-    common = [
-        "objective=label_supervised", "data=medmnist", f"data.path={tmp_path / 'tiny2d.npz'}", "data.augmentation=none",
-        "data.num_workers=0", "img_size=28", "backbone.weights=random", "+backbone.model_kwargs.embed_dim=48",
-        "+backbone.model_kwargs.depth=2", "+backbone.model_kwargs.num_heads=2", "evaluation.bootstrap_resamples=10", "evaluation.ci_resamples=10",
-        "trainer.max_epochs=3", f"paths.data_dir={data_dir}",
-    ]  # fmt: skip
+DETERMINISTIC = [
+    "objective.noise_std=0",
+    "objective.max_corruption_ratio=0",
+    "data.augmentation=none",
+]  # no RNG
+DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+
+
+def test_ddp_command_line_matches_one_process_of_the_same_global_batch(tmp_path, data_dir):
+    """The README's DDP command (the main experiment's command line, tiny): 2 gloo processes x 4 = one
+    process x 8 (the same images in each global batch: the (seed, epoch) order split across ranks). Exit 0,
+    one results.json and W&B run by rank 0 alone, the probe metrics equal, images and FLOPs counted once, the
+    global batch recorded and checked against the paper's the same way. Pixel noise and token corruption off:
+    they draw from each process's own random stream."""
     ddp, single = tmp_path / "ddp", tmp_path / "single"
-    run_cli(*common, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "data.batch_size=16",
-            f"hydra.run.dir={ddp}")  # fmt: skip
-    run_cli(*common, "data.batch_size=32", f"hydra.run.dir={single}")
+    proc = run_tiny(ddp, data_dir, *DETERMINISTIC, *DDP, "data.batch_size=4")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr
+    run_tiny(single, data_dir, *DETERMINISTIC, "data.batch_size=8")
+    assert sorted(p.name for p in ddp.rglob("results.json") if "wandb" not in p.parts) == ["results.json"]
     a, b = (json.loads((d / "results.json").read_text()) for d in (ddp, single))
     assert a["compute"]["world_size"] == 2 and b["compute"]["world_size"] == 1
-    assert a["metrics"]["final_train_loss"] == pytest.approx(b["metrics"]["final_train_loss"], abs=1e-6)
-    assert a["metrics"]["probe_tasks"]["label"]["auroc"] == pytest.approx(
-        b["metrics"]["probe_tasks"]["label"]["auroc"]
-    )
+    assert a["compute"]["effective_batch_size"] == b["compute"]["effective_batch_size"] == 8
+    assert a["metrics"]["final_train_loss"] == pytest.approx(b["metrics"]["final_train_loss"], rel=1e-4)
+    for task in ("haemorrhages", "hard_exudates", "grade"):
+        assert a["metrics"]["probe_tasks"][task]["auroc"] == pytest.approx(
+            b["metrics"]["probe_tasks"][task]["auroc"]
+        )
+    assert a["metrics"]["probe_auroc_macro"] == pytest.approx(b["metrics"]["probe_auroc_macro"])
     for key in ("train_images_seen", "optimizer_steps", "train_flops"):
         assert a["compute"][key] == b["compute"][key], key
+    batch = {d["key"]: d for d in a["recipe"]["deviations"]}["effective_batch_size"]
+    assert (batch["paper"], batch["used"]) == (128, 8) and "2 process(es)" in batch["why"]
     assert len(list((ddp / "wandb").glob("offline-run-*"))) == 1
+
+
+def test_ddp_run_fails_when_another_rank_fails(tmp_path, data_dir):
+    """A rank that fails after training fails the command (no race with rank 0's evaluation), and no
+    results are written."""
+    run_dir = tmp_path / "run"
+    proc = run_tiny(run_dir, data_dir, *DDP, "data.batch_size=4", "trainer.max_epochs=1",
+                    "+callbacks.fail._target_=tests.helpers.FailOnRank", "+callbacks.fail.rank=1", check=False)  # fmt: skip
+    assert proc.returncode != 0
+    assert "FailOnRank: rank 1 fails on purpose" in proc.stderr + proc.stdout
+    assert not (run_dir / "results.json").exists()
+
+
+def test_ddp_multirun_gives_one_complete_run_per_job(tmp_path, data_dir):
+    """``-m`` under DDP: each job's worker process runs that job (not the whole sweep) in that job's folder."""
+    sweep = tmp_path / "sweep"
+    run_cli("-m", "+experiment=retfound_green", *TINY_RUN, *DDP, "data.batch_size=4", "trainer.max_epochs=1",
+            "evaluate_initial_backbone=false", "seed=1,2", f"paths.data_dir={data_dir}", f"hydra.sweep.dir={sweep}")  # fmt: skip
+    runs = [json.loads((sweep / job / "results.json").read_text()) for job in ("0", "1")]
+    assert [r["config"]["seed"] for r in runs] == [1, 2]
+    assert all(r["compute"]["world_size"] == 2 and "probe_auroc_macro" in r["metrics"] for r in runs)
+    assert sorted(p.parent.name for p in sweep.rglob("results.json") if "wandb" not in p.parts) == ["0", "1"]
+
+
+def test_evaluate_in_a_worker_process_leaves_it_to_rank_0(tmp_path, data_dir, monkeypatch):
+    """python -m greenlab.evaluate started on every task of a DDP / SLURM job: only rank 0 evaluates."""
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    run_dir = tmp_path / "eval"
+    run_cli("backbone.weights=random", "img_size=28", "+backbone.model_kwargs.embed_dim=48", "+backbone.model_kwargs.depth=2",
+            "+backbone.model_kwargs.num_heads=2", "data.num_images=24", "data.num_workers=0",
+            f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}", module="greenlab.evaluate")  # fmt: skip
+    assert not (run_dir / "results.json").exists()
 
 
 def test_slurm_launcher_config_composes():

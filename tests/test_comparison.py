@@ -12,7 +12,7 @@ import torch
 from scipy.stats import wilcoxon
 from sklearn.metrics import roc_auc_score
 
-from greenlab import compare
+from greenlab.analysis import compare
 from greenlab.config import build
 from greenlab.data import splits
 from greenlab.evaluation.statistics import MACRO, one_vs_rest_auroc, wilcoxon_p

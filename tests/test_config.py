@@ -10,7 +10,7 @@ import yaml
 from hydra.utils import get_object
 from omegaconf import OmegaConf
 
-from greenlab.config import CONFIG_DIR, experiments
+from greenlab.config import CONFIG_DIR, allows, experiments, value_rules
 from tests.conftest import REPO, run_cli
 
 SNAPSHOTS = REPO / "tests" / "config_snapshots"
@@ -78,12 +78,21 @@ INTENTIONAL = {  # dotted key: the (before, now) pairs allowed
     "evaluation.ci_resamples": [(None, 1000)],
     "evaluation.datasets": [(None, {})],
     # #15: the grid's carbon intensity by country (compute.region: new, null)
-    "callbacks.compute_monitor.region": [(None, "${compute.region}")],
-    "callbacks.compute_monitor.energy_backend": [(None, "${compute.energy_backend}")],
     "compute.energy_backend": [(None, "greenlab")],
     # #16: the preprocessing cache of photograph folders
     "data.pixel_cache_dir": [(None, "${paths.data_dir}/fundus_cache")],
     "compile": [(None, False)],  # torch.compile of the objective's networks, off by default
+    # #24: cfg.compute is read in one place, the run's Budget (greenlab/compute/budget.py); the monitor moved to
+    # greenlab/compute/; the lr rules take the global batch from the trainer, not data.batch_size
+    "compute._target_": [(None, "greenlab.compute.budget.Budget")],
+    "callbacks.compute_monitor._target_": [
+        ("greenlab.callbacks.compute_monitor.ComputeMonitor", "greenlab.compute.monitor.ComputeMonitor")
+    ],
+    **{
+        f"callbacks.compute_monitor.{key}": [(f"${{compute.{key}}}", None)]
+        for key in ("carbon_intensity_kg_per_kwh", "pue", "cpu_watts_per_core")
+    },
+    "objective.batch_size": [("${data.batch_size}", None)],
     "channels_last": [(None, False)],
     # #17: SIGTERM saves last.ckpt; resuming checks the config
     "callbacks.interruption": [
@@ -169,18 +178,34 @@ def _targets(node, where: str):
             yield from _targets(value, f"{where}.{key}")
 
 
+def _with_inherited(path) -> dict:
+    """A YAML's values over those of the configs of its group that its defaults list merges into it (``- _base``;
+    not ``- name@key``, which places one under a key, nor a Hydra plugin's config)."""
+    own = yaml.safe_load(path.read_text()) or {}
+    inherited = {}
+    for entry in own.pop("defaults", None) or []:
+        base = path.parent / f"{entry}.yaml"
+        if isinstance(entry, str) and not {"@", "/"} & set(entry) and base.is_file():
+            inherited.update(_with_inherited(base))
+    return {**inherited, **own}
+
+
 def test_each_value_has_one_home():
-    """A value that a group YAML sets is not restated as a default in the signature it configures."""
+    """A value that a group YAML sets, or inherits from a base of its group, is not restated as a default in the
+    signature it configures."""
     restated = []
     for path in sorted(CONFIG_DIR.rglob("*.yaml")):
-        for where, node in _targets(
-            yaml.safe_load(path.read_text()) or {}, path.relative_to(CONFIG_DIR).as_posix()
-        ):
+        for where, node in _targets(_with_inherited(path), path.relative_to(CONFIG_DIR).as_posix()):
             parameters = _parameters(get_object(node["_target_"]))
             for key in node:
                 if key in parameters and parameters[key].default is not inspect.Parameter.empty:
                     restated.append(f"{where}: {key} (Python default {parameters[key].default!r})")
     assert not restated, "values with two homes:\n" + "\n".join(restated)
+
+
+def test_every_value_rule_is_in_the_words_its_test_reads():
+    for key, rule in value_rules().items():
+        assert allows(rule, None) in (True, False), key  # a rule in other words raises
 
 
 def test_bare_command_lists_the_experiments_and_trains_nothing(tmp_path):

@@ -22,7 +22,7 @@ def test_a_method_added_from_the_tests_folder_runs_end_to_end(tmp_path, data_dir
     results = json.loads((run_dir / "results.json").read_text())
     assert results["experiment"] == "toy" and results["objective"] == {"toy": "mean colour regression"}
     assert results["recipe"]["experiment"] == "toy"  # its own file is its recipe (it has no scale)
-    assert {d["key"] for d in results["recipe"]["deviations"]} >= {"data.num_images", "data.batch_size"}
+    assert {d["key"] for d in results["recipe"]["deviations"]} >= {"data.num_images", "effective_batch_size"}
     accuracy = results["metrics"]["centroid_accuracy"]
     assert set(accuracy) == {"haemorrhages", "hard_exudates", "grade"} and all(
         0 <= v <= 1 for v in accuracy.values()

@@ -12,7 +12,7 @@ from greenlab.data.ct import ct_crop, ct_preprocessing
 from greenlab.labels.rules import RuleLabeller
 from tests.conftest import shared_data
 
-CT_YAML = OmegaConf.load(CONFIG_DIR / "data" / "ct.yaml")
+CT_YAML = OmegaConf.load(CONFIG_DIR / "data" / "_ct.yaml")  # the CT options' preprocessing
 CHEST_CT = {k: tuple(CT_YAML[k]) for k in ("spacing", "hu_window", "pad_size")}  # the GreenRFM chest values
 CHEST_CT["pad_value"] = CT_YAML.pad_value
 

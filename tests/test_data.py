@@ -174,7 +174,7 @@ def test_uint8_percentile_equals_numpys():
 def test_training_batches_are_normalised_on_the_device_bit_for_bit():
     from torchvision.transforms import v2
 
-    from greenlab.data.fundus import normalise_batch
+    from greenlab.data.transforms2d import normalise_batch
 
     rng = np.random.default_rng(1)
     photos = [Image.fromarray(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)) for _ in range(5)]

@@ -47,7 +47,10 @@ def test_loss_counts_only_hidden_patches_and_training_lowers_it():
     mae.decode = lambda *args: perfect_on_hidden  # wrong on every visible patch: those must not count
     assert mae(images).item() < 1e-6
 
-    mae = tiny_mae(base_lr=1e-3, batch_size=256, warmup_epochs=0)
+    mae = tiny_mae(base_lr=1e-3, warmup_epochs=0)
+    mae.effective_batch_size = (
+        256  # what fit's setup sets from the trainer (test_lr_rule_uses_the_global_batch)
+    )
     optimizer = mae.configure_optimizers()["optimizer"]
     torch.manual_seed(1)
     losses = []

@@ -1,12 +1,13 @@
-"""results.json's recipe: the deviations of a run from its experiment at scale=paper (greenlab/recipe.py)."""
+"""results.json's recipe: the deviations of a run from its experiment at scale=paper (greenlab/results/recipe.py)."""
 
 from __future__ import annotations
 
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from greenlab import recipe
 from greenlab.config import CONFIG_DIR
+from greenlab.results import recipe
+from greenlab.results.model import Recipe
 
 LOADED = {"requested": "/w/dinov2.pth", "used": "file", "source": "/w/dinov2.pth", "note": None}
 RANDOM = {"requested": "cached", "used": "random", "source": None, "note": "not in the local cache"}
@@ -17,10 +18,12 @@ def composed(experiment: str, *overrides: str) -> dict:
         return OmegaConf.to_container(compose("config", overrides=[f"+experiment={experiment}", *overrides]))
 
 
-def check(experiment: str, overrides: list[str], init: dict, scale: str = "paper") -> dict:
+def check(
+    experiment: str, overrides: list[str], init: dict, scale: str = "paper", world_size: int = 1
+) -> dict:
     used = composed(experiment, f"scale={scale}", *overrides)
     return recipe.deviations(
-        used, composed(experiment, "scale=paper"), composed(experiment, f"scale={scale}"), init
+        used, composed(experiment, "scale=paper"), composed(experiment, f"scale={scale}"), init, world_size
     )
 
 
@@ -71,5 +74,5 @@ def test_each_encoder_that_started_random_is_a_deviation():
     }
     keys = [d["key"] for d in check("greenrfm", [], init)["deviations"]]
     assert keys == ["init.image.used", "init.text.used"]
-    lines = recipe.markdown({"experiment": "greenrfm", **check("greenrfm", [], init)})
+    lines = recipe.markdown(Recipe.from_json({"experiment": "greenrfm", **check("greenrfm", [], init)}))
     assert "| `init.text.used` | microsoft/BiomedVLP-CXR-BERT-specialized | random |" in "\n".join(lines)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from greenlab.run_folder import RunLock, config_changes
+from greenlab.pipeline.run_folder import RunLock, config_changes
 from tests.conftest import TINY_RUN, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,7 +97,7 @@ def test_a_planted_last_ckpt_cannot_run_code(tmp_path, data_dir):
 
 
 def test_a_truncated_last_ckpt_is_named_and_the_newest_intact_epoch_offered(tmp_path):
-    from greenlab.run import resume_checkpoint
+    from greenlab.pipeline.run import resume_checkpoint
 
     checkpoints = tmp_path / "checkpoints"
     checkpoints.mkdir()
@@ -115,7 +115,7 @@ def test_a_truncated_last_ckpt_is_named_and_the_newest_intact_epoch_offered(tmp_
 
 
 def test_retries_of_a_resume_add_no_copies(tmp_path):
-    from greenlab.run import resume_checkpoint
+    from greenlab.pipeline.run import resume_checkpoint
 
     checkpoints = tmp_path / "checkpoints"
     checkpoints.mkdir()

@@ -113,6 +113,7 @@ def test_spark_decoder_width_and_weight_decay_groups_as_sparks_code():
     backbone = build("backbone/nn_mobilenet", model_name="rexnet_100")
     objective = build("objective/spark", backbone=backbone, sparse_backend="masked_dense")
     assert objective.decoder[0].up.in_channels == 768
+    objective.effective_batch_size = 32  # set by fit's setup from the trainer
     decayed, undecayed = objective.configure_optimizers()["optimizer"].param_groups[:2]
     assert all(p.ndim > 1 for p in decayed["params"]) and decayed["weight_decay"] == 0.04
     assert {id(d.mask_token) for d in objective.densify} <= {id(p) for p in undecayed["params"]}

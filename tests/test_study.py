@@ -1,11 +1,11 @@
-"""greenlab.study: sweep folders -> tables and plots (ablation and efficiency comparison)."""
+"""greenlab.analysis.study: sweep folders -> tables and plots (ablation and efficiency comparison)."""
 
 from __future__ import annotations
 
 import csv
 import json
 
-from greenlab.study import write_efficiency, write_study
+from greenlab.analysis.study import write_efficiency, write_study
 
 
 def fake_results(device_hours: float, auroc: float, init: dict, noise: float) -> dict:

@@ -4,7 +4,10 @@ Hierarchical feature maps at strides 2 / 4 / 8 / 16 / 32 with 48 / 116 / 183 / 3
 width 3.0 (the /32 map is the final 1x1 conv to 3840 channels, SiLU). ~30.9M parameters without a head.
 Spatial dropout (``nn.Dropout2d``) is applied to each inverted-residual block's output, after the residual
 add, as nn-MobileNet's released ``model/resnext.py`` (``LinearBottleneck.drop``, p = ``--drop_path`` 0.3 in its
-``main.py``); it has no parameters, so the state dict is timm's ``rexnet_300`` without its head.
+``main.py``); it has no parameters, so the state dict is timm's ``rexnet_300`` without its head, and
+``weights=cached | hub`` are timm's ImageNet ReXNet weights (``timm/rexnet_300.nav_in1k``, nn-MobileNet's
+fine-tuning start ``rexnet_3.0.pth``) from the local Hugging Face cache / the hub
+(greenlab/backbones/weights.py).
 """
 
 from __future__ import annotations
@@ -14,12 +17,17 @@ import torch
 from timm.models.rexnet import LinearBottleneck
 from torch import nn
 
-from greenlab.backbones.weights import load_weights
+from greenlab.backbones.weights import load_exactly, resolve_weights, timm_hub_weights
+
+HINT = (
+    "Give backbone.weights=/path/to/rexnet_300 weights (timm or SparK), or backbone.weights=hub when online."
+)
 
 
 class NNMobileNet(nn.Module):
     """Args: model_name (a timm ReXNet; ``rexnet_100`` for small tests), spatial_dropout (Dropout2d p),
-    weights (``random``, or a path to a state dict of this model / timm's ReXNet, e.g. a SparK encoder)."""
+    weights (``random`` | ``cached`` / ``hub``: timm's ImageNet weights of ``model_name`` | a path to a state
+    dict of this model / timm's ReXNet, e.g. a SparK encoder)."""
 
     def __init__(self, model_name: str, spatial_dropout: float, weights: str | None):
         super().__init__()
@@ -36,7 +44,11 @@ class NNMobileNet(nn.Module):
         self.num_features = trunk.num_features
         self.recipe = {"factory": f"{__name__}.NNMobileNet", "model_name": model_name,
                        "spatial_dropout": spatial_dropout}  # fmt: skip
-        self.init_record = load_weights(self, weights, drop_head=True)
+        state, self.init_record = resolve_weights(weights, timm_hub_weights(trunk.pretrained_cfg),
+                                                  f"nn-MobileNet {model_name}", HINT)  # fmt: skip
+        if state is not None:  # timm's classifier (head.*) is not part of the trunk
+            load_exactly(self, {k: v for k, v in state.items() if not k.startswith("head.")},
+                         self.init_record["source"])  # fmt: skip
 
     def forward_hierarchy(self, x) -> list:
         """The five feature maps, strides 2..32 (dense tensors, or sparse ones after sparsification)."""

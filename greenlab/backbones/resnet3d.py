@@ -14,18 +14,22 @@ Axes: greenlab volumes are (B, 1, X, Y, Z) in RAS; the official loader gives the
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 from torchvision.models.video import R3D_18_Weights
 from torchvision.models.video.resnet import BasicBlock, BasicStem, Conv3DSimple, VideoResNet
 
-from greenlab.backbones.weights import init_record, load_exactly, load_weights, read_state_dict
-from greenlab.warnings_banner import loud_warning
+from greenlab.backbones.weights import Pretrained, load_exactly, resolve_weights, torch_hub_weights
 
 BLOCKS_PER_STAGE = {18: [2, 2, 2, 2], 10: [1, 1, 1, 1]}
 KINETICS = R3D_18_Weights.KINETICS400_V1
+HINT = (f"Give backbone.weights=/path/to/{KINETICS.url.rsplit('/', 1)[-1]} (torchvision r3d_18), or "
+        "backbone.weights=hub when online.")  # fmt: skip
+
+
+def kinetics_weights(depth: int) -> Pretrained | None:
+    """torchvision's Kinetics-400 r3d_18 weights (torch hub's cache / its URL); none for other depths."""
+    return torch_hub_weights(f"torchvision {KINETICS}", KINETICS.url) if depth == 18 else None
 
 
 class ResNet3D(nn.Module):
@@ -38,57 +42,30 @@ class ResNet3D(nn.Module):
         if depth not in BLOCKS_PER_STAGE:
             raise ValueError(f"depth must be one of {sorted(BLOCKS_PER_STAGE)}, not {depth}")
         self.net = VideoResNet(BasicBlock, [Conv3DSimple] * 4, BLOCKS_PER_STAGE[depth], BasicStem)
-        self.num_features = 512
-        self.recipe = {"factory": f"{__name__}.ResNet3D", "depth": depth, "stem_kernel": stem_kernel}
-        self.init_record, own_weights = self._initial_weights(weights, depth)
-        # the official stem swap, after the Kinetics weights are in (their RGB stem does not fit one channel)
+        # the official stem swap (an RGB stem does not fit one channel), no classifier
         self.net.stem[0] = nn.Conv3d(
             1, 64, kernel_size=stem_kernel, stride=stem_kernel, padding=0, bias=False
         )
         self.net.avgpool, self.net.fc = nn.AdaptiveAvgPool3d(1), nn.Identity()
-        if own_weights is not None:  # a file of this encoder (its 1-channel stem included)
-            load_exactly(self, own_weights, Path(weights))
-
-    def _initial_weights(self, weights: str | None, depth: int) -> tuple[dict, dict | None]:
-        """(init record, a state dict of this encoder to load after the stem swap, or None). Kinetics-400 or a
-        torchvision r3d_18 file go into the trunk here (their RGB stem conv and classifier left out)."""
-        if weights in ("random", None):
-            return init_record(weights), None
-        if weights not in ("cached", "hub"):
-            path = Path(weights).expanduser()
-            state = read_state_dict(path)
-            if "net.stem.0.weight" in state:
-                return init_record(weights, "file", str(path.resolve())), state
-            self._load_trunk(state, path)
-            return init_record(
-                weights, "file", str(path.resolve()), "torchvision r3d_18 trunk; new stem"
-            ), None
-        file = Path(torch.hub.get_dir()) / "checkpoints" / Path(KINETICS.url).name
-        note = (
-            f"Kinetics-400 r3d_18 weights not in torchvision's cache ({file}); weights=cached never downloads"
+        self.num_features = 512
+        self.recipe = {"factory": f"{__name__}.ResNet3D", "depth": depth, "stem_kernel": stem_kernel}
+        state, self.init_record = resolve_weights(
+            weights, kinetics_weights(depth), f"3D ResNet-{depth}", HINT
         )
-        if depth == 18 and (file.is_file() or weights == "hub"):
-            try:
-                state = torch.hub.load_state_dict_from_url(KINETICS.url, map_location="cpu", progress=False)
-                self._load_trunk(state, file)
-                return init_record(weights, "kinetics400", f"torchvision {KINETICS} ({file})"), None
-            except OSError as err:  # no network
-                note = f"download of {KINETICS.url} failed: {type(err).__name__}: {err}"
-        loud_warning(
-            f"3D ResNet-{depth}: Kinetics-400 weights could not be had ({note}).\n"
-            "The image encoder starts from RANDOM initialisation; results will not match the paper.\n"
-            f"Give backbone.weights=/path/to/{file.name} (torchvision r3d_18), or backbone.weights=hub when online.\n"
-            "results.json records init=random."
-        )
-        return init_record(weights, note=note), None
+        if state is not None:
+            self.init_record["note"] = self.load_initial(state, self.init_record["source"])
 
-    def _load_trunk(self, state: dict, path: Path) -> None:
+    def load_initial(self, state: dict, where: str) -> str | None:
+        """Load a state dict of this encoder (its 1-channel stem included), or of torchvision's ``r3d_18``
+        (Kinetics-400 or a file) into the trunk, its RGB stem conv and classifier left out; returns the note
+        for the init record."""
+        if "net.stem.0.weight" in state:
+            load_exactly(self, state, where)
+            return None
         trunk = {k: v for k, v in state.items() if not k.startswith(("stem.0.", "fc."))}
-        missing, unexpected = self.net.load_state_dict(trunk, strict=False)
-        if unexpected or set(missing) != {"stem.0.weight", "fc.weight", "fc.bias"}:
-            raise ValueError(
-                f"weights file {path} does not fit r3d_18: missing {missing[:8]}, unexpected {unexpected[:8]}"
-            )
+        own_stem = {"stem.0.weight": self.net.stem[0].weight.detach()}  # the new stem keeps its own init
+        load_exactly(self.net, {**trunk, **own_stem}, where, in_file=state)
+        return "torchvision r3d_18 trunk; new stem"
 
     def forward_features(self, volumes: torch.Tensor) -> torch.Tensor:
         """(B, 1, X, Y, Z) -> (B, 512, Z/s, Y/s, X/s), s = 8 x stem_kernel."""
@@ -105,18 +82,23 @@ class ThreePlaneEncoder(nn.Module):
 
     ``forward``: (B, 3, 1, H, W, S) -> (B, num_features); ``forward_features`` is the same vector.
     Args: those of ``ResNet3D``; ``cached`` / ``hub`` start every branch from Kinetics-400, a path is a
-    file of the whole three-branch encoder.
+    file of the whole three-branch encoder or one for every branch (``ResNet3D``'s).
     """
 
     def __init__(self, depth: int, stem_kernel: int, weights: str | None):
         super().__init__()
-        whole_file = weights not in ("random", "cached", "hub", None)
-        self.branches = nn.ModuleList(
-            ResNet3D(depth, stem_kernel, "random" if whole_file else weights) for _ in range(3)
-        )
+        self.branches = nn.ModuleList(ResNet3D(depth, stem_kernel, "random") for _ in range(3))
         self.num_features = self.branches[0].num_features
         self.recipe = {**self.branches[0].recipe, "factory": f"{__name__}.ThreePlaneEncoder"}
-        self.init_record = load_weights(self, weights) if whole_file else self.branches[0].init_record
+        state, self.init_record = resolve_weights(
+            weights, kinetics_weights(depth), f"3D ResNet-{depth}", HINT
+        )
+        if state is not None and any(k.startswith("branches.") for k in state):
+            load_exactly(self, state, self.init_record["source"])
+        elif state is not None:  # one encoder's file (or Kinetics-400) for every branch
+            for branch in self.branches:
+                note = branch.load_initial(state, self.init_record["source"])
+            self.init_record["note"] = note
 
     def forward(self, planes: torch.Tensor) -> torch.Tensor:
         return torch.stack([branch(planes[:, i]) for i, branch in enumerate(self.branches)]).mean(0)

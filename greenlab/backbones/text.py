@@ -7,9 +7,13 @@
   vocabulary (frequent words + characters, read by WordPiece) fitted on the training reports by
   ``fit_vocabulary`` (GreenRFM trains its text encoder with labels, so a small random BERT learns; a
   radiology BERT starts better).
-- a local folder (``save_pretrained`` layout) or a hub name, e.g. ``microsoft/BiomedVLP-CXR-BERT-general``:
-  read from disk / the local Hugging Face cache; fetched only with ``download=true``. When that fails, a
-  loud warning, the random BERT, and ``init_record`` says so (results.json records it).
+- a local folder (``save_pretrained`` layout; a broken one is an error) or a hub name, e.g.
+  ``microsoft/BiomedVLP-CXR-BERT-general``: read from disk / the local Hugging Face cache; fetched only with
+  ``download=true``. When a hub name cannot be had, a loud warning, the random BERT, and ``init_record``
+  says so (results.json records it).
+
+Decided by ``greenlab.backbones.weights.resolve_weights`` as the image backbones' ``weights``: a folder is
+its path, a hub name is ``hub`` (``download=true``) or ``cached`` of that repo's snapshot.
 """
 
 from __future__ import annotations
@@ -20,12 +24,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from greenlab.backbones.weights import init_record
-from greenlab.warnings_banner import loud_warning
+from greenlab.backbones.weights import Pretrained, resolve_weights
 
 log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+# a hub repo's files to download: config, tokenizer, PyTorch weights (not TF / Flax / ONNX)
+REPO_FILES = ["*.json", "*.txt", "*.model", "*.safetensors", "*.bin"]
+HINT = ("Falling back to a RANDOMLY INITIALISED BERT with a vocabulary fitted on the training reports.\n"
+        "Give a local folder, or text_encoder.download=true when online.")  # fmt: skip
 
 
 class TextEncoder(nn.Module):
@@ -36,20 +43,14 @@ class TextEncoder(nn.Module):
                  num_layers: int, num_heads: int):  # fmt: skip
         super().__init__()
         self.max_length = max_length
-        self.init_record = init_record(weights)
-        self.tokenizer = None
-        if weights not in ("random", None):
-            try:
-                self.model, self.tokenizer = _load_pretrained(str(weights), download)
-                self.init_record.update(used="pretrained", source=str(weights))
-            except (OSError, ValueError) as err:
-                self.init_record["note"] = f"{type(err).__name__}: {str(err).splitlines()[0]}"
-                loud_warning(
-                    f"text encoder {weights!r} could not be loaded ({self.init_record['note']}).\n"
-                    "Falling back to a RANDOMLY INITIALISED BERT with a vocabulary fitted on the training\n"
-                    "reports. Give a local folder, or text_encoder.download=true when online.\n"
-                    "results.json records init=random."
-                )
+        hub_name = weights not in ("random", None) and not Path(str(weights)).expanduser().exists()
+        asked = ("hub" if download else "cached") if hub_name else weights  # a hub name: that repo's snapshot
+        repo = hub_repo(weights) if hub_name else None
+        loaded, record = resolve_weights(
+            asked, repo, f"text encoder {weights!r}", HINT, read=_load_pretrained
+        )
+        self.model, self.tokenizer = loaded or (None, None)
+        self.init_record = {**record, "requested": str(weights), "used": "pretrained" if loaded else "random"}
         if self.tokenizer is None:
             from transformers import BertConfig, BertModel
 
@@ -124,18 +125,36 @@ class TextEncoder(nn.Module):
         return self.model(**tokens).last_hidden_state[:, 0]
 
 
-def _load_pretrained(name: str, download: bool):
-    """(model, tokenizer) from a local folder or the hub. CXR-BERT's own model class needs remote code; its
-    BERT encoder loads as a plain ``BertModel``, as the official GreenRFM code does."""
+def hub_repo(name: str) -> Pretrained:
+    """A Hugging Face model repo's snapshot folder, in the local cache (with its weights) / from the hub."""
+    from huggingface_hub import snapshot_download
+
+    return Pretrained(name, lambda: _cached_snapshot(name),
+                      lambda: Path(snapshot_download(name, allow_patterns=REPO_FILES)))  # fmt: skip
+
+
+def _cached_snapshot(name: str) -> Path | None:
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(name, local_files_only=True))
+    except (OSError, ValueError):  # not in the cache, or not a repo name
+        return None
+    return folder if any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")) else None
+
+
+def _load_pretrained(folder: Path):
+    """(model, tokenizer) from a local folder (``save_pretrained`` layout). CXR-BERT's own model class needs
+    remote code; its BERT encoder loads as a plain ``BertModel``, as the official GreenRFM code does."""
     from transformers import AutoModel, AutoTokenizer, BertModel, PretrainedConfig
 
-    local = Path(name).expanduser()
-    source = str(local) if local.exists() else name
-    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=not download)
-    kind = PretrainedConfig.get_config_dict(source, local_files_only=not download)[0].get("model_type")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"text encoder folder not found: {folder}")
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    kind = PretrainedConfig.get_config_dict(str(folder), local_files_only=True)[0].get("model_type")
     cls = BertModel if kind in ("bert", "cxr-bert") else AutoModel
     try:  # BERT-family models: drop the unused pooler (its parameters would get no gradient)
-        model = cls.from_pretrained(source, local_files_only=not download, add_pooling_layer=False)
+        model = cls.from_pretrained(str(folder), local_files_only=True, add_pooling_layer=False)
     except TypeError:
-        model = cls.from_pretrained(source, local_files_only=not download)
+        model = cls.from_pretrained(str(folder), local_files_only=True)
     return model, tokenizer

@@ -17,7 +17,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from greenlab.data.fundus import normalise_batch
+from greenlab.data.transforms2d import normalise_batch
 
 MISSING, UNCERTAIN = -1, -2
 
@@ -142,7 +142,7 @@ class ImageDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """Training batches of photographs arrive as uint8 (the loader workers skip the float work): scaled and
-        normalised here, on the training device (``fundus.normalise_batch``). Other batches pass unchanged."""
+        normalised here, on the training device (``transforms2d.normalise_batch``). Other batches pass unchanged."""
         images = batch[0] if isinstance(batch, list | tuple) else None
         if images is None or not torch.is_tensor(images) or images.dtype != torch.uint8:
             return batch

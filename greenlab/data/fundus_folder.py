@@ -3,7 +3,7 @@
 Labels CSV: one row per image, an id column (matched against the image's path relative to the folder,
 with or without extension, or its file name / stem when that is unique in the folder) and one column per
 label task: non-negative integers, or text classes in the order ``label_types`` gives
-(greenlab/data/tables.py); an empty cell = no label for that task.
+(greenlab/labels/tables.py); an empty cell = no label for that task.
 Optional columns that are not tasks: a group column (patient / subject id; all images of a group land on
 one side of the held-out split) and a split column (the dataset's official train / val / test).
 """
@@ -19,10 +19,12 @@ from omegaconf import OmegaConf
 from PIL import Image
 from tqdm.auto import tqdm
 
-from greenlab.data import splits, tables
+from greenlab.data import splits
 from greenlab.data.base import ImageDataModule, ItemDataset, Task
 from greenlab.data.cache import PreprocessedCache
-from greenlab.data.fundus import FIELD_OF_VIEW, PRETRAIN_TRANSFORMS, crop_field_of_view, eval_transform
+from greenlab.data.fundus import FIELD_OF_VIEW, crop_field_of_view
+from greenlab.data.transforms2d import PRETRAIN_TRANSFORMS, eval_transform
+from greenlab.labels import tables
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +60,13 @@ class FundusFolderDataModule(ImageDataModule):
     """Args:
     root: folder of photographs. labels_csv: optional CSV (see module doc); id_column: its id column;
     label_columns: task columns (default: every other column but the group and split columns); label_types:
-    {column: [class order] | text} for text-valued tasks (``greenlab.data.tables.class_labels``).
+    {column: [class order] | text} for text-valued tasks (``greenlab.labels.tables.class_labels``).
     group_column: patient / subject id column (None: ``splits.GROUP_COLUMNS`` when the CSV has one); the
     held-out split is then by group, stratified by the first task. split_column: the official split column
     (train / val / test) instead. held_out_fraction / split_seed: the deterministic held-out split for
     probe evaluation (by group, else by image id); pre-training uses the other images.
     img_size: network input px; mean/std: normalisation; augmentation: pre-training augmentations,
-    ``retfound_green`` or ``spark`` (greenlab/data/fundus.py). fov_crop: crop the black border first.
+    ``retfound_green``, ``spark`` or ``none`` (greenlab/data/transforms2d.py). fov_crop: crop the black border first.
     max_side: downsample after cropping (px). pixel_cache_dir: keep each photograph's decoded, cropped, downsampled
     pixels there (``greenlab/data/cache.py``; None: decode every time). verify: decode every image in
     ``setup`` so a bad file fails before training. skip_bad: instead of failing on an unreadable image or a missing label row, skip it

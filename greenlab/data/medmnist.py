@@ -2,7 +2,7 @@
 
 Pre-training uses ``train_images``; probes are fitted on train and evaluated on ``test_*`` when the file
 has it, else on ``val_*``. Labels (N, 1) are one multi-class task; (N, K>1) are K binary tasks.
-2D images (N, H, W[, 3]) go through the fundus-style transforms (grey becomes 3 channels, upsampled to
+2D images (N, H, W[, 3]) go through the 2D transforms of photographs (``transforms2d``; grey becomes 3 channels, upsampled to
 ``img_size``); 3D volumes (N, D, H, W) become (1, D, H, W) float tensors scaled to [0, 1].
 """
 
@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from greenlab.data.base import ImageDataModule, ItemDataset, Task
-from greenlab.data.fundus import PRETRAIN_TRANSFORMS, eval_transform
+from greenlab.data.transforms2d import PRETRAIN_TRANSFORMS, eval_transform
 
 log = logging.getLogger(__name__)
 

@@ -26,9 +26,9 @@ from monai.data.utils import set_rnd
 from monai.data.utils import worker_init_fn as monai_worker_init_fn
 from tqdm.auto import tqdm
 
-from greenlab.data import splits, tables
+from greenlab.data import splits
 from greenlab.data.base import MISSING, UNCERTAIN, ImageDataModule, ResumableLoader, Task
-from greenlab.labels import label_reports
+from greenlab.labels import label_reports, tables
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ one-vs-rest), Cohen's kappa (quadratic when ``ordinal``), weighted F1.
 The recipe is nn-MobileNet's released ``main.py`` (values and sources in greenlab/conf/evaluation/finetune.yaml):
 AdamW, a per-step linear warm-up from 0 then cosine to ``min_lr``, mixup / CutMix (timm ``Mixup``, switch
 0.5, per batch) with label smoothing and soft-target cross-entropy, its augmentation
-(``data/fundus.finetune_transform``), and an exponential moving average of the weights, which is what is
+(``data/transforms2d.finetune_transform``), and an exponential moving average of the weights, which is what is
 scored (``--model_ema_eval``).
 """
 
@@ -31,10 +31,11 @@ from tqdm.auto import tqdm
 
 from greenlab.contracts import FoldSource
 from greenlab.data.base import ItemDataset
-from greenlab.data.fundus import finetune_eval_transform, finetune_transform
+from greenlab.data.transforms2d import finetune_eval_transform, finetune_transform
 from greenlab.evaluation.embeddings import pool
 from greenlab.evaluation.statistics import MACRO, one_vs_rest_auroc
 from greenlab.objectives.optim import warmup_cosine_factor
+from greenlab.results.model import Comparison, Embedding, Evaluated
 
 METRICS = ("accuracy", "auroc", "kappa", "f1_weighted")
 
@@ -80,9 +81,10 @@ class KFoldFineTune:
         self.ema_decay, self.task, self.ordinal = ema_decay, task, ordinal
         self.seed, self.bf16, self.num_workers = seed, bf16, num_workers
 
-    def __call__(self, backbone: nn.Module, datamodule, device: torch.device) -> dict:
+    def __call__(self, backbone: nn.Module, datamodule, device: torch.device) -> Evaluated:
+        """Per-fold and mean ± std metrics, and one ``Comparison``: the task's AUROC, mean over folds."""
         if not datamodule.tasks:
-            return {"metrics": {"finetune_skipped": "no labelled data"}, "embedding": {}}
+            return Evaluated({"finetune_skipped": "no labelled data"})
         names = [t.name for t in datamodule.tasks]
         column = names.index(self.task) if self.task else 0
         task = datamodule.tasks[column]
@@ -119,15 +121,17 @@ class KFoldFineTune:
             values = [f[name] for f in folds]
             metrics[f"finetune_{name}_mean"] = float(np.nanmean(values))
             metrics[f"finetune_{name}_std"] = float(np.nanstd(values))
-        embedding = {
-            "dim": int(backbone.num_features),
-            "dtype": "float32",
-            "bytes_per_image": int(backbone.num_features * 4),
-            "pooling": "global average",
-            "throughput_img_s": float(np.mean(throughput)),
-            "throughput_method": f"classifier forward on the scored folds (no data loading), {device.type}",
-        }
-        return {"metrics": metrics, "embedding": embedding}
+        embedding = Embedding(
+            dim=int(backbone.num_features),
+            dtype="float32",
+            bytes_per_image=int(backbone.num_features * 4),
+            pooling="global average",
+            throughput_img_s=float(np.mean(throughput)),
+            throughput_method=f"classifier forward on the scored folds (no data loading), {device.type}",
+        )
+        row = Comparison("finetune", datamodule.dataset_name, task.name, MACRO, metrics["finetune_auroc_mean"],
+                         n_test=len(labelled))  # fmt: skip
+        return Evaluated(metrics, [row], embedding=embedding)
 
     def _autocast(self, device):
         return (
@@ -213,7 +217,8 @@ class KFoldFineTune:
             "f1_weighted": float(f1_score(y, predicted, average="weighted")),
         }
 
-    def markdown(self, m: dict) -> list[str]:
+    def markdown(self, results) -> list[str]:
+        m = results.metrics
         initial = m.get("initial_backbone") or {}
         folds = len(m["finetune_folds"])
         lines = [

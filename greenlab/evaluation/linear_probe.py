@@ -16,7 +16,6 @@ from the pre-training data, each with its own split and tasks.
 from __future__ import annotations
 
 import logging
-import math
 import time
 
 import numpy as np
@@ -30,15 +29,9 @@ from tqdm.auto import tqdm
 
 from greenlab.evaluation import statistics
 from greenlab.evaluation.embeddings import embed
-from greenlab.evaluation.statistics import MACRO
+from greenlab.results.model import MACRO, Comparison, Embedding, Evaluated, HeldOut, probe_comparisons
 
 log = logging.getLogger(__name__)
-
-
-def comparisons(record: dict) -> list[tuple[str, dict]]:
-    """A scored task record's comparisons: ("macro", the record), then (class, its scores) for each class of a
-    multi-class task (the rows of results.md, W&B's probe table and ``greenlab.compare``)."""
-    return [(MACRO, record), *record["per_class"].items()]
 
 
 class LinearProbe:
@@ -56,15 +49,16 @@ class LinearProbe:
         self.bootstrap_resamples, self.ci_resamples = bootstrap_resamples, ci_resamples
         self.datasets = list((datasets or {}).values())  # known by their own names (``dataset_name``)
 
-    def __call__(self, backbone: nn.Module, datamodule, device: torch.device) -> dict:
-        """Returns {"metrics": {...}, "embedding": {...}, "arrays": {...}} (arrays: bootstrap.npz)."""
+    def __call__(self, backbone: nn.Module, datamodule, device: torch.device) -> Evaluated:
+        """The probes' metrics, one ``Comparison`` per task / class (with its bootstrap draws), the held-out
+        sets and the embedding."""
         sources = {d.dataset_name: d for d in self.datasets or [datamodule]}
         if len(sources) < len(self.datasets):
             raise ValueError(
                 f"evaluation.datasets: two probe sets share a name ({[d.dataset_name for d in self.datasets]})"
             )
         bf16 = self.bf16 and device.type == "cuda"
-        tasks, arrays, embedding, started = {}, {}, {}, time.perf_counter()
+        tasks, rows, held_out, embedding, started = {}, [], {}, None, time.perf_counter()
         for name, source in sources.items():
             source.setup("fit")
             if not source.tasks:
@@ -77,18 +71,20 @@ class LinearProbe:
             x_test, y_test, seconds = embed(
                 backbone, test_loader, self.pooling, device, bf16, f"{name}: held-out"
             )
-            arrays[f"ids/{name}"] = np.asarray(source.held_out_ids(), dtype=str)
-            arrays[f"labels/{name}"] = y_test
+            held_out[name] = HeldOut(np.asarray(source.held_out_ids(), dtype=str), y_test)
             for t, task in enumerate(tqdm(source.tasks, desc=f"{name}: fitting probes", unit="task")):
                 result, draws = self.probe_task(x_train, y_train[:, t], x_test, y_test[:, t])
-                tasks[task.name if len(sources) == 1 else f"{name}/{task.name}"] = {
-                    "dataset": name, "task": task.name, **result}  # fmt: skip
-                arrays.update({f"auroc/{name}/{task.name}/{c}": v for c, v in draws.items()})
+                record = {"dataset": name, "task": task.name, **result}
+                tasks[task.name if len(sources) == 1 else f"{name}/{task.name}"] = record
+                if "skipped" not in record:
+                    rows += [Comparison("linear_probe", name, task.name, c, r["auroc"], r["auroc_ci95"], r["auroc_point"],
+                                        r["auprc"], record["n_test"], draws.get(c))
+                             for c, r in probe_comparisons(record)]  # fmt: skip
             embedding = embedding or self.embedding_record(
                 x_test, seconds, test_loader.batch_size, device, bf16
             )
         if not tasks:
-            return {"metrics": {"probe_skipped": "no labelled data"}, "embedding": {}}
+            return Evaluated({"probe_skipped": "no labelled data"})
         scored = [m for m in tasks.values() if not np.isnan(m.get("auroc", np.nan))]
         macro = lambda key: float(np.mean([m[key] for m in scored])) if scored else float("nan")  # noqa: E731
         metrics = {
@@ -102,18 +98,20 @@ class LinearProbe:
             "probe_datasets": {n: s.describe() for n, s in sources.items() if s is not datamodule},
             "probe_tasks": tasks,
         }
-        return {"metrics": metrics, "embedding": embedding, "arrays": arrays}
+        return Evaluated(metrics, rows, held_out, embedding)
 
-    def embedding_record(self, x: np.ndarray, seconds: float, batch_size: int, device, bf16: bool) -> dict:
-        return {
-            "dim": int(x.shape[1]),
-            "dtype": "float32",
-            "bytes_per_image": int(x.shape[1] * 4),
-            "pooling": self.pooling,
-            "throughput_img_s": float(len(x) / seconds) if seconds > 0 else float("nan"),
-            "throughput_method": f"backbone forward only (no data loading), batch {batch_size}, "
+    def embedding_record(
+        self, x: np.ndarray, seconds: float, batch_size: int, device, bf16: bool
+    ) -> Embedding:
+        return Embedding(
+            dim=int(x.shape[1]),
+            dtype="float32",
+            bytes_per_image=int(x.shape[1] * 4),
+            pooling=self.pooling,
+            throughput_img_s=float(len(x) / seconds) if seconds > 0 else float("nan"),
+            throughput_method=f"backbone forward only (no data loading), batch {batch_size}, "
             f"{device.type}{', bf16 autocast' if bf16 else ', fp32'}",
-        }
+        )
 
     def probe_task(self, x_train, y_train, x_test, y_test) -> tuple[dict, dict[str, np.ndarray]]:
         """Fit on labelled train rows (label >= 0), score on labelled held-out rows. Returns the task's
@@ -150,31 +148,29 @@ class LinearProbe:
         }
         return record, {k: v[: self.bootstrap_resamples].astype(np.float32) for k, v in draws.items()}
 
-    def markdown(self, m: dict) -> list[str]:
-        headline = m.get("probe_headline", "")
+    def markdown(self, results) -> list[str]:
+        """The probes' own section of results.md (the comparisons are the report's table): per task the
+        sizes and accuracies, the mean over tasks, the splits, the backbone before pre-training."""
+        m = results.metrics
         lines = [
             "",
-            f"## Linear probes (AUROC: {headline}; 95% CI from {self.ci_resamples} resamples)",
+            f"## Linear probes (AUROC: {m.get('probe_headline', '')}; 95% CI from {self.ci_resamples} resamples)",
             "",
-            "| dataset | task | class | n train | n test | AUROC [95% CI] | point | AUPRC | bal. acc. |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| dataset | task | n train | n test | classes | accuracy | bal. acc. |",
+            "|---|---|---|---|---|---|---|",
         ]
         for task in m["probe_tasks"].values():
             if "skipped" in task:
-                lines.append(f"| {task['dataset']} | {task['task']} | | {task.get('n_train', '')} | | "
-                             f"skipped: {task['skipped']} | | | |")  # fmt: skip
+                lines.append(f"| {task['dataset']} | {task['task']} | {task.get('n_train', '')} | | | "
+                             f"skipped: {task['skipped']} | |")  # fmt: skip
                 continue
-            for comparison, row in comparisons(task):
-                label = comparison if task["per_class"] else ""  # a binary task: one comparison, no class
-                lines.append(
-                    f"| {task['dataset']} | {task['task']} | {label} | {task['n_train']} | {task['n_test']} | "
-                    f"{_with_ci(row)} | {row['auroc_point']:.3f} | {row['auprc']:.3f} | "
-                    + (f"{task['balanced_accuracy']:.3f} |" if row is task else " |")
-                )
-        lines.append(
-            f"| **mean over tasks** | | | | | **{m['probe_auroc_macro']:.3f}** | {m['probe_auroc_point_macro']:.3f} | "
-            f"{m['probe_auprc_macro']:.3f} | {m['probe_balanced_accuracy_macro']:.3f} |"
-        )
+            lines.append(f"| {task['dataset']} | {task['task']} | {task['n_train']} | {task['n_test']} | "
+                         f"{task['num_classes']} | {task['accuracy']:.3f} | {task['balanced_accuracy']:.3f} |")  # fmt: skip
+        lines += [
+            "",
+            f"Mean over tasks: AUROC **{m['probe_auroc_macro']:.3f}** (point {m['probe_auroc_point_macro']:.3f}), "
+            f"AUPRC {m['probe_auprc_macro']:.3f}, balanced accuracy {m['probe_balanced_accuracy_macro']:.3f}.",
+        ]
         splits = {n: d.get("split", {}).get("method") for n, d in m.get("probe_datasets", {}).items()}
         lines += [f"\nProbe dataset `{n}`: split {method}." for n, method in splits.items()]
         initial = m.get("initial_backbone")
@@ -187,8 +183,3 @@ class LinearProbe:
                 f"Same probes on the backbone **before** pre-training: mean AUROC {initial['probe_auroc_macro']:.3f} ({per_task}).",
             ]
         return lines
-
-
-def _with_ci(row: dict) -> str:
-    ci = row.get("auroc_ci95") or [math.nan, math.nan]
-    return f"{row['auroc']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from greenlab.contracts import ReportsSource, TextAligned
 from greenlab.evaluation.linear_probe import LinearProbe
+from greenlab.results.model import MACRO, Comparison, Embedding, Evaluated
 
 OFFICIAL_PROMPTS = {  # SadVoxel/GreenRFM inference/zero_shot.py
     "p1": ("{finding}.", "not {finding}."),
@@ -115,13 +116,14 @@ class ZeroShot:
         return [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))] if draws.size else None
 
     @torch.no_grad()
-    def __call__(self, model, datamodule, device: torch.device) -> dict:
-        """model: an image-text model (``TextAligned``); datamodule: its probe-test set and ``test_reports``."""
+    def __call__(self, model, datamodule, device: torch.device) -> Evaluated:
+        """model: an image-text model (``TextAligned``); datamodule: its probe-test set and ``test_reports``.
+        One ``Comparison`` per finding (the point AUROC; no resamples), after the linear probes' own."""
         if not isinstance(model, TextAligned):
             raise TypeError(
                 f"zero-shot diagnosis needs an image-text model (encode_text); got {type(model).__name__}"
             )
-        probed = self.linear_probe(model, datamodule, device) if self.linear_probe else {"metrics": {}}
+        probed = self.linear_probe(model, datamodule, device) if self.linear_probe else Evaluated({})
         was_training = model.training
         model.eval().to(device)
         autocast = torch.autocast(
@@ -150,7 +152,7 @@ class ZeroShot:
         model.train(was_training)
         pool = len(image)
         metrics = {
-            **probed["metrics"],
+            **probed.metrics,
             "zero_shot_auroc_macro": _mean(scores),
             "zero_shot_auroc_macro_ci95": self.bootstrap_ci(labels, probabilities),
             "zero_shot_findings_scored": sum(not np.isnan(v) for v in scores.values()),
@@ -165,15 +167,19 @@ class ZeroShot:
                 t.name: list(self.phrases.get(t.name, ())) or [t.name] for t in datamodule.tasks
             },
         }
-        embedding = {
-            "dim": int(image.shape[1]),
-            "dtype": "float32",
-            "bytes_per_image": int(image.shape[1]) * 4,
-            "pooling": "image latent (projection of the pooled 3D features)",
-            "throughput_img_s": len(image) / seconds if seconds else float("nan"),
-            "throughput_method": f"image encoder + projection (no data loading), {device.type}",
-        }
-        return {"metrics": metrics, "embedding": embedding, "arrays": probed.get("arrays", {})}
+        embedding = Embedding(
+            dim=int(image.shape[1]),
+            dtype="float32",
+            bytes_per_image=int(image.shape[1]) * 4,
+            pooling="image latent (projection of the pooled 3D features)",
+            throughput_img_s=len(image) / seconds if seconds else float("nan"),
+            throughput_method=f"image encoder + projection (no data loading), {device.type}",
+        )
+        known = labels >= 0
+        rows = [Comparison("zero_shot", datamodule.dataset_name, name, MACRO, value, auroc_point=value,
+                           n_test=int(known[:, k].sum()))
+                for k, (name, value) in enumerate(scores.items())]  # fmt: skip
+        return Evaluated(metrics, probed.comparisons + rows, probed.held_out, embedding)
 
     def diagnose(
         self, model, image: np.ndarray, labels: np.ndarray, tasks, templates
@@ -196,9 +202,10 @@ class ZeroShot:
             volumes = volumes / np.linalg.norm(volumes, axis=1, keepdims=True).clip(1e-12)
         return reports @ volumes.T
 
-    def markdown(self, m: dict) -> list[str]:
+    def markdown(self, results) -> list[str]:
         """The linear probes' section (when probed), then the zero-shot table and the retrieval line."""
-        lines = self.linear_probe.markdown(m) if self.linear_probe else []
+        m = results.metrics
+        lines = self.linear_probe.markdown(results) if self.linear_probe else []
         ci = m.get("zero_shot_auroc_macro_ci95") or [math.nan, math.nan]
         probes, pool = m.get("probe_tasks", {}), m["retrieval_pool_size"]
         lines += [
@@ -208,10 +215,10 @@ class ZeroShot:
             "| finding | zero-shot AUROC | linear probe AUROC (supervised reference) |",
             "|---|---|---|",
         ]
-        for key, value in m.items():
-            if key.startswith("zero_shot_auroc/"):
-                name = key.split("/", 1)[1]
-                lines.append(f"| {name} | {value:.3f} | {probes.get(name, {}).get('auroc', math.nan):.3f} |")
+        for row in results.comparisons:
+            if row.evaluation == "zero_shot":
+                probe = probes.get(row.task, {}).get("auroc", math.nan)
+                lines.append(f"| {row.task} | {row.auroc:.3f} | {probe:.3f} |")
         lines += [
             f"| **macro** | **{m['zero_shot_auroc_macro']:.3f}** [95% CI {ci[0]:.3f}, {ci[1]:.3f}] | "
             f"{m.get('probe_auroc_macro', math.nan):.3f} |",

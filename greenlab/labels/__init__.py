@@ -2,6 +2,8 @@
 not mentioned (blank) labels per finding, by rules (CheXpert-labeller style) or an LLM.
 
 A labeller (``greenlab/conf/data/labeller/``: rules | llm) has ``vocabulary`` and ``label_many(texts, ids)``.
+Labels users give in CSV tables (labels CSVs, manifests) are read and coded by ``tables``, which the data
+modules use too.
 """
 
 from __future__ import annotations

@@ -15,10 +15,10 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from greenlab.config import CONFIG_DIR
-from greenlab.data.tables import read_csv
 from greenlab.labels import label_reports
 from greenlab.labels.llm import LLMLabeller
 from greenlab.labels.rules import RuleLabeller
+from greenlab.labels.tables import read_csv
 from greenlab.labels.vocabulary import load_vocabulary
 
 

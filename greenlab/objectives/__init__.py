@@ -1,1 +1,16 @@
-"""Pre-training objectives, one LightningModule per file."""
+"""Pre-training objectives, one LightningModule per file.
+
+``VALUE_RULES``: what the ``objective.*`` values of every objective option may be (in the words of
+``greenlab.config.RULE``), checked at start-up on the composed config (``greenlab.config.check_values``).
+"""
+
+VALUE_RULES = {
+    "lr": "a number > 0",
+    "base_lr": "a number > 0",
+    "min_lr": "a number >= 0",
+    "start_lr": "a number >= 0",
+    "weight_decay": "a number >= 0",
+    "mask_ratio": "a number in (0, 1)",
+    "warmup_epochs": "an integer >= 0",
+    "cosine_epochs": "an integer >= 0",
+}

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from greenlab.backbones import weights
+from greenlab.objectives.optim import effective_batch_size
 
 # tensor rank -> channels-last memory format (under `channels_last: true`)
 LAYOUTS = {4: torch.channels_last, 5: torch.channels_last_3d}
@@ -31,6 +32,12 @@ class PretrainingModule(L.LightningModule):
     requires: tuple[type, ...] = ()
     # the submodules torch.compile'd under `compile: true` ("" = the whole forward)
     compiled: tuple[str, ...] = ("",)
+    effective_batch_size: int | None = None  # the global batch of an optimiser step, set at the start of fit
+
+    def setup(self, stage: str) -> None:
+        """At the start of fit, before ``configure_optimizers``: the global batch the lr rules use."""
+        if stage == "fit":
+            self.effective_batch_size = effective_batch_size(self.trainer)
 
     def trained_backbone(self) -> nn.Module:
         raise NotImplementedError

@@ -44,6 +44,7 @@ class LabelSupervised(PretrainingModule):
         self.head: nn.Linear | None = None
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         if self.head is not None:
             return
         tasks = self.trainer.datamodule.tasks

@@ -65,13 +65,13 @@ class MaskedAutoencoder(PretrainingModule):
         mask_ratio: fraction of patches hidden from the encoder.
         decoder_dim, decoder_depth, decoder_heads: the pre-training-only decoder.
         norm_pix_loss: regress per-patch normalised pixels (MAE's best setting).
-        base_lr: lr = base_lr x batch_size / 256 (MAE's rule); betas, weight_decay: AdamW.
+        base_lr: lr = base_lr x the global batch / 256 (MAE's rule: processes x accumulation x per-process
+            batch, ``effective_batch_size``); betas, weight_decay: AdamW.
         warmup_epochs, cosine_epochs, min_lr: per-epoch schedule, see ``warmup_cosine_factor``.
-        batch_size: the global batch, for the lr rule.
     """
 
     def __init__(self, backbone: nn.Module, mask_ratio: float, decoder_dim: int, decoder_depth: int,
-                 decoder_heads: int, norm_pix_loss: bool, base_lr: float, batch_size: int,
+                 decoder_heads: int, norm_pix_loss: bool, base_lr: float,
                  betas: tuple[float, float], weight_decay: float, warmup_epochs: int, cosine_epochs: int,
                  min_lr: float):  # fmt: skip
         super().__init__()
@@ -153,7 +153,7 @@ class MaskedAutoencoder(PretrainingModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        lr = hp.base_lr * hp.batch_size / 256
+        lr = hp.base_lr * self.effective_batch_size / 256
         groups = decay_param_groups([self.encoder, self.decoder_embed, self.decoder_blocks, self.decoder_norm,
                                      self.decoder_pred], hp.weight_decay)  # fmt: skip
         groups[1]["params"].append(self.mask_token)

@@ -155,6 +155,7 @@ class MUST(PretrainingModule):
         return "stage1" if self.current_epoch < self.stage1_epochs else "stage2"
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         if self.aligned is None:
             if self.trainer.max_epochs <= self.stage1_epochs and not self.trainer.fast_dev_run:
                 raise ValueError(

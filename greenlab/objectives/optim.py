@@ -100,6 +100,17 @@ def layout_independent_init(seed: int = 0):
         yield
 
 
+def effective_batch_size(trainer) -> int:
+    """The global batch of one optimiser step: processes x gradient-accumulation steps x the data's
+    per-process ``batch_size`` (MAE's ``eff_batch_size = batch_size * accum_iter * world_size``)."""
+    per_process = getattr(trainer.datamodule, "batch_size", None)
+    if not isinstance(per_process, int):
+        raise ValueError(
+            "the global batch needs the trainer's datamodule and its batch_size (trainer.fit(..., datamodule=))"
+        )
+    return trainer.world_size * trainer.accumulate_grad_batches * per_process
+
+
 def log_train_loss(module, loss, batch_size: int) -> None:
     """Log ``train/loss`` per step and per epoch (progress bar; averaged across DDP ranks)."""
     module.log(

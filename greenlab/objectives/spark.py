@@ -94,7 +94,7 @@ class SparKPretraining(PretrainingModule):
     the faster one on this device type according to ``make bench`` (``greenlab.sparse.fastest_backend``),
     masked_dense when MinkowskiEngine is not installed (recorded; ``minkowski`` then fails at start-up).
     mask_ratio: masked fraction of the input/32 cells. decoder_width: width after the deepest level
-    (halved at each upsampling). base_lr: lr = base_lr x batch / 256 (AdamW). weight_decay ->
+    (halved at each upsampling). base_lr: lr = base_lr x the global batch / 256 (AdamW; ``effective_batch_size``). weight_decay ->
     weight_decay_end: cosine weight-decay schedule. figure_dir / figure_every_n_epochs: reconstruction
     figures (input / masked / prediction), also logged to W&B.
     """
@@ -106,7 +106,6 @@ class SparKPretraining(PretrainingModule):
         mask_ratio: float,
         decoder_width: int,
         base_lr: float,
-        batch_size: int,
         betas: tuple[float, float],
         weight_decay: float,
         weight_decay_end: float,
@@ -185,7 +184,7 @@ class SparKPretraining(PretrainingModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        lr = hp.base_lr * hp.batch_size / 256
+        lr = hp.base_lr * self.effective_batch_size / 256
         groups = decay_param_groups(  # SparK: mask tokens, biases and norms are never decayed
             [self.encoder, self.densify, self.decoder, self.to_pixels], hp.weight_decay, ("mask_token",)
         )

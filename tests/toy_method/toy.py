@@ -11,6 +11,7 @@ from torch import nn
 from greenlab.evaluation.embeddings import embed
 from greenlab.objectives.base import PretrainingModule
 from greenlab.objectives.optim import log_train_loss
+from greenlab.results.model import Embedding, Evaluated
 
 
 class PatchCNN(nn.Module):
@@ -63,7 +64,7 @@ class NearestCentroid:
     def __init__(self, pooling: str):
         self.pooling = pooling
 
-    def __call__(self, backbone, datamodule, device) -> dict:
+    def __call__(self, backbone, datamodule, device) -> Evaluated:
         train_loader, test_loader = datamodule.probe_dataloaders()
         x_train, y_train, _ = embed(backbone, train_loader, self.pooling, device)
         x_test, y_test, seconds = embed(backbone, test_loader, self.pooling, device)
@@ -78,12 +79,12 @@ class NearestCentroid:
             "centroid_accuracy": accuracy,
             "centroid_accuracy_macro": float(np.mean(list(accuracy.values()))),
         }
-        embedding = {"dim": int(x_test.shape[1]), "dtype": "float32", "bytes_per_image": int(x_test.shape[1]) * 4,
-                     "pooling": self.pooling, "throughput_img_s": len(x_test) / seconds,
-                     "throughput_method": "backbone forward only"}  # fmt: skip
-        return {"metrics": metrics, "embedding": embedding}
+        embedding = Embedding(int(x_test.shape[1]), "float32", int(x_test.shape[1]) * 4, self.pooling,
+                              len(x_test) / seconds, "backbone forward only")  # fmt: skip
+        return Evaluated(metrics, embedding=embedding)
 
-    def markdown(self, metrics: dict) -> list[str]:
+    def markdown(self, results) -> list[str]:
+        metrics = results.metrics
         lines = ["", "## Nearest-centroid accuracy (held-out split)", "", "| task | accuracy |", "|---|---|"]
         lines += [f"| {name} | {value:.3f} |" for name, value in metrics["centroid_accuracy"].items()]
         return lines + [f"| **macro** | **{metrics['centroid_accuracy_macro']:.3f}** |"]

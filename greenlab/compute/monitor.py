@@ -3,7 +3,8 @@
 FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` over the first real optimisation step
 (forward, backward and optimiser; matmuls and convolutions, as FLOP counters do), divided by that step's
 batch size, and multiplied by the images seen. Values are logged as ``compute/*`` and ``energy/*``
-every ``log_every_n_steps`` steps and at every epoch end; ``summary()`` gives the totals for results.json.
+every ``log_every_n_steps`` steps and at every epoch end; ``summary()`` gives the totals for results.json
+and records the pre-training phase in the run's ``Budget`` (``budget``, given by the pipeline before fit).
 """
 
 from __future__ import annotations
@@ -14,26 +15,17 @@ import lightning as L
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from greenlab.compute.energy import co2e_kg, energy_meter, grid_intensity, peak_host_memory_bytes
-
-JOULES_PER_KWH = 3.6e6
+from greenlab.compute.budget import JOULES_PER_KWH, Budget
+from greenlab.compute.energy import peak_host_memory_bytes
+from greenlab.objectives.optim import effective_batch_size
 
 
 class ComputeMonitor(L.Callback):
-    """Args: region / carbon_intensity_kg_per_kwh (the grid: ``energy.grid_intensity``), pue,
-    energy_backend / cpu_watts_per_core (``energy.energy_meter``; see greenlab/conf/compute/default.yaml),
-    count_flops, log_every_n_steps."""
+    """Args: count_flops, log_every_n_steps; ``budget``: the run's ``Budget`` (set before fit)."""
 
-    def __init__(self, region: str | None, carbon_intensity_kg_per_kwh: float, pue: float, energy_backend: str,
-                 cpu_watts_per_core: float, count_flops: bool, log_every_n_steps: int):  # fmt: skip
-        self.energy_backend = energy_backend
-        self.grid = grid_intensity(region, carbon_intensity_kg_per_kwh)
-        self.carbon_intensity, self.pue = self.grid["kg_per_kwh"], pue
-        self.cpu_watts_per_core, self.count_flops, self.log_every_n_steps = (
-            cpu_watts_per_core,
-            count_flops,
-            log_every_n_steps,
-        )
+    def __init__(self, count_flops: bool, log_every_n_steps: int):
+        self.count_flops, self.log_every_n_steps = count_flops, log_every_n_steps
+        self.budget: Budget | None = None
         self.meter = None
         self.flop_counter: FlopCounterMode | None = None
         self.flops_per_image: float | None = None
@@ -45,9 +37,11 @@ class ComputeMonitor(L.Callback):
         self._started = None
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self.meter = energy_meter(
-            self.energy_backend, self.cpu_watts_per_core, node_wide=trainer.local_rank == 0
-        )
+        if self.budget is None:
+            raise RuntimeError(
+                "ComputeMonitor.budget is not set: the pipeline gives it the run's Budget before fit"
+            )
+        self.meter = self.budget.meter(node_wide=trainer.local_rank == 0)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         self.meter.start()
@@ -100,13 +94,13 @@ class ComputeMonitor(L.Callback):
             "compute/train_flops": float((self.flops_per_image or 0.0) * self.images_seen),
             "compute/throughput_img_s": self.images_seen / seconds if seconds > 0 else 0.0,
             "energy/kwh": kwh,
-            "energy/co2e_kg": co2e_kg(kwh, self.carbon_intensity, self.pue),
+            "energy/co2e_kg": self.budget.co2e_kg(kwh),
         }
 
     def summary(self, trainer) -> dict:
-        """Totals for results.json (``compute`` and ``energy`` sections), reduced over the processes of a
-        distributed run (every rank must call it): images and joules summed, wall time and peak memory the
-        maximum of any rank."""
+        """results.json's pre-training ``compute``, reduced over the processes of a distributed run (every
+        rank must call it): images and joules summed, wall time and peak memory the maximum of any rank; the
+        phase's seconds and joules go to the budget."""
         devices = trainer.num_devices * trainer.num_nodes
         on_gpu = torch.cuda.is_available() and trainer.strategy.root_device.type == "cuda"
         peak = torch.cuda.max_memory_allocated() if on_gpu else peak_host_memory_bytes()
@@ -118,8 +112,10 @@ class ComputeMonitor(L.Callback):
                                 device=trainer.strategy.root_device)  # fmt: skip
             seconds, peak = trainer.strategy.all_gather(most).reshape(-1, 2).max(0).values.tolist()
             self.images_seen, self.joules, self.train_seconds = int(images), joules, seconds
-        kwh = self.joules / JOULES_PER_KWH
-        compute = {
+        self.budget.add(
+            "pretrain", self.train_seconds, self.joules, self.meter.method if self.meter else "not measured"
+        )
+        return {
             "train_flops": (self.flops_per_image or 0.0) * self.images_seen,
             "train_flops_per_image": self.flops_per_image,
             "flops_method": "torch FlopCounterMode over the first optimisation step (fwd+bwd), x images seen",
@@ -134,15 +130,8 @@ class ComputeMonitor(L.Callback):
             "precision": str(trainer.precision),
             "peak_memory_bytes": int(peak),
             "world_size": trainer.world_size,
+            "effective_batch_size": effective_batch_size(trainer),
             "peak_memory_method": "torch.cuda.max_memory_allocated"
             if on_gpu
             else "peak RSS of the process (getrusage)",
         }
-        energy = {
-            "train_kwh": kwh,
-            "method": self.meter.method if self.meter else "not measured",
-            "carbon_intensity_kg_per_kwh": self.carbon_intensity,
-            "carbon_intensity_source": self.grid["source"],
-            "pue": self.pue,
-        }
-        return {"compute": compute, "energy": energy}

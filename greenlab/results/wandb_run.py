@@ -9,7 +9,7 @@ import secrets
 import string
 from pathlib import Path
 
-from greenlab.evaluation.linear_probe import comparisons
+from greenlab.results.model import Results
 
 RUN_ID_FILE = "wandb_run_id.txt"  # in the run folder: the W&B run a resumed run continues
 
@@ -26,40 +26,45 @@ def resume_arguments(logger_cfg, output_dir: Path) -> dict:
     return {"id": path.read_text().strip(), "resume": "allow"}
 
 
-def task_rows(metrics: dict) -> list[list]:
-    """One row per probe comparison: dataset, task, class, AUROC (headline), CI, point, AUPRC."""
-    rows = []
-    for record in metrics.get("probe_tasks", {}).values():
-        if "skipped" in record:
-            continue
-        for comparison, row in comparisons(record):
-            low, high = row.get("auroc_ci95") or (None, None)
-            rows.append([record["dataset"], record["task"], comparison, row["auroc"], low, high,
-                         row["auroc_point"], row["auprc"]])  # fmt: skip
-    return rows
+TABLE_COLUMNS = [
+    "evaluation",
+    "dataset",
+    "task",
+    "class",
+    "auroc",
+    "ci_low",
+    "ci_high",
+    "auroc_point",
+    "auprc",
+]
 
 
-def log_outcome(logger, results: dict) -> None:
+def task_rows(results: Results) -> list[list]:
+    """One row per comparison: evaluation, dataset, task, class, AUROC (headline), CI, point, AUPRC."""
+    return [[c.evaluation, c.dataset, c.task, c.comparison, c.auroc, *(c.auroc_ci95 or (None, None)), c.auroc_point,
+             c.auprc] for c in results.comparisons]  # fmt: skip
+
+
+def log_outcome(logger, results: Results) -> None:
     """Tables, files, media, model artifact and summary of a finished run to a Lightning ``WandbLogger``."""
     import wandb
 
-    run, folder = logger.experiment, Path(results["run_dir"])
-    run.summary.update({f"{s}/{k}": v for s in ("compute", "energy") for k, v in (results[s] or {}).items()
-                        if isinstance(v, int | float | str)})  # fmt: skip
-    rows = task_rows(results["metrics"])
+    run, folder = logger.experiment, Path(results.run_dir)
+    run.summary.update({f"{s}/{k}": v for s, values in (("compute", results.compute), ("energy", results.energy))
+                        for k, v in values.items() if isinstance(v, int | float | str)})  # fmt: skip
+    rows = task_rows(results)
     if rows:
-        columns = ["dataset", "task", "class", "auroc", "ci_low", "ci_high", "auroc_point", "auprc"]
-        run.log({"final/probe_table": wandb.Table(columns=columns, data=rows)})
+        run.log({"final/probe_table": wandb.Table(columns=TABLE_COLUMNS, data=rows)})
     for name in ("results.md", "results.json", "bootstrap.npz"):
         if (folder / name).is_file():
             run.save(str(folder / name), base_path=str(folder), policy="now")
     figures = sorted(folder.glob("*/*.png")) + sorted(folder.glob("*.png"))
     if figures:
         run.log({"figures": [wandb.Image(str(f), caption=f.relative_to(folder).as_posix()) for f in figures]})
-    weights = (results.get("artifacts") or {}).get("backbone_weights")
+    weights = results.artifacts.get("backbone_weights")
     if getattr(logger, "_log_model", False) and weights:
         artifact = wandb.Artifact(f"backbone-{run.id}", type="model",
-                                  metadata={"experiment": results["experiment"], "init": json.dumps(results["init"])})  # fmt: skip
+                                  metadata={"experiment": results.experiment, "init": json.dumps(results.init)})  # fmt: skip
         for file in [Path(weights), Path(weights).with_suffix(".json")]:
             if file.is_file():
                 artifact.add_file(str(file))

@@ -25,7 +25,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
         greenlab.config.check_values(cfg)
     except ValueError as err:
         raise SystemExit(f"greenlab: {err}") from None
-    from greenlab.run import run, sweep_value
+    from greenlab.pipeline.run import run, sweep_value
 
     return sweep_value(run(cfg))  # the value a Hydra sweeper optimises
 

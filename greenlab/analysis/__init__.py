@@ -1,0 +1,1 @@
+"""Reading many runs: model comparisons (``compare``) and sweep tables (``study``)."""

@@ -1,0 +1,114 @@
+"""2D image transforms, for photographs and any other 2D images (fundus folders, MedMNIST 2D): the pre-training
+augmentations by method (RETFound-Green, SparK, none), nn-MobileNet's fine-tuning pair, the evaluation resize,
+and the normalisation of uint8 training batches on the device.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+
+class RandomSidePadding(torch.nn.Module):
+    """Black padding on the left and right, each side ``U[min_frac, max_frac]`` x width (paper: 33-150 px at 1024)."""
+
+    def __init__(self, min_frac: float = 33 / 1024, max_frac: float = 150 / 1024):
+        super().__init__()
+        self.min_frac, self.max_frac = min_frac, max_frac
+
+    def forward(self, image: Image.Image) -> Image.Image:
+        pad = round(random.uniform(self.min_frac, self.max_frac) * image.width)
+        return v2.functional.pad(image, [pad, 0, pad, 0], fill=0)
+
+
+def retfound_green_transform(img_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> v2.Compose:
+    """The RETFound-Green pre-training augmentations, ending in a uint8 (3, img_size, img_size) tensor: the
+    datamodule scales and normalises the batch on the training device (``normalise_batch``)."""
+    return v2.Compose(
+        [
+            v2.RandomHorizontalFlip(),
+            v2.RandomVerticalFlip(p=0.05),
+            v2.RandomApply([RandomSidePadding()], p=0.1),
+            v2.RandomApply([v2.RandomRotation(12.5)], p=0.25),
+            v2.RandomApply([v2.ColorJitter(brightness=0.33, contrast=0.33)], p=0.25),
+            v2.RandomChoice(
+                [
+                    v2.RandomResizedCrop(img_size, scale=(0.7, 1.0), ratio=(3 / 5, 5 / 3)),
+                    v2.Compose([v2.Resize(round(1.3 * img_size)), v2.CenterCrop(img_size)]),
+                    v2.Resize((img_size, img_size)),
+                ]
+            ),
+            v2.ToImage(),
+        ]
+    )
+
+
+def spark_transform(img_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> v2.Compose:
+    """SparK pre-training augmentation: RandomResizedCrop(scale 0.67-1) + horizontal flip; uint8 tensor out
+    (normalised on the device, ``normalise_batch``)."""
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(img_size, scale=(0.67, 1.0)),
+            v2.RandomHorizontalFlip(),
+            v2.ToImage(),
+        ]
+    )
+
+
+def finetune_transform(img_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> v2.Compose:
+    """nn-MobileNet's released fine-tuning augmentation (``dataset.py``, its default MICCAI / MMAC data):
+    RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3, bicubic), both flips, rotation by up to 180 degrees
+    (bicubic, black fill), colour jitter 0.4 (brightness, contrast, saturation, hue), normalisation, then
+    random erasing p 0.4."""
+    bicubic = v2.InterpolationMode.BICUBIC
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(img_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation=bicubic),
+            v2.RandomHorizontalFlip(),
+            v2.RandomVerticalFlip(),
+            v2.RandomRotation(180, interpolation=bicubic, fill=0),
+            v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.4),
+            *_to_normalised_tensor(mean, std),
+            v2.RandomErasing(p=0.4),
+        ]
+    )
+
+
+def finetune_eval_transform(img_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> v2.Compose:
+    """nn-MobileNet's evaluation transform: resize the short side to img_size / 0.875 (bicubic), centre crop."""
+    return v2.Compose(
+        [
+            v2.Resize(int(img_size / (224 / 256)), interpolation=v2.InterpolationMode.BICUBIC),
+            v2.CenterCrop(img_size),
+            *_to_normalised_tensor(mean, std),
+        ]
+    )
+
+
+def eval_transform(img_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> v2.Compose:
+    """Resize to (img_size, img_size) and normalise; what embeddings are computed from."""
+    return v2.Compose([v2.Resize((img_size, img_size)), *_to_normalised_tensor(mean, std)])
+
+
+# none: no augmentation at all (ablations; exact comparisons such as single-process vs DDP)
+PRETRAIN_TRANSFORMS = {
+    "retfound_green": retfound_green_transform,
+    "spark": spark_transform,
+    "none": eval_transform,
+}
+
+
+def normalise_batch(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float32 scaled to [0, 1] and normalised, on the images' device: the same
+    arithmetic as ``ToDtype(float32, scale=True)`` + ``Normalize`` (bit for bit), one kernel per batch on the
+    GPU instead of per-sample work in the loader workers."""
+    mean = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    std = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    return images.to(torch.float32).mul_(1.0 / 255).sub_(mean).div_(std)
+
+
+def _to_normalised_tensor(mean, std) -> list:
+    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]

@@ -1,0 +1,315 @@
+"""A run's results, typed: what results.json and bootstrap.npz hold, written and read by this module alone.
+
+``Results.write(folder)`` writes results.json (``to_json``) and, when there are bootstrap draws,
+bootstrap.npz; ``Results.from_folder(folder)`` reads both back, results.json files from before
+``schema_version`` (version 1) included. The npz keys are built and parsed here only (``NpzKeys``): the
+names of datasets, tasks and classes live in results.json, the npz holds arrays by position, so any name
+(one with a ``/`` too) round-trips.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from greenlab.evaluation.statistics import MACRO  # a binary task's comparison, or a multi-class task's mean
+
+SCHEMA_VERSION = 2  # 1: results.json without schema_version, bootstrap keys auroc/<dataset>/<task>/<class>
+
+RESULTS_FILE, BOOTSTRAP_FILE = "results.json", "bootstrap.npz"
+
+
+@dataclass
+class Comparison:
+    """One scored comparison on held-out data: a binary task, one class of a multi-class task (one-vs-rest)
+    or their macro mean (``comparison`` = MACRO). ``auroc``: the headline (the bootstrap median, else the
+    point estimate); ``draws``: its bootstrap AUROCs (paired across runs on the same held-out set), kept in
+    bootstrap.npz, not in results.json."""
+
+    evaluation: str  # linear_probe | zero_shot | finetune
+    dataset: str
+    task: str
+    comparison: str
+    auroc: float
+    auroc_ci95: list[float] | None = None
+    auroc_point: float | None = None
+    auprc: float | None = None
+    n_test: int | None = None
+    draws: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        """(dataset, task, comparison): what ``greenlab.compare`` pairs runs on."""
+        return self.dataset, self.task, self.comparison
+
+
+@dataclass
+class HeldOut:
+    """A held-out set in the order it was scored: item ids (N,) and labels (N, tasks), -1 = no label."""
+
+    ids: np.ndarray
+    labels: np.ndarray
+
+
+@dataclass
+class Embedding:
+    """The frozen embedding an evaluation used: ``dim`` floats of ``dtype`` per image; throughput in img/s."""
+
+    dim: int
+    dtype: str
+    bytes_per_image: int
+    pooling: str
+    throughput_img_s: float
+    throughput_method: str
+
+
+@dataclass
+class Evaluated:
+    """What an evaluation returns: its metrics (headline numbers and its own detail), the comparisons it
+    scored, the held-out sets they were scored on, and the embedding (None: none computed)."""
+
+    metrics: dict
+    comparisons: list[Comparison] = field(default_factory=list)
+    held_out: dict[str, HeldOut] = field(default_factory=dict)
+    embedding: Embedding | None = None
+
+
+@dataclass
+class Deviation:
+    """One way a run differs from its experiment's paper recipe (greenlab/results/recipe.py)."""
+
+    key: str
+    paper: object
+    used: object
+    why: str
+
+
+@dataclass
+class Recipe:
+    """The run against its paper recipe: ``faithful`` None when there is none to compare (``note`` says why)."""
+
+    experiment: str | None
+    faithful: bool | None
+    deviations: list[Deviation] = field(default_factory=list)
+    note: str | None = None
+
+    @classmethod
+    def from_json(cls, content: dict) -> Recipe:
+        """From results.json's ``recipe`` (or ``recipe.deviations``' dict with ``experiment``)."""
+        return cls(content.get("experiment"), content.get("faithful"),
+                   [Deviation(**d) for d in content.get("deviations", [])], content.get("note"))  # fmt: skip
+
+
+@dataclass
+class Phase:
+    """What one phase of a run (``pretrain``, ``evaluate``) cost: wall seconds, kWh, kg CO2e, how measured."""
+
+    seconds: float
+    kwh: float
+    co2e_kg: float
+    energy_method: str
+
+
+@dataclass
+class Results:
+    """One run's results (results.json + bootstrap.npz). ``compute`` / ``energy``: the whole run's totals
+    (``phases``: the same by phase); ``pretraining``: None for a trained run, else why nothing was trained."""
+
+    experiment: str
+    scale: str
+    created: str
+    greenlab_version: str
+    run_dir: str
+    recipe: Recipe
+    init: dict
+    data: dict
+    optimized_metric: str
+    metrics: dict
+    comparisons: list[Comparison]
+    embedding: Embedding | None
+    compute: dict
+    energy: dict
+    phases: dict[str, Phase]
+    objective: dict | None
+    artifacts: dict
+    config: dict
+    held_out: dict[str, HeldOut] = field(
+        default_factory=dict, repr=False, compare=False
+    )  # arrays: see to_json
+    pretraining: str | None = None
+    preprocessing: dict | None = None
+    schema_version: int = SCHEMA_VERSION
+
+    def headline(self) -> dict[str, float]:
+        """The metrics that are single numbers (what loggers and sweepers take)."""
+        return {
+            k: v for k, v in self.metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)
+        }
+
+    def to_json(self) -> dict:
+        """results.json's content (no arrays: those are bootstrap.npz's; NaN / inf as null)."""
+        content = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "held_out"}
+        content["comparisons"] = [
+            {k: v for k, v in dataclasses.asdict(c).items() if k != "draws"} for c in self.comparisons
+        ]
+        content["held_out_sets"] = list(self.held_out)  # their arrays: bootstrap.npz, by position
+        return _finite(_plain(content))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """bootstrap.npz's content: each comparison's draws and each held-out set, by position."""
+        arrays = {NpzKeys.draws(i): c.draws for i, c in enumerate(self.comparisons) if c.draws is not None}
+        for j, held_out in enumerate(self.held_out.values()):
+            arrays[NpzKeys.ids(j)], arrays[NpzKeys.labels(j)] = held_out.ids, held_out.labels
+        return arrays
+
+    def write(self, folder: Path) -> tuple[Path, Path | None]:
+        """results.json (and bootstrap.npz when there are arrays) in ``folder``; never replaces either."""
+        json_path, npz_path = folder / RESULTS_FILE, folder / BOOTSTRAP_FILE
+        for path in (json_path, npz_path):
+            if path.exists():
+                raise FileExistsError(
+                    f"{path} already exists: greenlab never overwrites an earlier run's results"
+                )
+        arrays = self.arrays()
+        if arrays:
+            np.savez_compressed(npz_path, **arrays)
+        json_path.write_text(json.dumps(self.to_json(), indent=2, default=str))
+        return json_path, npz_path if arrays else None
+
+    @classmethod
+    def from_json(cls, content: dict, arrays: dict | None = None) -> Results:
+        """A Results from results.json's ``content`` (any schema version) and bootstrap.npz's ``arrays``."""
+        arrays = arrays or {}
+        if content.get("schema_version", 1) == 1:
+            return _from_version_1(content, arrays)
+        names = set(f.name for f in dataclasses.fields(cls))
+        values = {k: v for k, v in content.items() if k in names}
+        values["recipe"] = Recipe.from_json(content["recipe"])
+        values["embedding"] = _embedding(content.get("embedding"))
+        values["phases"] = {name: Phase(**phase) for name, phase in (content.get("phases") or {}).items()}
+        values["comparisons"] = [
+            Comparison(**row, draws=arrays.get(NpzKeys.draws(i)))
+            for i, row in enumerate(content["comparisons"])
+        ]
+        values["held_out"] = {
+            name: HeldOut(arrays[NpzKeys.ids(j)], arrays[NpzKeys.labels(j)])
+            for j, name in enumerate(content.get("held_out_sets", []))
+            if NpzKeys.ids(j) in arrays
+        }
+        return cls(**values)
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> Results:
+        """Read a run folder's results.json and bootstrap.npz (when there is one); errors name the file."""
+        json_path, npz_path = Path(folder) / RESULTS_FILE, Path(folder) / BOOTSTRAP_FILE
+        if not json_path.is_file():
+            raise FileNotFoundError(f"{json_path} not found: not a finished greenlab run")
+        try:
+            content = json.loads(json_path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{json_path} is not valid JSON: {err}") from err
+        arrays = {}
+        if npz_path.is_file():
+            with np.load(npz_path) as npz:
+                arrays = {key: npz[key] for key in npz.files}
+        try:
+            return cls.from_json(content, arrays)
+        except (KeyError, TypeError) as err:
+            raise ValueError(
+                f"{json_path} is not a greenlab results file: {type(err).__name__}: {err}"
+            ) from err
+
+
+class NpzKeys:
+    """The names of bootstrap.npz's arrays, built here only: positions in results.json's lists (names with
+    any character are safe), and version 1's ``auroc/<dataset>/<task>/<class>`` for earlier runs."""
+
+    @staticmethod
+    def draws(index: int) -> str:
+        return f"draws/{index}"
+
+    @staticmethod
+    def ids(index: int) -> str:
+        return f"held_out/{index}/ids"
+
+    @staticmethod
+    def labels(index: int) -> str:
+        return f"held_out/{index}/labels"
+
+    @staticmethod
+    def version_1_draws(dataset: str, task: str, comparison: str) -> str:
+        return f"auroc/{dataset}/{task}/{comparison}"
+
+
+def probe_comparisons(record: dict) -> list[tuple[str, dict]]:
+    """A scored linear-probe task record's comparisons: (MACRO, the record), then (class, its scores) for
+    each class of a multi-class task."""
+    return [(MACRO, record), *record["per_class"].items()]
+
+
+def _from_version_1(content: dict, arrays: dict) -> Results:
+    """A results.json written before schema_version: comparisons from ``metrics.probe_tasks``, draws from
+    ``auroc/<dataset>/<task>/<class>`` (looked up by the names results.json gives, never split)."""
+    comparisons, data = [], (content.get("data") or {}).get("name")
+    for name, record in content["metrics"].get("probe_tasks", {}).items():
+        if "auroc" not in record:  # skipped
+            continue
+        dataset, task = record.get("dataset", data), record.get("task", name)
+        for comparison, row in probe_comparisons({"per_class": {}, **record}):
+            key = NpzKeys.version_1_draws(dataset, task, comparison)
+            comparisons.append(Comparison("linear_probe", dataset, task, comparison, row["auroc"], row.get("auroc_ci95"),
+                                          row.get("auroc_point"), row.get("auprc"), record.get("n_test"),
+                                          arrays.get(key)))  # fmt: skip
+    held_out = {
+        key.split("/", 1)[1]: HeldOut(value, arrays[f"labels/{key.split('/', 1)[1]}"])
+        for key, value in arrays.items()
+        if key.startswith("ids/")
+    }
+    energy = content.get("energy") or {}
+    return Results(
+        experiment=content.get("experiment"), scale=content.get("scale"), created=content.get("created"),
+        greenlab_version=content.get("greenlab_version"), run_dir=content.get("run_dir"),
+        recipe=Recipe.from_json(content.get("recipe") or {}),
+        init=content.get("init") or {}, data=content.get("data") or {},
+        optimized_metric=content.get("optimized_metric"), metrics=content["metrics"], comparisons=comparisons,
+        embedding=_embedding(content.get("embedding")),
+        compute=content.get("compute") or {}, energy=energy, phases={}, objective=content.get("objective"),
+        artifacts=content.get("artifacts") or {}, config=content.get("config") or {}, held_out=held_out,
+        pretraining=content.get("pretraining"), preprocessing=content.get("preprocessing"), schema_version=1,
+    )  # fmt: skip
+
+
+def _embedding(content: dict | None) -> Embedding | None:
+    """results.json's embedding (version 1 files may lack fields: None)."""
+    if not content:
+        return None
+    return Embedding(**{f.name: content.get(f.name) for f in dataclasses.fields(Embedding)})
+
+
+def _plain(value):
+    """Dataclasses, numpy scalars and tuples as JSON's dicts, numbers and lists."""
+    if dataclasses.is_dataclass(value):
+        return _plain(dataclasses.asdict(value))
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _finite(value):
+    """JSON has no NaN / inf: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
