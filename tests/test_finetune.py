@@ -23,6 +23,7 @@ class FakeData:
     """60 images whose class (0, 1, 2) sets their brightness: learnable in a few epochs."""
 
     img_size, mean, std = 16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    dataset_name = "fake"
 
     def __init__(self):
         rng = np.random.default_rng(0)
@@ -65,7 +66,7 @@ def test_kfold_finetune_learns_and_reports_every_fold():
     backbone = TinyCNN()
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
     result = evaluation(backbone, FakeData(), torch.device("cpu"))
-    metrics = result["metrics"]
+    metrics = result.metrics
     assert len(metrics["finetune_folds"]) == 3
     assert sum(f["n_test"] for f in metrics["finetune_folds"]) == 60, "every labelled image is scored once"
     assert metrics["finetune_accuracy_mean"] > 0.8 and metrics["finetune_auroc_mean"] > 0.9
@@ -75,7 +76,7 @@ def test_kfold_finetune_learns_and_reports_every_fold():
         assert torch.equal(value, before[key]), (
             "each fold fine-tunes a copy; the backbone itself is untouched"
         )
-    assert result["embedding"]["dim"] == 8
+    assert result.embedding.dim == 8
 
 
 def test_nn_mobilenet_recipe_trains_with_mixup_and_scores_the_ema():

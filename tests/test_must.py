@@ -282,6 +282,7 @@ def test_zero_shot_scores_an_oracle_perfectly():
     loader = torch.utils.data.DataLoader(list(zip(volumes, labels)), batch_size=2)
 
     class Data:
+        dataset_name = "oracle"
         tasks = [Task(n, 2) for n in names]
         test_reports = [f"report {i}" for i in range(5)]
 
@@ -292,7 +293,7 @@ def test_zero_shot_scores_an_oracle_perfectly():
     model.encode_text = lambda texts: encoded.append(tuple(texts)) or encode_text(texts)
     metrics = build("evaluation/zero_shot", linear_probe=None, vocabulary=None)(
         model, Data(), torch.device("cpu")
-    )["metrics"]
+    ).metrics
     assert encoded.count(("not pleural effusion.",)) == 1, (
         "the configured templates, p1, are not scored twice"
     )
@@ -332,8 +333,11 @@ def test_greenrfm_main_command_end_to_end(greenrfm_run):
     readable = (run / "results.md").read_text()  # the figures a user reads, beside results.json
     assert f"**{metrics['zero_shot_auroc_macro']:.3f}** [95% CI" in readable and "Recall@10" in readable
     # offline: no Kinetics-400 weights for the image encoder (recorded, not hidden), a fitted random BERT
-    assert "image **random** — Kinetics-400 r3d_18 weights not in" in readable
-    assert "text **random** — OSError" in readable and "vocabulary of" in readable  # CXR-BERT not cached
+    assert (
+        "image **random** — no published weights for 3D ResNet-10" in readable
+    )  # the tiny encoder (r3d_18: Kinetics)
+    assert "text **random** — microsoft/BiomedVLP-CXR-BERT-specialized is not in the local cache" in readable
+    assert "; vocabulary of" in readable  # CXR-BERT not cached: the fitted random BERT
 
 
 def test_greenrfm_same_seed_same_results(greenrfm_run, tmp_path, data_dir):

@@ -106,11 +106,8 @@ class TextEncoder(nn.Module):
         )
         self.tokenizer = PreTrainedTokenizerFast(tokenizer_object=wordpiece, pad_token="[PAD]",
                                                  unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]")  # fmt: skip
-        self.init_record["note"] = (
-            (self.init_record["note"] or "")
-            + f" vocabulary of {len(self.tokenizer)} tokens ({len(words)} words"
-            f" + characters) fitted on {len(texts)} training reports"
-        ).strip()
+        fitted = f"vocabulary of {len(self.tokenizer)} tokens ({len(words)} words + characters) fitted on {len(texts)} training reports"
+        self.init_record["note"] = "; ".join(filter(None, [self.init_record["note"], fitted]))
 
     def save_tokenizer(self, directory: Path) -> None:
         self.tokenizer.save_pretrained(str(directory))

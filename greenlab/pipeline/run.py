@@ -48,7 +48,7 @@ from greenlab.pipeline.run_folder import (
     resumed_files,
 )
 from greenlab.results import recipe, report, wandb_run
-from greenlab.results.model import Recipe, Results
+from greenlab.results.model import BOOTSTRAP_FILE, Recipe, Results
 
 log = logging.getLogger("greenlab")
 
@@ -137,18 +137,13 @@ def train_and_evaluate(cfg: DictConfig, output_dir: Path) -> Results | None:
         energy=budget.energy(),
         phases=budget.phases,
         objective=pretrained.notes,
-        artifacts={
-            **pretrained.artifacts,
-            "bootstrap": str(output_dir / "bootstrap.npz")
-            if evaluated.comparisons or evaluated.held_out
-            else None,
-            "wandb_dir": str(output_dir / "wandb"),
-        },
+        artifacts={**pretrained.artifacts, "wandb_dir": str(output_dir / "wandb")},
         config=OmegaConf.to_container(cfg, resolve=True),
         held_out=evaluated.held_out,
         pretraining=None if trains else EVALUATION_ONLY,
         preprocessing=preprocessing,
     )
+    results.artifacts["bootstrap"] = str(output_dir / BOOTSTRAP_FILE) if results.arrays() else None
     write_report(results, evaluation, loggers, pretrained.step, output_dir)
     return results
 
