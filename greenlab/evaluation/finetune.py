@@ -33,9 +33,9 @@ from greenlab.contracts import FoldSource
 from greenlab.data.base import ItemDataset
 from greenlab.data.transforms2d import finetune_eval_transform, finetune_transform
 from greenlab.evaluation.embeddings import pool
-from greenlab.evaluation.statistics import MACRO, one_vs_rest_auroc
+from greenlab.evaluation.statistics import one_vs_rest_auroc
 from greenlab.objectives.optim import warmup_cosine_factor
-from greenlab.results.model import Comparison, Embedding, Evaluated
+from greenlab.results.model import MACRO, Comparison, Embedding, Evaluated
 
 METRICS = ("accuracy", "auroc", "kappa", "f1_weighted")
 

@@ -14,7 +14,7 @@ import numpy as np
 from scipy.stats import wilcoxon
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-MACRO = "macro"
+from greenlab.results.model import MACRO
 
 
 def one_vs_rest_auroc(y: np.ndarray, proba: np.ndarray, classes: np.ndarray) -> dict[str, float]:

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from greenlab.evaluation.statistics import MACRO  # a binary task's comparison, or a multi-class task's mean
-
+MACRO = "macro"  # the comparison of a binary task, or the mean over a multi-class task's classes
 SCHEMA_VERSION = 2  # 1: results.json without schema_version, bootstrap keys auroc/<dataset>/<task>/<class>
 
 RESULTS_FILE, BOOTSTRAP_FILE = "results.json", "bootstrap.npz"
