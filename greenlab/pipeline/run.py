@@ -314,10 +314,10 @@ def parameter_counts(backbone, objective) -> dict:
 
 def write_report(results: Results, evaluation, loggers: list, step: int, output_dir: Path) -> None:
     """results.json + bootstrap.npz, results.md (the evaluation's sections inside), the final values to every
-    logger."""
+    logger, as read back from the run folder (what W&B shows is what the files hold)."""
     json_path, _ = results.write(output_dir)
     md_path = report.write_markdown(results, evaluation.markdown(results), output_dir)
-    log_final(loggers, step, results)
+    log_final(loggers, step, Results.from_folder(output_dir))
     weights_line = (
         f"\n  weights: {results.artifacts['backbone_weights']}" if results.pretraining is None else ""
     )
