@@ -1,8 +1,6 @@
-"""Evaluation of trained backbones: frozen embeddings + linear probes.
-
-``VALUE_RULES``: what the ``evaluation.*`` values of every evaluation option may be (in the words of
-``greenlab.config.RULE``), checked at start-up on the composed config (``greenlab.config.check_values``).
-"""
+"""Evaluations of a backbone: linear probes on frozen embeddings, k-fold fine-tuning, zero-shot diagnosis.
+Each returns ``greenlab.results.model.Evaluated``. ``VALUE_RULES``: the ``evaluation.*`` values' rules (the
+words of ``greenlab.config.RULE``, checked at start-up by ``greenlab.config.check_values``)."""
 
 VALUE_RULES = {
     "bootstrap_resamples": "an integer >= 1",

@@ -1,8 +1,4 @@
-"""Pre-training objectives, one LightningModule per file.
-
-``VALUE_RULES``: what the ``objective.*`` values of every objective option may be (in the words of
-``greenlab.config.RULE``), checked at start-up on the composed config (``greenlab.config.check_values``).
-"""
+"""Pre-training objectives, one LightningModule per file; ``VALUE_RULES``: the ``objective.*`` values' rules."""
 
 VALUE_RULES = {
     "lr": "a number > 0",
