@@ -116,6 +116,60 @@ class TextAligned(Protocol):
     def encode_text(self, texts: list[str]) -> torch.Tensor: ...
 
 
+# What a backbone can offer a pre-training objective (``PretrainingModule.needs``): name -> what it is, in words.
+CAPABILITIES = {
+    "tokens": "a token sequence (a ViT: patch embedding, prefix tokens, blocks)",
+    "class_token": "one [CLS] token inside its position embedding and no other prefix token (MAE's layout)",
+    "hierarchy": "a CNN feature hierarchy at strides 2, 4, 8, 16, 32 (forward_hierarchy, channels, strides)",
+    "images": "2D images (B, C, H, W)",
+    "volumes": "3D volumes (B, C, D, H, W)",
+}
+
+
+class UnfitBackbone(TypeError):
+    """An objective was given a backbone that lacks a capability it needs (raised before any training):
+    ``needed`` and ``offered`` in words, ``objective`` and ``backbone`` the names (class names, or the config
+    options' names once the pipeline knows them: ``named``)."""
+
+    def __init__(self, objective: str, needed: str, backbone: str, offered: str):
+        self.objective, self.needed, self.backbone, self.offered = objective, needed, backbone, offered
+        super().__init__(f"objective {objective} needs {needed}; backbone {backbone} is {offered}")
+
+    def named(self, objective: str, backbone: str) -> UnfitBackbone:
+        return UnfitBackbone(objective, self.needed, backbone, self.offered)
+
+
+def capabilities(backbone: nn.Module) -> set[str]:
+    """What ``backbone`` offers (keys of ``CAPABILITIES``), read from the model: a timm ViT's token members,
+    a hierarchy's strides, 3D when its convolutions are 3D."""
+    found = set()
+    if all(hasattr(backbone, name) for name in ("patch_embed", "blocks", "num_prefix_tokens")):
+        found.add("tokens")
+        if backbone.num_prefix_tokens == 1 and not getattr(backbone, "no_embed_class", True):
+            found.add("class_token")
+    if hasattr(backbone, "forward_hierarchy") and list(getattr(backbone, "strides", ())) == [2, 4, 8, 16, 32]:
+        found.add("hierarchy")
+    found.add("volumes" if any(isinstance(m, nn.Conv3d) for m in backbone.modules()) else "images")
+    return found
+
+
+def describe(backbone: nn.Module) -> str:
+    """What a backbone is, in the words of a refusal: its most specific capabilities."""
+    offered = capabilities(backbone)
+    kind = next((k for k in ("hierarchy", "tokens") if k in offered), None)
+    shape = "3D" if "volumes" in offered else "2D"
+    return f"a {shape} " + ({"hierarchy": "CNN feature hierarchy", "tokens": "token sequence"}.get(kind)
+                            or "network with pooled features only")  # fmt: skip
+
+
+def require_fit(objective, backbone: nn.Module) -> None:
+    """Refuse ``backbone`` when it lacks what ``objective`` declares it ``needs``, naming both and the gap."""
+    missing = [need for need in objective.needs if need not in capabilities(backbone)]
+    if missing:
+        needed = " and ".join(CAPABILITIES[m] for m in missing)
+        raise UnfitBackbone(type(objective).__name__, needed, type(backbone).__name__, describe(backbone))
+
+
 def conform(part, protocol: type, role: str) -> None:
     """Raise a clear error when ``part`` (the run's ``role``: objective, backbone, ...) lacks a member of
     ``protocol``."""

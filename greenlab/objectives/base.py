@@ -27,9 +27,13 @@ def use_channels_last(module: nn.Module) -> None:
 class PretrainingModule(L.LightningModule):
     """Base class of the objectives. A subclass defines the loss (``forward``, ``training_step``),
     ``configure_optimizers`` and ``trained_backbone``; ``requires`` lists the protocols its datamodule must
-    satisfy (greenlab/contracts.py)."""
+    satisfy (greenlab/contracts.py); ``needs`` the backbone capabilities it uses (``require_fit``, the first
+    line of its ``__init__`` after ``super().__init__()``)."""
 
     requires: tuple[type, ...] = ()
+    needs: tuple[
+        str, ...
+    ] = ()  # what it needs of its backbone (greenlab.contracts.CAPABILITIES): checked first
     # the submodules torch.compile'd under `compile: true` ("" = the whole forward)
     compiled: tuple[str, ...] = ("",)
     effective_batch_size: int | None = None  # the global batch of an optimiser step, set at the start of fit

@@ -25,6 +25,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from greenlab.contracts import require_fit
 from greenlab.objectives.base import PretrainingModule
 from greenlab.objectives.optim import adamw_warmup_cosine, decay_param_groups, log_train_loss
 from greenlab.objectives.patches import masked_patch_mse, normalised_patches, patchify
@@ -70,6 +71,8 @@ class MaskedAutoencoder(PretrainingModule):
         warmup_epochs, cosine_epochs, min_lr: per-epoch schedule, see ``warmup_cosine_factor``.
     """
 
+    needs = ("tokens", "class_token", "images")
+
     def __init__(self, backbone: nn.Module, mask_ratio: float, decoder_dim: int, decoder_depth: int,
                  decoder_heads: int, norm_pix_loss: bool, base_lr: float,
                  betas: tuple[float, float], weight_decay: float, warmup_epochs: int, cosine_epochs: int,
@@ -77,8 +80,7 @@ class MaskedAutoencoder(PretrainingModule):
         super().__init__()
         if not 0 < mask_ratio < 1:
             raise ValueError(f"mask_ratio must be in (0, 1), not {mask_ratio}")
-        if backbone.no_embed_class or backbone.num_prefix_tokens != 1:
-            raise ValueError("MAE needs a ViT with one [CLS] token inside its position embedding")
+        require_fit(self, backbone)
         self.save_hyperparameters(ignore=["backbone"])
         self.encoder = backbone
         patch = backbone.patch_embed.patch_size

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from greenlab.contracts import require_fit
 from greenlab.objectives.base import PretrainingModule
 from greenlab.objectives.optim import adamw_warmup_cosine, decay_param_groups, log_train_loss
 from greenlab.objectives.patches import (
@@ -99,6 +100,8 @@ class SparKPretraining(PretrainingModule):
     figures (input / masked / prediction), also logged to W&B.
     """
 
+    needs = ("hierarchy", "images")
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -119,8 +122,7 @@ class SparKPretraining(PretrainingModule):
         super().__init__()
         sparse_backend, why = choose_backend(sparse_backend, "gpu" if torch.cuda.is_available() else "cpu")
         self.backend_choice = {"sparse_backend": sparse_backend, "sparse_backend_reason": why}
-        if list(backbone.strides) != [2, 4, 8, 16, 32]:
-            raise ValueError(f"the backbone must give strides 2..32, gives {backbone.strides}")
+        require_fit(self, backbone)
         self.save_hyperparameters(ignore=["backbone"])
         self.hparams.sparse_backend = sparse_backend
         self.encoder = backbone

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from timm.layers import LayerScale
 from torch import nn
 
+from greenlab.contracts import require_fit
 from greenlab.objectives.base import PretrainingModule
 from greenlab.objectives.optim import adamw_warmup_cosine, decay_param_groups, log_train_loss
 
@@ -55,6 +56,8 @@ class TokenReconstruction(PretrainingModule):
         warmup_epochs, cosine_epochs, start_lr, min_lr: per-epoch schedule, see ``warmup_cosine_factor``.
     """
 
+    needs = ("tokens", "images")
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -74,6 +77,7 @@ class TokenReconstruction(PretrainingModule):
         min_lr: float,
     ):
         super().__init__()
+        require_fit(self, backbone)
         if target_tokens not in ("all", "patch", "prefix"):
             raise ValueError(f"target_tokens must be all, patch or prefix, not {target_tokens!r}")
         if corruption_token not in ("zeros", "learned"):

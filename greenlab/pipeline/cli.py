@@ -1,6 +1,7 @@
 """The command line: ``greenlab`` / ``python -m greenlab`` (Hydra). Light on purpose: a command that is
 refused (bad values, a finished or busy run folder) or only asks (no argument, ``--help``) answers without
-loading torch and Lightning; ``greenlab.run`` is imported only to run.
+loading torch and Lightning; ``greenlab.pipeline.run`` is imported only to run. A backbone the objective
+does not fit is refused in one line (in a ``-m`` sweep: that job is skipped, the others run).
 """
 
 from __future__ import annotations
@@ -8,6 +9,8 @@ from __future__ import annotations
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 import greenlab.config
@@ -25,9 +28,16 @@ def hydra_main(cfg: DictConfig) -> float | None:
         greenlab.config.check_values(cfg)
     except ValueError as err:
         raise SystemExit(f"greenlab: {err}") from None
+    from greenlab.contracts import UnfitBackbone
     from greenlab.pipeline.run import run, sweep_value
 
-    return sweep_value(run(cfg))  # the value a Hydra sweeper optimises
+    try:
+        return sweep_value(run(cfg))  # the value a Hydra sweeper optimises
+    except UnfitBackbone as refused:  # one line; in a sweep the other jobs go on
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            raise SystemExit(f"greenlab: {refused}") from None
+        print(f"greenlab: refused (this job of the sweep is skipped): {refused}", file=sys.stderr)
+        return None
 
 
 def main() -> None:

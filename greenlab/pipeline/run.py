@@ -24,6 +24,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
@@ -102,7 +103,7 @@ def train_and_evaluate(cfg: DictConfig, output_dir: Path) -> Results | None:
         instantiate(cfg.evaluation),
         instantiate(cfg.compute),
     )
-    objective = instantiate(cfg.objective, _convert_="all") if trains else None  # plain hparams: weights_only
+    objective = build_objective(cfg) if trains else None
     check_parts(evaluation, datamodule, objective)
     loggers = build_loggers(cfg, "train" if trains else "evaluate")
     if trains:
@@ -243,6 +244,18 @@ def paper_recipe(composed: dict, init_record: dict, world_size: int) -> Recipe:
     return Recipe.from_json(
         {"experiment": experiment, **recipe.deviations(composed, paper, scaled, init_record, world_size)}
     )
+
+
+def build_objective(cfg: DictConfig):
+    """The objective (plain hparams: checkpoints load with weights_only=True); a backbone it does not fit is
+    refused naming both config options (``contracts.UnfitBackbone``)."""
+    try:
+        return instantiate(cfg.objective, _convert_="all")
+    except InstantiationException as err:
+        if isinstance(err.__cause__, contracts.UnfitBackbone):
+            choices = HydraConfig.get().runtime.choices
+            raise err.__cause__.named(choices.get("objective"), choices.get("backbone")) from None
+        raise
 
 
 def check_parts(evaluation, datamodule, objective=None) -> None:
