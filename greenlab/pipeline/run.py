@@ -93,9 +93,9 @@ def train_and_evaluate(cfg: DictConfig, output_dir: Path) -> Results | None:
             "evaluation only: rank 0 evaluates; this worker process of a DDP / SLURM job has nothing to do"
         )
         return None
-    resume_from = (
-        resume_checkpoint(output_dir, cfg.resume.get("from")) if trains else refuse_finished(output_dir)
-    )
+    if not trains:
+        refuse_finished(output_dir)
+    resume_from = resume_checkpoint(output_dir, cfg.resume.get("from")) if trains else None
     L.seed_everything(cfg.seed, workers=True)
     preprocessing = None if trains else follow_backbone(cfg)
     datamodule, evaluation, budget = (
@@ -105,7 +105,7 @@ def train_and_evaluate(cfg: DictConfig, output_dir: Path) -> Results | None:
     )
     objective = build_objective(cfg) if trains else None
     check_parts(evaluation, datamodule, objective)
-    loggers = build_loggers(cfg, "train" if trains else "evaluate")
+    loggers = build_loggers(cfg, None if trains else "evaluate")
     if trains:
         pretrained = pretrain(cfg, objective, datamodule, loggers, budget, resume_from, output_dir)
         if pretrained is None:  # another process of a distributed run: rank 0 evaluates and reports
@@ -153,7 +153,7 @@ def pretrain(cfg: DictConfig, objective, datamodule, loggers: list, budget: Budg
              output_dir: Path) -> Pretrained | None:  # fmt: skip
     """Train the objective (continuing ``resume_from``) on every process; on rank 0, export what it leaves
     (backbone.pth + .json, the timm folder) and return it; None on the other ranks."""
-    trainer = build_trainer(cfg, loggers, budget)
+    trainer, monitor = build_trainer(cfg, loggers, budget)
     initial = copy.deepcopy(objective.trained_backbone()) if cfg.evaluate_initial_backbone else None
     layout = {
         "compiled": objective.compile_networks() if cfg.compile else [],
@@ -172,9 +172,7 @@ def pretrain(cfg: DictConfig, objective, datamodule, loggers: list, budget: Budg
         log.error("stopped by SIGTERM at step %d; checkpoints/last.ckpt holds it: run the same command to resume",
                   trainer.global_step)  # fmt: skip
         raise SystemExit(EXIT_SIGTERM) from None
-    compute = next(c for c in trainer.callbacks if isinstance(c, ComputeMonitor)).summary(
-        trainer
-    )  # all ranks
+    compute = monitor.summary(trainer)  # every rank: the budget is reduced over them
     layout["fused_optimizer"] = any(o.defaults.get("fused") for o in trainer.optimizers)  # AdamW on a GPU
     if not trainer.is_global_zero:
         return None
@@ -269,26 +267,25 @@ def check_parts(evaluation, datamodule, objective=None) -> None:
         contracts.check_requirements(objective, "objective", datamodule)
 
 
-def build_loggers(cfg: DictConfig, job_type: str) -> list:
-    """The configured loggers (a W&B run per run folder, of ``job_type`` train | evaluate), the config logged
-    to each."""
+def build_loggers(cfg: DictConfig, job_type: str | None) -> list:
+    """The configured loggers (a W&B run per run folder; ``job_type``, when given, replaces the configured one),
+    the config logged to each."""
     loggers = []
     for c in cfg.logger.values():
-        extra = wandb_run.resume_arguments(c, cfg.paths.output_dir)
-        loggers.append(
-            instantiate(c, **extra, **({"job_type": job_type} if extra and job_type != "train" else {}))
-        )
+        replaced = {"job_type": job_type} if job_type and "job_type" in c else {}
+        loggers.append(instantiate(c, **wandb_run.resume_arguments(c, cfg.paths.output_dir), **replaced))
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     return loggers
 
 
-def build_trainer(cfg: DictConfig, loggers: list, budget: Budget) -> L.Trainer:
-    """The Lightning Trainer with the configured callbacks, the compute monitor feeding ``budget``."""
+def build_trainer(cfg: DictConfig, loggers: list, budget: Budget) -> tuple[L.Trainer, ComputeMonitor]:
+    """The Lightning Trainer with the configured callbacks, and its compute monitor, feeding ``budget``."""
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
-    next(c for c in callbacks if isinstance(c, ComputeMonitor)).budget = budget
+    monitor = next(c for c in callbacks if isinstance(c, ComputeMonitor))
+    monitor.budget = budget
     workers_rerun_this_job()
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers), monitor
 
 
 def workers_rerun_this_job() -> None:

@@ -5,10 +5,11 @@ evaluation adds (``Evaluation.markdown``)."""
 from __future__ import annotations
 
 import math
+from collections import Counter
 from pathlib import Path
 
 from greenlab.results import recipe
-from greenlab.results.model import MACRO, Results
+from greenlab.results.model import Results
 
 REPORT_FILE = "results.md"
 
@@ -68,11 +69,15 @@ def comparisons_table(results: Results) -> list[str]:
         return []
     lines = ["", "## Held-out AUROC", "", "| evaluation | dataset | task | class | n test | AUROC [95% CI] | point | AUPRC |",
              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    per_task = Counter((row.evaluation, row.dataset, row.task) for row in results.comparisons)
     for row in results.comparisons:
         low, high = row.auroc_ci95 or (math.nan, math.nan)
-        label = "" if row.comparison == MACRO and row.evaluation != "linear_probe" else row.comparison
+        label = (
+            "" if per_task[row.evaluation, row.dataset, row.task] == 1 else row.comparison
+        )  # binary: no class
         lines.append(f"| {row.evaluation} | {row.dataset} | {row.task} | {label} | {_number(row.n_test, '{}')} | "
-                     f"{_number(row.auroc)} [{_number(low)}, {_number(high)}] | {_number(row.auroc_point)} | "
+                     f"{_number(row.auroc)}{f' [{_number(low)}, {_number(high)}]' if _number(low) else ''} | "
+                     f"{_number(row.auroc_point)} | "
                      f"{_number(row.auprc)} |")  # fmt: skip
     return lines
 
