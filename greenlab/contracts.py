@@ -119,8 +119,9 @@ class TextAligned(Protocol):
 # What a backbone can offer a pre-training objective (``PretrainingModule.needs``): name -> what it is, in words.
 CAPABILITIES = {
     "tokens": "a token sequence (a ViT: patch embedding, prefix tokens, blocks)",
-    "class_token": "one [CLS] token inside its position embedding and no other prefix token (MAE's layout)",
-    "hierarchy": "a CNN feature hierarchy at strides 2, 4, 8, 16, 32 (forward_hierarchy, channels, strides)",
+    "position_table": "a position embedding table over the patch grid (pos_embed)",
+    "hierarchy": "a CNN feature hierarchy in powers of two up to stride 32 (tap_names, strides, channels)",
+    "feature_map": "a CNN's stem output grid and final feature map (stem_name; forward_features (B, C, h, w))",
     "images": "2D images (B, C, H, W)",
     "volumes": "3D volumes (B, C, D, H, W)",
 }
@@ -140,15 +141,20 @@ class UnfitBackbone(TypeError):
 
 
 def capabilities(backbone: nn.Module) -> set[str]:
-    """What ``backbone`` offers (keys of ``CAPABILITIES``), read from the model: a timm ViT's token members,
-    a hierarchy's strides, 3D when its convolutions are 3D."""
+    """What ``backbone`` offers (keys of ``CAPABILITIES``), read from the model: a timm ViT's token members
+    and position table, a CNN's hierarchy (greenlab/backbones/hierarchy.py) and stem, 3D when its
+    convolutions are 3D."""
+    from greenlab.backbones.hierarchy import is_hierarchy
+
     found = set()
     if all(hasattr(backbone, name) for name in ("patch_embed", "blocks", "num_prefix_tokens")):
         found.add("tokens")
-        if backbone.num_prefix_tokens == 1 and not getattr(backbone, "no_embed_class", True):
-            found.add("class_token")
-    if hasattr(backbone, "forward_hierarchy") and list(getattr(backbone, "strides", ())) == [2, 4, 8, 16, 32]:
+        if getattr(backbone, "pos_embed", None) is not None:
+            found.add("position_table")
+    if hasattr(backbone, "tap_names") and is_hierarchy(list(backbone.strides)):
         found.add("hierarchy")
+    if hasattr(backbone, "stem_name"):
+        found.add("feature_map")
     found.add("volumes" if any(isinstance(m, nn.Conv3d) for m in backbone.modules()) else "images")
     return found
 
@@ -156,18 +162,32 @@ def capabilities(backbone: nn.Module) -> set[str]:
 def describe(backbone: nn.Module) -> str:
     """What a backbone is, in the words of a refusal: its most specific capabilities."""
     offered = capabilities(backbone)
-    kind = next((k for k in ("hierarchy", "tokens") if k in offered), None)
+    kind = next((k for k in ("hierarchy", "feature_map", "tokens") if k in offered), None)
     shape = "3D" if "volumes" in offered else "2D"
-    return f"a {shape} " + ({"hierarchy": "CNN feature hierarchy", "tokens": "token sequence"}.get(kind)
-                            or "network with pooled features only")  # fmt: skip
+    words = {
+        "hierarchy": "CNN feature hierarchy",
+        "feature_map": "CNN feature map",
+        "tokens": "token sequence",
+    }
+    return f"a {shape} " + (words.get(kind) or "network with pooled features only")
 
 
 def require_fit(objective, backbone: nn.Module) -> None:
-    """Refuse ``backbone`` when it lacks what ``objective`` declares it ``needs``, naming both and the gap."""
-    missing = [need for need in objective.needs if need not in capabilities(backbone)]
+    """Refuse ``backbone`` when it lacks what ``objective`` declares it ``needs``, naming both and the gap.
+    A need is a capability, or a tuple of capabilities of which one is enough."""
+    missing = unmet(objective.needs, capabilities(backbone))
     if missing:
-        needed = " and ".join(CAPABILITIES[m] for m in missing)
+        needed = " and ".join(" or ".join(CAPABILITIES[a] for a in _alternatives(m)) for m in missing)
         raise UnfitBackbone(type(objective).__name__, needed, type(backbone).__name__, describe(backbone))
+
+
+def unmet(needs: tuple, offered: set[str]) -> list:
+    """The entries of ``needs`` (capabilities, or tuples of alternatives) that ``offered`` does not meet."""
+    return [need for need in needs if not set(_alternatives(need)) & offered]
+
+
+def _alternatives(need: str | tuple[str, ...]) -> tuple[str, ...]:
+    return (need,) if isinstance(need, str) else tuple(need)
 
 
 def conform(part, protocol: type, role: str) -> None:

@@ -39,7 +39,8 @@ class NNMobileNet(nn.Module):
                 block.register_forward_hook(_dropout_after_block)
         info = {f["reduction"]: f for f in trunk.feature_info}
         self.tap_names = [info[r]["module"] for r in (2, 4, 8, 16)] + [f"features.{len(self.features) - 1}"]
-        self.strides = [2, 4, 8, 16, 32]
+        self.strides = [2, 4, 8, 16, 32]  # greenlab.backbones.hierarchy: the maps SparK's decoder reads
+        self.stem_name = "stem"
         self.channels = [info[r]["num_chs"] for r in (2, 4, 8, 16)] + [trunk.num_features]
         self.num_features = trunk.num_features
         self.recipe = {"factory": f"{__name__}.NNMobileNet", "model_name": model_name,
@@ -49,17 +50,6 @@ class NNMobileNet(nn.Module):
         if state is not None:  # timm's classifier (head.*) is not part of the trunk
             load_exactly(self, {k: v for k, v in state.items() if not k.startswith("head.")},
                          self.init_record["source"])  # fmt: skip
-
-    def forward_hierarchy(self, x) -> list:
-        """The five feature maps, strides 2..32 (dense tensors, or sparse ones after sparsification)."""
-        taps = set(self.tap_names)
-        out = []
-        x = self.stem(x)
-        for index, block in enumerate(self.features):
-            x = block(x)
-            if f"features.{index}" in taps:
-                out.append(x)
-        return out
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, num_features, H/32, W/32)."""

@@ -1,19 +1,24 @@
 """Masked autoencoder (He et al. 2022), the objective of RETFound-MEH: the efficiency study's baseline.
 
 A random ``mask_ratio`` of the patches is dropped per image; the ViT encoder sees only the visible ones
-(position embeddings added first, [CLS] kept); a light decoder gets the encoded tokens plus a shared mask
-token at each dropped position and predicts the pixels of every patch::
+(position embeddings added first, the prefix tokens kept); a light decoder gets the encoded tokens plus a
+shared mask token at each dropped position and predicts the pixels of every patch::
 
     P      = patchify(x)                              (B, N, p·p·C), N = (H/p)(W/p)
     keep   = N (1 - r) random patches per image       r = mask_ratio (0.75)
-    z      = ViT([CLS] + (PatchEmbed(x) + pos)[keep])
+    z      = ViT(prefix + (PatchEmbed(x) + pos)[keep])
     ŷ      = Dec(unshuffle(Linear(z) ∪ mask tokens) + pos_dec)     (B, N, p·p·C)
     target = (P - mean(P)) / sqrt(var(P) + 1e-6)      per patch (norm_pix_loss; else P)
     L      = Σ_masked mean_pixels (ŷ - target)² / #masked
 
 Decoder: ``decoder_depth`` transformer blocks of ``decoder_dim`` (8 x 512, 16 heads). As the official MAE code
 (facebookresearch/mae, also RETFound_MAE): fixed 2D sin-cos position embeddings in encoder and decoder (never
-trained; [CLS] row zero), xavier-uniform linear layers, LayerNorm eps 1e-6. Values: shared/REFERENCE.md §1 (DERETFound / RETFound-MEH: ViT-L/16, 224 px, mask 0.75,
+trained; [CLS] row zero), xavier-uniform linear layers, LayerNorm eps 1e-6.
+
+Any timm ViT with a position table: the prefix (MAE's one [CLS]; also DINOv2's [CLS] + registers, or none) is
+never masked and has the positions timm gives it: its rows of the table (zero under MAE's init) when the
+table has them, none under ``no_embed_class`` (the table covers the patches only); in the decoder the prefix
+has no position, as MAE's zero [CLS] row. A new encoder's registers start as its [CLS] does, N(0, 0.02). Values: shared/REFERENCE.md §1 (DERETFound / RETFound-MEH: ViT-L/16, 224 px, mask 0.75,
 norm-pix loss, AdamW blr 1.5e-4 x batch / 256, betas (0.9, 0.95), wd 0.05).
 """
 
@@ -59,7 +64,7 @@ def mae_init(module: nn.Module) -> None:
 
 
 class MaskedAutoencoder(PretrainingModule):
-    """MAE pre-training of a timm ViT with a [CLS] token and learned absolute position embeddings.
+    """MAE pre-training of a timm ViT with a position table (any prefix layout, see the module docstring).
 
     Args:
         backbone: timm ``VisionTransformer`` (``num_classes=0``): the encoder downstream tasks keep.
@@ -71,7 +76,7 @@ class MaskedAutoencoder(PretrainingModule):
         warmup_epochs, cosine_epochs, min_lr: per-epoch schedule, see ``warmup_cosine_factor``.
     """
 
-    needs = ("tokens", "class_token", "images")
+    needs = ("tokens", "position_table", "images")
 
     def __init__(self, backbone: nn.Module, mask_ratio: float, decoder_dim: int, decoder_depth: int,
                  decoder_heads: int, norm_pix_loss: bool, base_lr: float,
@@ -86,13 +91,18 @@ class MaskedAutoencoder(PretrainingModule):
         patch = backbone.patch_embed.patch_size
         grid = backbone.patch_embed.grid_size
         self.patch_size = patch[0]
+        self.num_prefix = backbone.num_prefix_tokens
+        self.prefix_rows = 0 if backbone.no_embed_class else self.num_prefix  # the prefix's rows of the table
         if backbone.init_record["used"] == "random":  # MAE's own initialisation of a new encoder
             backbone.apply(mae_init)
             nn.init.xavier_uniform_(backbone.patch_embed.proj.weight.view(backbone.embed_dim, -1))
-            nn.init.normal_(backbone.cls_token, std=0.02)
+            for token in self.prefix_parameters():
+                nn.init.normal_(token, std=0.02)
             with torch.no_grad():
-                backbone.pos_embed[0, 1:] = mae_sincos_pos_embed(backbone.embed_dim, tuple(grid))
-                backbone.pos_embed[0, :1] = 0.0
+                backbone.pos_embed[0, self.prefix_rows :] = mae_sincos_pos_embed(
+                    backbone.embed_dim, tuple(grid)
+                )
+                backbone.pos_embed[0, : self.prefix_rows] = 0.0
         backbone.pos_embed.requires_grad_(False)  # fixed sin-cos, as MAE's encoder
         self.decoder_embed = nn.Linear(backbone.embed_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
@@ -119,23 +129,32 @@ class MaskedAutoencoder(PretrainingModule):
         mask.scatter_(1, keep, 0.0)
         return keep, mask
 
+    def prefix_parameters(self) -> list[nn.Parameter]:
+        """The encoder's prefix tokens in timm's order: [CLS], then the registers (those it has)."""
+        return [t for t in (self.encoder.cls_token, self.encoder.reg_token) if t is not None]
+
     def encode_visible(self, images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """[CLS] + the visible patch tokens through the encoder: (B, 1 + K, D)."""
+        """The prefix + the visible patch tokens through the encoder: (B, P + K, D), P = num_prefix_tokens.
+        With every patch kept in order, timm's ``forward_features``."""
         vit = self.encoder
-        x = vit.patch_embed(images) + vit.pos_embed[:, 1:]
+        x = vit.patch_embed(images) + vit.pos_embed[:, self.prefix_rows :]
         x = torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-        cls = (vit.cls_token + vit.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-        x = vit.norm_pre(torch.cat([cls, x], dim=1))
+        if self.num_prefix:
+            prefix = torch.cat(self.prefix_parameters(), dim=1)
+            if self.prefix_rows:
+                prefix = prefix + vit.pos_embed[:, : self.prefix_rows]
+            x = torch.cat([prefix.expand(x.shape[0], -1, -1), x], dim=1)
+        x = vit.norm_pre(x)
         return vit.norm(vit.blocks(x))
 
     def decode(self, latent: torch.Tensor, keep: torch.Tensor, num_patches: int) -> torch.Tensor:
-        """Encoded (B, 1 + K, D) -> pixel predictions for every patch (B, N, p·p·C)."""
+        """Encoded (B, P + K, D) -> pixel predictions for every patch (B, N, p·p·C)."""
         x = self.decoder_embed(latent)
-        b, dim = x.shape[0], x.shape[-1]
+        b, dim, p = x.shape[0], x.shape[-1], self.num_prefix
         full = self.mask_token.to(x.dtype).expand(b, num_patches, dim).clone()
-        full = full.scatter(1, keep.unsqueeze(-1).expand(-1, -1, dim), x[:, 1:])
-        x = torch.cat([x[:, :1], full + self.decoder_pos_embed.to(x.dtype)], dim=1)
-        return self.decoder_pred(self.decoder_norm(self.decoder_blocks(x)))[:, 1:]
+        full = full.scatter(1, keep.unsqueeze(-1).expand(-1, -1, dim), x[:, p:])
+        x = torch.cat([x[:, :p], full + self.decoder_pos_embed.to(x.dtype)], dim=1)
+        return self.decoder_pred(self.decoder_norm(self.decoder_blocks(x)))[:, p:]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """MAE loss (scalar) of a batch of images (B, C, H, W)."""

@@ -1,4 +1,5 @@
-"""Pieces shared by the objectives: weight-decay groups, AdamW with a per-epoch schedule, loss logging."""
+"""Pieces shared by the objectives: weight-decay groups, AdamW (or LAMB) with a per-epoch schedule, loss
+logging."""
 
 from __future__ import annotations
 
@@ -56,20 +57,39 @@ def warmup_cosine_factor(
     return lr / base_lr
 
 
+def optimizer(
+    groups: list[dict],
+    lr: float,
+    betas: tuple[float, float],
+    algorithm: str = "adamw",
+    max_grad_norm: float = 5.0,
+) -> torch.optim.Optimizer:
+    """``adamw``: torch AdamW, fused (one kernel for all parameters) when they all live on a GPU: the same
+    update, fewer launches. ``lamb``: timm's ``Lamb`` (SparK's ``TheSameAsTimmLAMB``), which clips the global
+    gradient norm to ``max_grad_norm`` inside its step (SparK: 5.0)."""
+    if algorithm == "adamw":
+        on_gpu = all(p.is_cuda for group in groups for p in group["params"])
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=on_gpu or None)
+    if algorithm == "lamb":
+        from timm.optim import Lamb
+
+        return Lamb(groups, lr=lr, betas=tuple(betas), max_grad_norm=max_grad_norm)
+    raise ValueError(f"optimizer must be adamw or lamb, not {algorithm!r}")
+
+
 def adamw(
     groups: list[dict],
     lr: float,
     lr_factor: Callable[[int], float] | list[Callable[[int], float]],
     betas: tuple[float, float] = (0.9, 0.999),
+    algorithm: str = "adamw",
 ) -> dict:
-    """Lightning's optimiser config: AdamW over ``groups`` at ``lr``, times ``lr_factor(epoch)`` (one
-    callable, or one per group), stepped once per epoch. Fused (one kernel for all parameters) when they all
-    live on a GPU: the same update, fewer launches."""
-    on_gpu = all(p.is_cuda for group in groups for p in group["params"])
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=on_gpu or None)
+    """Lightning's optimiser config: ``optimizer(algorithm)`` (AdamW by default) over ``groups`` at ``lr``,
+    times ``lr_factor(epoch)`` (one callable, or one per group), stepped once per epoch."""
+    built = optimizer(groups, lr, betas, algorithm)
     return {
-        "optimizer": optimizer,
-        "lr_scheduler": {"scheduler": LambdaLR(optimizer, lr_factor), "interval": "epoch"},
+        "optimizer": built,
+        "lr_scheduler": {"scheduler": LambdaLR(built, lr_factor), "interval": "epoch"},
     }
 
 
@@ -82,13 +102,14 @@ def adamw_warmup_cosine(
     cosine_epochs: int,
     betas: tuple[float, float] = (0.9, 0.999),
     cosine_from_zero: bool = False,
+    algorithm: str = "adamw",
 ) -> dict:
     """``adamw`` with the per-epoch linear warm-up + cosine of ``warmup_cosine_factor``."""
     factor = partial(
         warmup_cosine_factor, base_lr=lr, start_lr=start_lr, min_lr=min_lr, warmup_epochs=warmup_epochs,
         cosine_epochs=cosine_epochs, cosine_from_zero=cosine_from_zero,
     )  # fmt: skip
-    return adamw(groups, lr, factor, betas)
+    return adamw(groups, lr, factor, betas, algorithm)
 
 
 @contextmanager

@@ -1,15 +1,21 @@
 """SparK: BERT-style masked image modelling for CNNs through sparse convolution (Tian et al., ICLR 2023),
-applied to nn-MobileNet as in "BERT-style sparse CNN pre-training" for retinal images.
+applied to nn-MobileNet as in "BERT-style sparse CNN pre-training" for retinal images, and to any CNN with a
+feature hierarchy up to stride 32 (SparK's ResNets and ConvNeXts; greenlab/backbones/hierarchy.py).
 
 Per image, a random 60 % of the cells of the input/32 grid are masked. The encoder (the dense CNN
-sparsified: ``sparse_backend`` masked_dense or minkowski) sees only the visible cells and returns five
-feature maps f_s, s = 2..32, zero at masked positions. Deepest first, each is *densified*:
+sparsified: ``sparse_backend`` masked_dense or minkowski) sees only the visible cells and returns its
+feature maps f_s at its strides s (nn-MobileNet: 2..32; ResNet, ConvNeXt: 4..32), zero at masked positions.
+Deepest first, each is *densified*:
 
-    d_s = P_s( fill_s( BN_active(f_s) ) )    fill_s: masked positions <- learned mask token m_s (C_s,)
-                                             P_s: 1x1 conv at /32, 3x3 conv elsewhere -> decoder width w_s
+    d_s = P_s( fill_s( N_s(f_s) ) )    N_s: BatchNorm over active positions (ResNets, nn-MobileNet) or
+                                       LayerNorm per position (ConvNeXt), ``densify_norm``
+                                       fill_s: masked positions <- learned mask token m_s (C_s,)
+                                       P_s: 1x1 conv at /32 (identity when C_32 = w_0), 3x3 conv elsewhere
+                                       -> decoder width w_i = decoder_width / 2^i at stride 32 / 2^i
 
-and a UNet-style decoder upsamples (one block per scale: ConvTranspose k4 s2, then two 3x3 conv + BN),
-adding d_s at each level, to a (B, 3, H, W) prediction x̂. With p = 32x32x3 patches of the image,
+and SparK's ``LightDecoder`` upsamples in log2(32) = 5 blocks (ConvTranspose k4 s2, then two 3x3 conv +
+BN), adding d_s before the block at stride s (a stride without a map adds nothing), to a (B, 3, H, W)
+prediction x̂. With p = 32x32x3 patches of the image,
 normalised per patch (mean 0, std 1 over the patch), the loss is the MSE of masked patches only:
 
     L = Σ_{patches j masked} mean_pixels (x̂_j - norm(x_j))²  /  #masked
@@ -22,8 +28,10 @@ import math
 from pathlib import Path
 
 import torch
+from timm.layers import LayerNorm2d
 from torch import nn
 
+from greenlab.backbones.hierarchy import DOWNSAMPLE, forward_hierarchy
 from greenlab.contracts import require_fit
 from greenlab.objectives.base import PretrainingModule
 from greenlab.objectives.optim import adamw_warmup_cosine, decay_param_groups, log_train_loss
@@ -36,7 +44,7 @@ from greenlab.objectives.patches import (
 )
 from greenlab.sparse import choose_backend, masked_dense
 
-DOWNSAMPLE = 32  # patch size = mask cell = the encoder's total stride
+UPSAMPLINGS = 5  # log2(DOWNSAMPLE): the decoder's blocks, /32 -> /1
 
 
 def random_visible_mask(batch: int, grid: tuple[int, int], mask_ratio: float, device) -> torch.Tensor:
@@ -74,14 +82,21 @@ class UpsampleBlock(nn.Module):
 
 
 class Densify(nn.Module):
-    """BN over visible positions, learned mask token at masked ones, projection to the decoder width."""
+    """Norm over visible positions (``bn``: BatchNorm statistics over them; ``ln``: LayerNorm, eps 1e-6, per
+    position), learned mask token at masked ones, projection to the decoder width (SparK's identity where
+    the deepest map already has it)."""
 
-    def __init__(self, channels: int, width: int, kernel: int):
+    def __init__(self, channels: int, width: int, kernel: int, norm: str):
         super().__init__()
-        self.norm = masked_dense.sparsify(nn.BatchNorm2d(channels))
+        self.norm = (
+            masked_dense.sparsify(nn.BatchNorm2d(channels)) if norm == "bn" else LayerNorm2d(channels, 1e-6)
+        )
         self.mask_token = nn.Parameter(torch.zeros(1, channels, 1, 1))
-        nn.init.trunc_normal_(self.mask_token, std=0.02)
-        self.proj = nn.Conv2d(channels, width, kernel, padding=kernel // 2)
+        nn.init.trunc_normal_(self.mask_token, std=0.02, a=-0.02, b=0.02)  # SparK: truncated at one std
+        if kernel == 1 and channels == width:
+            self.proj = nn.Identity()
+        else:
+            self.proj = nn.Conv2d(channels, width, kernel, padding=kernel // 2)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         visible = masked_dense.mask_at(features)
@@ -90,14 +105,21 @@ class Densify(nn.Module):
 
 class SparKPretraining(PretrainingModule):
     """Args:
-    backbone: a CNN with ``forward_hierarchy``, ``channels`` and ``strides`` (e.g. ``NNMobileNet``).
+    backbone: a CNN with a feature hierarchy (``tap_names``, ``channels``, ``strides`` up to 32: ``NNMobileNet``,
+        any timm CNN from ``create_timm_model``).
     sparse_backend: ``masked_dense`` or ``minkowski`` (same semantics; see greenlab/sparse), or ``auto``:
-    the faster one on this device type according to ``make bench`` (``greenlab.sparse.fastest_backend``),
-    masked_dense when MinkowskiEngine is not installed (recorded; ``minkowski`` then fails at start-up).
-    mask_ratio: masked fraction of the input/32 cells. decoder_width: width after the deepest level
-    (halved at each upsampling). base_lr: lr = base_lr x the global batch / 256 (AdamW; ``effective_batch_size``). weight_decay ->
-    weight_decay_end: cosine weight-decay schedule. figure_dir / figure_every_n_epochs: reconstruction
-    figures (input / masked / prediction), also logged to W&B.
+        the faster one on this device type according to ``make bench`` (``greenlab.sparse.fastest_backend``),
+        masked_dense when MinkowskiEngine is not installed (recorded; ``minkowski`` then fails at start-up).
+    mask_ratio: masked fraction of the input/32 cells.
+    decoder_width: width after the deepest level (halved at each upsampling).
+    densify_norm: ``bn`` | ``ln`` | ``auto`` (SparK's rule: ``ln`` for a network with LayerNorms, i.e.
+        ConvNeXt, ``bn`` for the others).
+    base_lr: lr = base_lr x the global batch / 256 (``effective_batch_size``).
+    optimizer: ``adamw`` | ``lamb`` (SparK's ImageNet recipe: LAMB, global gradient norm clipped to 5 in its
+        step).
+    weight_decay -> weight_decay_end: cosine weight-decay schedule.
+    figure_dir / figure_every_n_epochs: reconstruction figures (input / masked / prediction), also logged to
+        W&B.
     """
 
     needs = ("hierarchy", "images")
@@ -108,7 +130,9 @@ class SparKPretraining(PretrainingModule):
         sparse_backend: str,
         mask_ratio: float,
         decoder_width: int,
+        densify_norm: str,
         base_lr: float,
+        optimizer: str,
         betas: tuple[float, float],
         weight_decay: float,
         weight_decay_end: float,
@@ -132,12 +156,18 @@ class SparKPretraining(PretrainingModule):
             minkowski.sparsify(self.encoder)
         else:
             masked_dense.sparsify(self.encoder)
-        channels = list(reversed(backbone.channels))  # deepest first
-        widths = [decoder_width // 2**i for i in range(len(channels) + 1)]
+        if densify_norm == "auto":
+            densify_norm = "ln" if any(isinstance(m, nn.LayerNorm) for m in backbone.modules()) else "bn"
+        if densify_norm not in ("bn", "ln"):
+            raise ValueError(f"densify_norm must be auto, bn or ln, not {densify_norm!r}")
+        self.hparams.densify_norm = densify_norm
+        widths = [decoder_width // 2**i for i in range(UPSAMPLINGS + 1)]
+        levels = [round(math.log2(DOWNSAMPLE // s)) for s in backbone.strides]  # decoder block of each map
         self.densify = nn.ModuleList(
-            Densify(c, w, 1 if i == 0 else 3) for i, (c, w) in enumerate(zip(channels, widths))
-        )
-        self.decoder = nn.ModuleList(UpsampleBlock(widths[i], widths[i + 1]) for i in range(len(channels)))
+            Densify(c, widths[i], 1 if i == 0 else 3, densify_norm)
+            for i, c in reversed(list(zip(levels, backbone.channels)))
+        )  # deepest first
+        self.decoder = nn.ModuleList(UpsampleBlock(widths[i], widths[i + 1]) for i in range(UPSAMPLINGS))
         self.to_pixels = nn.Conv2d(widths[-1], 3, kernel_size=1)
 
     def encode(self, images: torch.Tensor, visible: torch.Tensor) -> list[torch.Tensor]:
@@ -145,21 +175,21 @@ class SparKPretraining(PretrainingModule):
         if self.hparams.sparse_backend == "minkowski":
             from greenlab.sparse import minkowski
 
-            maps = self.encoder.forward_hierarchy(minkowski.to_sparse(images, visible))
+            maps = forward_hierarchy(self.encoder, minkowski.to_sparse(images, visible))
             b, _, h, w = images.shape
             return [minkowski.to_dense(m, b, h // s, w // s) for m, s in zip(maps, self.encoder.strides)]
-        return self.encoder.forward_hierarchy(images * masked_dense.mask_at(images))
+        return forward_hierarchy(self.encoder, images * masked_dense.mask_at(images))
 
     def forward(self, images: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images (B, 3, H, W), visible (B, 1, H/32, W/32) -> (loss, prediction (B, 3, H, W))."""
         with masked_dense.active_mask(visible):
             features = self.encode(images, visible)
-            levels = [d(f) for d, f in zip(self.densify, reversed(features))]
-        x = levels[0]
-        for i, block in enumerate(self.decoder):
-            x = block(x)
-            if i + 1 < len(levels):
-                x = x + levels[i + 1]
+            densified = {
+                s: d(f) for d, s, f in zip(self.densify, *map(reversed, (self.encoder.strides, features)))
+            }
+        x = 0
+        for i, block in enumerate(self.decoder):  # stride 32 / 2^i -> 32 / 2^(i+1)
+            x = block(x + densified[DOWNSAMPLE >> i] if DOWNSAMPLE >> i in densified else x)
         prediction = self.to_pixels(x)
         return masked_patch_loss(prediction, images, visible), prediction
 
@@ -191,14 +221,15 @@ class SparKPretraining(PretrainingModule):
             [self.encoder, self.densify, self.decoder, self.to_pixels], hp.weight_decay, ("mask_token",)
         )
         return adamw_warmup_cosine(
-            groups, lr, hp.start_lr, hp.min_lr, hp.warmup_epochs, hp.cosine_epochs, hp.betas
-        )
+            groups, lr, hp.start_lr, hp.min_lr, hp.warmup_epochs, hp.cosine_epochs, hp.betas,
+            algorithm=hp.optimizer,
+        )  # fmt: skip
 
     def run_notes(self) -> dict:
         return self.backend_choice
 
     def trained_backbone(self) -> nn.Module:
-        """A dense copy of the encoder: the plain nn-MobileNet with the pre-trained weights."""
+        """A dense copy of the encoder: the plain network (nn-MobileNet, timm's CNN) with the pre-trained weights."""
         return masked_dense.densify(copy.deepcopy(self.encoder))
 
     # --- reconstruction figures

@@ -15,6 +15,15 @@ reproduce the teacher's output tokens through a small residual prediction head::
     L   = mean_{tokens, dims} (ŷ - y)²               (distance and token subset configurable)
 
 Shapes: images (B, 3, H, W); tokens (B, T, D), T = 1 + 4 + (H/14)(W/14) = 789 at 392 px, D = 384.
+
+On a CNN (greenlab's extension; the ViT path above is the paper's): the corruption acts on the *stem output
+grid*, the CNN's analogue of the patch embedding, and the tokens are the final feature map's positions::
+
+    s   = Stem(x̃)                                    (B, C_s, H/r, W/r): the module ``stem_name``
+                                                     (timm's ``stem``, or ResNet's conv1-bn1-ReLU)
+    s[:, :, i, j] ← c  with prob. r_b                per stem cell, r_b as above, c ∈ R^{C_s} zeros
+    ŷ   = h(flatten(Rest(s)))                        (B, (H/32)(W/32), C): forward_features' map,
+    y   = flatten(CNN_teacher(x))                    positions row-major, no prefix tokens
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import torch.nn.functional as F
 from timm.layers import LayerScale
 from torch import nn
 
+from greenlab.backbones.hierarchy import probe_stem
 from greenlab.contracts import require_fit
 from greenlab.objectives.base import PretrainingModule
 from greenlab.objectives.optim import adamw_warmup_cosine, decay_param_groups, log_train_loss
@@ -44,19 +54,21 @@ class ResidualPredictionHead(nn.Module):
 
 
 class TokenReconstruction(PretrainingModule):
-    """Token Reconstruction pre-training of a timm ViT.
+    """Token Reconstruction pre-training of a timm ViT, or of a CNN (see the module docstring).
 
     Args:
-        backbone: timm ``VisionTransformer`` with ``num_classes=0``; becomes the student, a frozen copy the teacher.
+        backbone: timm ``VisionTransformer`` with ``num_classes=0``, or a CNN with a stem (``stem_name``:
+            nn-MobileNet, any timm CNN); becomes the student, a frozen copy the teacher.
         noise_std: pixel noise std as a fraction of each image's per-channel std (paper 0.2; 0 disables).
         max_corruption_ratio: per-image token-corruption ratio is drawn from U[0, this) (paper 1/3; 0 disables).
-        target_tokens: ``all`` (paper), ``patch`` (patch tokens only) or ``prefix`` ([CLS] + registers).
+        target_tokens: ``all`` (paper), ``patch`` (patch tokens only) or ``prefix`` ([CLS] + registers; a
+            CNN has none: its tokens are all "patch").
         distance: ``mse`` (paper), ``smooth_l1`` or ``cosine`` (1 - cosine similarity per token).
         lr, betas, weight_decay: AdamW; weight decay skips biases, norms and tokens.
         warmup_epochs, cosine_epochs, start_lr, min_lr: per-epoch schedule, see ``warmup_cosine_factor``.
     """
 
-    needs = ("tokens", "images")
+    needs = (("tokens", "feature_map"), "images")
 
     def __init__(
         self,
@@ -84,15 +96,24 @@ class TokenReconstruction(PretrainingModule):
             raise ValueError(f"corruption_token must be zeros or learned, not {corruption_token!r}")
         if distance not in ("mse", "smooth_l1", "cosine"):
             raise ValueError(f"distance must be mse, smooth_l1 or cosine, not {distance!r}")
+        self.is_vit = hasattr(backbone, "patch_embed")
+        if not self.is_vit and target_tokens == "prefix":
+            raise ValueError(
+                f"target_tokens=prefix: {type(backbone).__name__} is a CNN, it has no prefix tokens"
+            )
         self.save_hyperparameters(ignore=["backbone"])
         self.student = backbone
         self.teacher = copy.deepcopy(backbone).eval().requires_grad_(False)
-        dim = backbone.embed_dim
+        dim = backbone.embed_dim if self.is_vit else backbone.num_features
+        self.stem_stride = 1
+        corruption_dim = dim
+        if not self.is_vit:
+            corruption_dim, self.stem_stride = probe_stem(backbone)
         if corruption_token == "learned":
-            self.corruption_token = nn.Parameter(torch.zeros(dim))
+            self.corruption_token = nn.Parameter(torch.zeros(corruption_dim))
             nn.init.normal_(self.corruption_token, std=0.02)
         else:  # outside every parameter group: all zeros for the whole run
-            self.register_buffer("corruption_token", torch.zeros(dim), persistent=False)
+            self.register_buffer("corruption_token", torch.zeros(corruption_dim), persistent=False)
         self.head = ResidualPredictionHead(dim, head_layer_scale_init)
 
     # --- the teacher is a fixed function of the initial weights: always eval, never trained, never saved
@@ -126,12 +147,22 @@ class TokenReconstruction(PretrainingModule):
         ratios[-1] = 0.0
         return torch.rand(batch, num_patches, device=device) < ratios
 
-    def student_tokens(self, images: torch.Tensor, corrupt: torch.Tensor | None = None) -> torch.Tensor:
-        """The student's forward_features with patch tokens replaced where ``corrupt`` (B, N) is True.
+    def corruption_cells(self, images: torch.Tensor) -> int:
+        """N, the cells that corruption acts on: a ViT's patches, or a CNN's stem output positions."""
+        if self.is_vit:
+            return self.student.patch_embed.num_patches
+        return (images.shape[-2] // self.stem_stride) * (images.shape[-1] // self.stem_stride)
 
-        Mirrors timm ``VisionTransformer.forward_features``: the corruption sits after the patch embedding
-        and before the position embedding, so a corrupted token keeps its position.
+    def student_tokens(self, images: torch.Tensor, corrupt: torch.Tensor | None = None) -> torch.Tensor:
+        """The student's tokens with the cells where ``corrupt`` (B, N) is True replaced by the corruption
+        token: (B, T, D).
+
+        ViT: mirrors timm ``VisionTransformer.forward_features``; the corruption sits after the patch embedding
+        and before the position embedding, so a corrupted token keeps its position. CNN: the stem's output
+        positions (row-major) are replaced, by a forward hook; the tokens are the final map's positions.
         """
+        if not self.is_vit:
+            return self.cnn_tokens(self.student, images, corrupt)
         vit = self.student
         x = vit.patch_embed(images)  # (B, N, D), or (B, h, w, D) with dynamic_img_size
         if corrupt is not None:
@@ -144,8 +175,30 @@ class TokenReconstruction(PretrainingModule):
         x = vit.blocks(x)
         return vit.norm(x)
 
+    def cnn_tokens(self, cnn: nn.Module, images: torch.Tensor, corrupt: torch.Tensor | None) -> torch.Tensor:
+        """(B, h·w, C) positions of ``cnn.forward_features``, the stem's output cells replaced where ``corrupt``."""
+
+        def replace_cells(module, inputs, output):
+            b, _, h, w = output.shape
+            if corrupt.shape[1] != h * w:
+                raise ValueError(
+                    f"the corruption mask has {corrupt.shape[1]} cells; the stem's grid is {h}x{w}"
+                )
+            cells = corrupt.view(b, 1, h, w)
+            return torch.where(cells, self.corruption_token.to(output.dtype)[None, :, None, None], output)
+
+        handle = None
+        if corrupt is not None:
+            handle = cnn.get_submodule(cnn.stem_name).register_forward_hook(replace_cells)
+        try:
+            maps = cnn.forward_features(images)
+        finally:
+            if handle is not None:
+                handle.remove()
+        return maps.flatten(2).transpose(1, 2)
+
     def select_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        prefix = self.student.num_prefix_tokens
+        prefix = self.student.num_prefix_tokens if self.is_vit else 0
         if self.hparams.target_tokens == "patch":
             return tokens[:, prefix:]
         if self.hparams.target_tokens == "prefix":
@@ -168,11 +221,14 @@ class TokenReconstruction(PretrainingModule):
                 "(a 3D MedMNIST file? use a 2D one, or a 3D experiment)"
             )
         with torch.no_grad():
-            target = self.teacher.forward_features(images)
-        num_patches = self.student.patch_embed.num_patches
+            target = (
+                self.teacher.forward_features(images)
+                if self.is_vit
+                else self.cnn_tokens(self.teacher, images, None)
+            )
         corrupt = None
         if self.hparams.max_corruption_ratio > 0:
-            corrupt = self.corruption_mask(images.shape[0], num_patches, images.device)
+            corrupt = self.corruption_mask(images.shape[0], self.corruption_cells(images), images.device)
         prediction = self.head(self.student_tokens(self.add_pixel_noise(images), corrupt))
         return self.token_distance(self.select_tokens(prediction).float(), self.select_tokens(target).float())
 
@@ -193,5 +249,5 @@ class TokenReconstruction(PretrainingModule):
         )  # fmt: skip
 
     def trained_backbone(self) -> nn.Module:
-        """The student ViT alone (no head, no corruption token): what downstream tasks load."""
+        """The student network alone (no head, no corruption token): what downstream tasks load."""
         return self.student

@@ -16,8 +16,9 @@ import functools
 
 import torch
 import torch.nn.functional as F
-from timm.layers import BatchNormAct2d
+from timm.layers import BatchNormAct2d, LayerNorm2d
 from timm.layers.squeeze_excite import SEModule
+from timm.models.convnext import ConvNeXtBlock
 from torch import nn
 
 _ACTIVE: list[tuple[torch.Tensor, dict]] = []  # (mask, its expansions by size), innermost last
@@ -131,6 +132,8 @@ class MaskedSqueezeExcite:
 MASKED_MIXINS: dict[type, type] = {
     SEModule: MaskedSqueezeExcite,  # before its children: its BN acts on (B, C, 1, 1), not on positions
     nn.Conv2d: MaskedOutput,
+    LayerNorm2d: MaskedOutput,
+    ConvNeXtBlock: MaskedOutput,  # its LayerNorm and MLP act per position: masking the block's output suffices
     nn.MaxPool2d: MaskedOutput,
     nn.AvgPool2d: MaskedOutput,
     nn.BatchNorm2d: MaskedBatchNorm,  # BatchNormAct2d is a BatchNorm2d

@@ -5,21 +5,31 @@ returns ``MinkowskiEngine.SparseTensor``: parameter names and shapes stay the de
 weights serve both backends and the trained encoder loads straight into the dense network.
 
 - Conv2d (groups 1): ``MinkowskiConvolutionFunction`` on the dense kernel reordered to ME's layout
-  (offset index k = dy + kh * dx); 1x1 stride-1 convs are a matmul.
+  (offset index k = dy + kh * dx); 1x1 stride-1 convs are a matmul. 'Same' padding (k // 2, odd k) or a
+  patchifying conv (k = stride, no padding: ConvNeXt's stem and downsampling).
 - Depthwise Conv2d: a gather-scatter per kernel offset over ME's kernel map (MinkowskiEngine 0.5.4 has no
   grouped convolution; its ``MinkowskiChannelwiseConvolution`` is the same loop over offsets).
+- MaxPool2d: the maximum over each window's active positions, by the same kernel map (ME's own max pooling
+  is this maximum); the masked-dense backend takes the maximum with the window's zeros too, so the two agree
+  where the input is >= 0, as after the ReLU before every ResNet's max-pool.
 - BatchNorm2d / timm BatchNormAct2d: batch norm of the feature rows (= the active positions).
+- LayerNorm / LayerNorm2d (ConvNeXt), Linear: per row (they act on each position alone).
 - timm SEModule: per-image mean of the rows, the SE MLP, gate broadcast back to the rows.
 - Elementwise modules (activations, Dropout, Identity) act on the rows; Dropout2d drops whole
-  (image, channel) pairs, as in the dense network.
-- timm ReXNet ``LinearBottleneck``: its partial residual (first in_channels channels) on the rows.
+  (image, channel) pairs and DropPath whole images, as in the dense network.
+- Residual blocks: timm ResNet's ``BasicBlock`` / ``Bottleneck`` add the shortcut's rows (MinkowskiEngine's
+  sum of tensors on one coordinate map); ReXNet's ``LinearBottleneck`` its partial residual (first
+  in_channels channels); ConvNeXt's block its LayerNorm + MLP + layer scale on the rows, then the shortcut.
 """
 
 from __future__ import annotations
 
 import torch
-from timm.layers import BatchNormAct2d
+import torch.nn.functional as F
+from timm.layers import BatchNormAct2d, DropPath
+from timm.layers import activations as timm_activations
 from timm.layers.squeeze_excite import SEModule
+from timm.models.convnext import ConvNeXtBlock
 from timm.models.rexnet import LinearBottleneck
 from torch import nn
 
@@ -39,9 +49,35 @@ def _like(x: ME.SparseTensor, features: torch.Tensor) -> ME.SparseTensor:
 
 def me_kernel(weight: torch.Tensor) -> torch.Tensor:
     """Dense (out, in, kh, kw) -> ME (kh*kw, in, out): ME's offset k = dy + kh * dx."""
-    return weight.permute(3, 2, 1, 0).reshape(
-        weight.shape[2] * weight.shape[3], weight.shape[1], weight.shape[0]
+    return (
+        weight.permute(3, 2, 1, 0)
+        .reshape(weight.shape[2] * weight.shape[3], weight.shape[1], weight.shape[0])
+        .contiguous()
     )
+
+
+def _check_window(module, kernel: int, stride: int, padding: int) -> None:
+    """A window ME computes as the dense op does: odd k with 'same' padding k // 2, or k = stride unpadded."""
+    same = kernel % 2 == 1 and padding == kernel // 2
+    patchify = kernel == stride and padding == 0
+    if not (same or patchify):
+        raise NotImplementedError(
+            f"{type(module).__name__}: kernel {kernel}, stride {stride}, padding {padding}: MinkowskiEngine's "
+            "window matches the dense one for an odd kernel with padding k // 2, or kernel = stride unpadded"
+        )
+
+
+def _kernel_map(x: ME.SparseTensor, kernel: int, stride: int):
+    """(output coordinate key, {offset k: (input rows, output rows)}) of a k x k window at ``stride``."""
+    generator = ME.KernelGenerator(kernel_size=kernel, stride=stride, dilation=1, dimension=2)
+    manager = x.coordinate_manager
+    out_key = manager.stride(x.coordinate_map_key, generator.kernel_stride)
+    region_type, region_offset, _ = generator.get_kernel(x.tensor_stride, False)
+    kernel_map = manager.kernel_map(
+        x.coordinate_map_key, out_key, generator.kernel_stride, generator.kernel_size, generator.kernel_dilation,
+        region_type=region_type, region_offset=region_offset,
+    )  # fmt: skip
+    return out_key, {k: (i.long().to(x.device), o.long().to(x.device)) for k, (i, o) in kernel_map.items()}
 
 
 class MinkowskiConv:
@@ -50,14 +86,12 @@ class MinkowskiConv:
             self.padding_mode != "zeros"
             or self.dilation != (1, 1)
             or self.kernel_size[0] != self.kernel_size[1]
+            or self.stride[0] != self.stride[1]
         ):
             raise NotImplementedError(
                 f"{type(self).__name__}: only square, undilated, zero-padded convolutions"
             )
-        if self.padding != tuple(k // 2 for k in self.kernel_size):
-            raise NotImplementedError(
-                f"{type(self).__name__}: needs 'same' padding (k // 2), has {self.padding}"
-            )
+        _check_window(self, self.kernel_size[0], self.stride[0], self.padding[0])
         if self.groups == 1:
             out = self._dense_weight_conv(x)
         elif self.groups == self.in_channels == self.out_channels:
@@ -68,15 +102,10 @@ class MinkowskiConv:
             out = _like(out, out.F + self.bias)
         return out
 
-    def _generator(self, x):
-        return ME.KernelGenerator(
-            kernel_size=self.kernel_size[0], stride=self.stride[0], dilation=1, dimension=2
-        )
-
     def _dense_weight_conv(self, x):
         if self.kernel_size == (1, 1) and self.stride == (1, 1):
             return _like(x, x.F @ self.weight[:, :, 0, 0].t())
-        generator = self._generator(x)
+        generator = ME.KernelGenerator(kernel_size=self.kernel_size[0], stride=self.stride[0], dimension=2)
         manager = x.coordinate_manager
         out_key = manager.stride(x.coordinate_map_key, generator.kernel_stride)
         features = ME.MinkowskiConvolutionFunction.apply(
@@ -91,19 +120,28 @@ class MinkowskiConv:
         return ME.SparseTensor(features, coordinate_map_key=out_key, coordinate_manager=manager)
 
     def _depthwise_conv(self, x):
-        generator = self._generator(x)
-        manager = x.coordinate_manager
-        out_key = manager.stride(x.coordinate_map_key, generator.kernel_stride)
+        out_key, kernel_map = _kernel_map(x, self.kernel_size[0], self.stride[0])
         kernel = me_kernel(self.weight)[:, 0, :]  # (K, C)
-        region_type, region_offset, _ = generator.get_kernel(x.tensor_stride, False)
-        kernel_map = manager.kernel_map(
-            x.coordinate_map_key, out_key, generator.kernel_stride, generator.kernel_size, generator.kernel_dilation,
-            region_type=region_type, region_offset=region_offset,
-        )  # fmt: skip
-        out = x.F.new_zeros(manager.size(out_key), self.in_channels)
+        out = x.F.new_zeros(x.coordinate_manager.size(out_key), self.in_channels)
         for k, (rows_in, rows_out) in kernel_map.items():
-            out = out.index_add(0, rows_out.long().to(x.device), x.F[rows_in.long().to(x.device)] * kernel[k])
-        return ME.SparseTensor(out, coordinate_map_key=out_key, coordinate_manager=manager)
+            out = out.index_add(0, rows_out, x.F[rows_in] * kernel[k])
+        return ME.SparseTensor(out, coordinate_map_key=out_key, coordinate_manager=x.coordinate_manager)
+
+
+class MinkowskiMaxPool:
+    def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
+        kernel, stride, padding = (
+            v if isinstance(v, int) else v[0] for v in (self.kernel_size, self.stride, self.padding)
+        )
+        if self.dilation not in (1, (1, 1)) or self.ceil_mode:
+            raise NotImplementedError(f"{type(self).__name__}: only undilated max-pooling without ceil_mode")
+        _check_window(self, kernel, stride, padding)
+        out_key, kernel_map = _kernel_map(x, kernel, stride)
+        out = x.F.new_full((x.coordinate_manager.size(out_key), x.F.shape[1]), float("-inf"))
+        for rows_in, rows_out in kernel_map.values():
+            index = rows_out[:, None].expand(-1, x.F.shape[1])
+            out = out.scatter_reduce(0, index, x.F[rows_in], reduce="amax", include_self=True)
+        return ME.SparseTensor(out, coordinate_map_key=out_key, coordinate_manager=x.coordinate_manager)
 
 
 class MinkowskiBatchNorm:
@@ -130,13 +168,39 @@ class MinkowskiElementwise:
         return _like(x, super().forward(x.F))
 
 
+class MinkowskiLayerNorm:  # nn.LayerNorm over the channels of each row; LayerNorm2d's permutes are not needed
+    def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
+        return _like(x, F.layer_norm(x.F, self.normalized_shape, self.weight, self.bias, self.eps))
+
+
+def _per_image_keep(x: ME.SparseTensor, shape: tuple[int, ...], p: float) -> torch.Tensor:
+    """Rows' keep factors (0 or 1 / (1 - p)) drawn per image (and channel, ``shape`` (B, C) or (B, 1))."""
+    batch = x.C[:, 0].long().to(x.device)
+    keep = torch.rand(int(batch.max()) + 1, *shape, device=x.device) >= p
+    return keep[batch].to(x.F.dtype) / (1 - p)
+
+
 class MinkowskiDropout2d:
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
         if not self.training or self.p == 0:
             return x
-        batch = x.C[:, 0].long().to(x.device)
-        keep = torch.rand(int(batch.max()) + 1, x.F.shape[1], device=x.device) >= self.p
-        return _like(x, x.F * keep[batch].to(x.F.dtype) / (1 - self.p))
+        return _like(x, x.F * _per_image_keep(x, (x.F.shape[1],), self.p))
+
+
+class MinkowskiDropPath:
+    def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
+        if not self.training or self.drop_prob == 0:
+            return x
+        return _like(x, x.F * _per_image_keep(x, (1,), self.drop_prob))
+
+
+class MinkowskiConvNeXtBlock:
+    def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
+        shortcut = x
+        x = self.mlp(self.norm(self.conv_dw(x)))  # per row: LayerNorm, Linear - GELU - Linear
+        if self.gamma is not None:
+            x = _like(x, x.F * self.gamma)
+        return _like(x, self.drop_path(x).F + self.shortcut(shortcut).F)
 
 
 class MinkowskiLinearBottleneck:
@@ -158,14 +222,19 @@ class MinkowskiLinearBottleneck:
         return x
 
 
-ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Hardswish, nn.Identity, nn.Dropout)
+ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Hardswish, nn.Identity, nn.Dropout, nn.Linear,
+               timm_activations.GELU, timm_activations.Swish, timm_activations.HardSwish)  # fmt: skip
 
 MINKOWSKI_MIXINS: dict[type, type] = {
     LinearBottleneck: MinkowskiLinearBottleneck,
+    ConvNeXtBlock: MinkowskiConvNeXtBlock,
     SEModule: MinkowskiSqueezeExcite,
     nn.Conv2d: MinkowskiConv,
+    nn.MaxPool2d: MinkowskiMaxPool,
     nn.BatchNorm2d: MinkowskiBatchNorm,
+    nn.LayerNorm: MinkowskiLayerNorm,  # LayerNorm2d is one
     nn.Dropout2d: MinkowskiDropout2d,
+    DropPath: MinkowskiDropPath,
     **{cls: MinkowskiElementwise for cls in ELEMENTWISE},
 }
 

@@ -1,4 +1,6 @@
-"""Vision Transformers from timm (DINOv2 ViT-S/14 + 4 registers by default), with offline-safe weights.
+"""Any timm model by name, with offline-safe weights: Vision Transformers (DINOv2 ViT-S/14 + 4 registers
+by default, MAE's ViT-L/16) and CNNs (ResNet, ConvNeXt, ...; their ``feature_info`` gives the feature
+hierarchy SparK reads, greenlab/backbones/hierarchy.py).
 
 ``weights`` says where the initial weights come from:
 
@@ -24,6 +26,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
+from greenlab.backbones.hierarchy import tap_feature_info
 from greenlab.backbones.weights import load_exactly, misfit, resolve_weights, timm_hub_weights
 
 log = logging.getLogger(__name__)
@@ -34,12 +37,20 @@ HINT = ("Give a local file with backbone.weights=/path/to/dinov2_vits14_reg4_pre
         "or a timm .safetensors, or backbone.weights=hub when online.")  # fmt: skip
 
 
-def create_vit(
-    model_name: str, img_size: int, weights: str, mean: list, std: list, model_kwargs: dict | None
+def create_timm_model(
+    model_name: str,
+    img_size: int,
+    weights: str,
+    mean: list,
+    std: list,
+    model_kwargs: dict | None,
+    feature_strides: list[int] | None = None,
 ) -> nn.Module:
     """A timm model without classifier head (``num_classes=0``): a ViT at ``img_size`` px, or any other
     timm model by name (CNNs take any input size). ``mean`` / ``std``: the normalisation its weights expect
-    (``pretrained_cfg``; ``python -m greenlab.evaluate`` gives them to the data).
+    (``pretrained_cfg``; ``python -m greenlab.evaluate`` gives them to the data). ``feature_strides``: the
+    strides of a CNN's hierarchy to keep (None: every stride of its ``feature_info``; SparK's ResNets use
+    4, 8, 16, 32).
 
     Returns the model with ``init_record`` and ``recipe`` (see greenlab/backbones/weights.py).
     """
@@ -59,8 +70,11 @@ def create_vit(
             init["note"] = f"keys left out (pre-training only, classifier): {_summary(dropped)}"
             log.info("%s: %s", init["source"], init["note"])
     model.init_record = init
-    model.recipe = {"factory": f"{__name__}.create_vit", "model_name": model_name, "img_size": img_size,
-                    "mean": list(mean), "std": list(std), "model_kwargs": kwargs}  # fmt: skip
+    if not isinstance(model, VisionTransformer):
+        tap_feature_info(model, feature_strides)
+    model.recipe = {"factory": f"{__name__}.create_timm_model", "model_name": model_name, "img_size": img_size,
+                    "mean": list(mean), "std": list(std), "model_kwargs": kwargs,
+                    "feature_strides": feature_strides}  # fmt: skip
     return model
 
 

@@ -1,0 +1,92 @@
+"""CNN feature hierarchies: which modules' outputs are the maps at strides 2 .. 32, read from timm's
+``feature_info``, and the forward that returns them.
+
+A hierarchical backbone carries ``tap_names`` (module names, shallowest first), ``strides`` (input pixels per
+map position) and ``channels``; ``stem_name`` names the module whose output grid Token Reconstruction
+corrupts on CNNs (``stem`` where the network has one, as timm's ConvNeXt, ReXNet and RegNet; else the first
+map, e.g. ResNet's ``act1`` after conv1-bn1-ReLU). Nothing is added to the state dict: a timm model stays
+loadable into ``timm.create_model(name)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+DOWNSAMPLE = 32  # SparK's total stride: the mask grid is input / 32
+
+
+def tap_feature_info(model: nn.Module, strides: list[int] | None) -> None:
+    """Set ``stem_name`` on a timm CNN, and ``tap_names``, ``strides``, ``channels`` from its
+    ``feature_info``: per stride the deepest module at that stride (``strides``: the ones to keep, None = all
+    of them). Maps that do not reach stride 32 in powers of two (e.g. ``output_stride=16``) are no hierarchy:
+    left out when ``strides`` is None, an error when asked for."""
+    deepest = {}
+    for info in getattr(model, "feature_info", None) or []:
+        deepest[info["reduction"]] = info
+    if not deepest:
+        return
+    model.stem_name = (
+        "stem"
+        if isinstance(getattr(model, "stem", None), nn.Module)
+        else next(iter(deepest.values()))["module"]
+    )
+    kept = sorted(deepest) if strides is None else list(strides)
+    missing = [s for s in kept if s not in deepest]
+    if missing or (strides is not None and not is_hierarchy(kept)):
+        raise ValueError(
+            f"feature_strides={kept}: {type(model).__name__} has maps at strides {sorted(deepest)}; a hierarchy "
+            f"is a subset of them in powers of two up to {DOWNSAMPLE}"
+        )
+    if is_hierarchy(kept):
+        model.tap_names = [deepest[s]["module"] for s in kept]
+        model.strides = kept
+        model.channels = [deepest[s]["num_chs"] for s in kept]
+
+
+def is_hierarchy(strides: list[int]) -> bool:
+    """Distinct powers of two, increasing, ending at ``DOWNSAMPLE`` (SparK's requirement)."""
+    return (
+        bool(strides)
+        and strides[-1] == DOWNSAMPLE
+        and all(s > 1 and s & (s - 1) == 0 for s in strides)
+        and all(a < b for a, b in zip(strides, strides[1:]))
+    )
+
+
+def forward_hierarchy(backbone: nn.Module, x) -> list:
+    """The maps at ``backbone.strides``, shallowest first (dense tensors, or MinkowskiEngine sparse tensors
+    after ``greenlab.sparse.minkowski.sparsify``): the outputs of ``backbone.tap_names`` during
+    ``forward_features(x)``, taken by forward hooks (after the model's own hooks, e.g. nn-MobileNet's
+    spatial dropout)."""
+    maps: dict[str, object] = {}
+    handles = [
+        backbone.get_submodule(name).register_forward_hook(
+            lambda module, inputs, output, name=name: maps.__setitem__(name, output)
+        )
+        for name in backbone.tap_names
+    ]
+    try:
+        backbone.forward_features(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [maps[name] for name in backbone.tap_names]
+
+
+@torch.no_grad()
+def probe_stem(backbone: nn.Module, in_chans: int = 3) -> tuple[int, int]:
+    """(channels, stride) of ``backbone.stem_name``'s output, measured on one 64 px image (eval mode: no
+    statistic is updated)."""
+    seen = {}
+    handle = backbone.get_submodule(backbone.stem_name).register_forward_hook(
+        lambda module, inputs, output: seen.update(shape=output.shape)
+    )
+    was_training = backbone.training
+    try:
+        parameter = next(backbone.parameters())
+        backbone.eval().forward_features(parameter.new_zeros(1, in_chans, 64, 64))
+    finally:
+        handle.remove()
+        backbone.train(was_training)
+    return seen["shape"][1], 64 // seen["shape"][-1]
