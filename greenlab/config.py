@@ -55,12 +55,12 @@ def experiments() -> list[str]:
 
 def experiment_examples() -> str:
     """One line per experiment: its name and the first example command in its file's header."""
-    lines = []
+    lines, width = [], max(map(len, experiments())) + 1
     for name in experiments():
         header = (CONFIG_DIR / "experiment" / f"{name}.yaml").read_text().splitlines()
         example = next((h.lstrip("# ").split("  #")[0].strip() for h in header if f"+experiment={name}" in h),
                        f"greenlab +experiment={name}")  # fmt: skip
-        lines.append(f"  {name:<28} {example.replace('python -m greenlab', 'greenlab')}")
+        lines.append(f"  {name:<{width}} {example.replace('python -m greenlab', 'greenlab')}")
     return "\n".join(lines)
 
 
