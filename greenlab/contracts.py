@@ -177,16 +177,16 @@ def require_fit(objective, backbone: nn.Module) -> None:
     A need is a capability, or a tuple of capabilities of which one is enough."""
     missing = unmet(objective.needs, capabilities(backbone))
     if missing:
-        needed = " and ".join(" or ".join(CAPABILITIES[a] for a in _alternatives(m)) for m in missing)
+        needed = " and ".join(" or ".join(CAPABILITIES[a] for a in alternatives(m)) for m in missing)
         raise UnfitBackbone(type(objective).__name__, needed, type(backbone).__name__, describe(backbone))
 
 
 def unmet(needs: tuple, offered: set[str]) -> list:
     """The entries of ``needs`` (capabilities, or tuples of alternatives) that ``offered`` does not meet."""
-    return [need for need in needs if not set(_alternatives(need)) & offered]
+    return [need for need in needs if not set(alternatives(need)) & offered]
 
 
-def _alternatives(need: str | tuple[str, ...]) -> tuple[str, ...]:
+def alternatives(need: str | tuple[str, ...]) -> tuple[str, ...]:
     return (need,) if isinstance(need, str) else tuple(need)
 
 

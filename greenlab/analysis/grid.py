@@ -36,24 +36,22 @@ def backbone_capabilities(name: str) -> tuple[set[str], str]:
 
 
 def markdown() -> str:
-    """The grid: one row per backbone, one column per objective; a refused cell names what is missing."""
+    """The capabilities, then the grid: one row per backbone, one column per objective; a refused cell
+    names what is missing."""
     needs = {
         o: get_class(OmegaConf.load(CONFIG_DIR / "objective" / f"{o}.yaml")._target_).needs
         for o in OBJECTIVES
     }
-    lines = [
-        MARKERS[0],
-        "",
-        f"| backbone | is | {' | '.join(OBJECTIVES)} |",
-        "|---|---|" + "---|" * len(OBJECTIVES),
-    ]
+    lines = [MARKERS[0], "", "| capability | what it is |", "|---|---|"]
+    lines += [f"| {name} | {words} |" for name, words in contracts.CAPABILITIES.items()]
+    lines += ["", f"| backbone | is | {' | '.join(OBJECTIVES)} |", "|---|---|" + "---|" * len(OBJECTIVES)]
     for name in BACKBONES:
         offered, description = backbone_capabilities(name)
         cells = []
         for objective in OBJECTIVES:
             missing = contracts.unmet(needs[objective], offered)
-            cells.append("runs" if not missing else "no: needs " + ", ".join(
-                " or ".join(contracts._alternatives(m)) for m in missing))  # fmt: skip
+            needed = ", ".join(" or ".join(contracts.alternatives(m)) for m in missing)
+            cells.append(f"no: needs {needed}" if missing else "runs")
         lines.append(f"| `{name}` | {description.removeprefix('a ')} | {' | '.join(cells)} |")
     return "\n".join([*lines, "", MARKERS[1]])
 

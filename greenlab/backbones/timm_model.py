@@ -23,6 +23,7 @@ import logging
 
 import timm
 import torch
+from omegaconf import OmegaConf
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
@@ -54,7 +55,8 @@ def create_timm_model(
 
     Returns the model with ``init_record`` and ``recipe`` (see greenlab/backbones/weights.py).
     """
-    kwargs = dict(model_kwargs or {})
+    kwargs = OmegaConf.to_container(OmegaConf.create(dict(model_kwargs or {})))  # plain lists: timm, JSON
+    feature_strides = None if feature_strides is None else list(feature_strides)
     try:
         model = timm.create_model(model_name, pretrained=False, img_size=img_size, num_classes=0, **kwargs)
     except TypeError as err:  # a model without an input size (CNNs)
