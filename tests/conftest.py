@@ -83,8 +83,17 @@ TINY_GREENRFM = [  # greenrfm(_lite): 24 generated studies at 20 x 20 x 30 mm, R
     "evaluation.linear_probe.bootstrap_resamples=10",
     "evaluation.linear_probe.ci_resamples=10",
 ]
+TINY_SPARK_RESNET = [  # spark_resnet50: ResNet-50's blocks, one per stage, narrow; 64 px
+    "+backbone.model_kwargs.layers=[1,1,1,1]",
+    "+backbone.model_kwargs.channels=[8,16,32,64]",
+    "objective.decoder_width=32",
+    *TINY_DATA,
+    "evaluation.bootstrap_resamples=10",
+    "evaluation.ci_resamples=10",
+]
 TINY = {
     "retfound_green": TINY_RUN,
+    "spark_resnet50": TINY_SPARK_RESNET,
     "sparse_cnn_mae": TINY_SPARSE_CNN,
     "mae_baseline": TINY_MAE,
     "greenrfm_stage1_medmnist3d": TINY_3D,

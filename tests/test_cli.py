@@ -237,9 +237,12 @@ def test_experiment_config_composes(experiment, scale):
     assert backbone.get("img_size", cfg.img_size) == cfg.img_size
 
 
-# whole tiny runs elsewhere (main_run; test_must.py); greenrfm_lite is greenrfm with the stem of
-# backbone/resnet3d18 stem_kernel=4 (tests/test_label_supervised.py) and composes (test_config.py snapshots)
-RUN_IN_FULL = ("retfound_green", "greenrfm", "greenrfm_lite")
+# whole tiny runs elsewhere (main_run; test_must.py; grid: tests/test_grid.py's sweep); greenrfm_lite is greenrfm
+# with the stem of backbone/resnet3d18 stem_kernel=4 (tests/test_label_supervised.py) and composes (test_config.py
+# snapshots); token_reconstruction_vit_base / _large are retfound_green with another backbone config, the same run
+# at tiny widths (they compose: test_experiment_config_composes)
+RUN_IN_FULL = ("retfound_green", "greenrfm", "greenrfm_lite", "grid", "token_reconstruction_vit_base",
+               "token_reconstruction_vit_large")  # fmt: skip
 
 
 @pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if e not in RUN_IN_FULL])

@@ -119,6 +119,9 @@ INTENTIONAL = {  # dotted key: the (before, now) pairs allowed
     # the normalisation a ViT's weights expect, in its backbone config (python -m greenlab.evaluate feeds the data)
     "backbone.mean": [(None, [0.5, 0.5, 0.5]), (None, [0.485, 0.456, 0.406])],
     "backbone.std": [(None, [0.5, 0.5, 0.5]), (None, [0.229, 0.224, 0.225])],
+    # SparK on any CNN (#25): its densify norm by SparK's rule (bn for nn-MobileNet, as before), AdamW as before
+    "objective.densify_norm": [(None, "auto")],
+    "objective.optimizer": [(None, "adamw")],
 }
 
 

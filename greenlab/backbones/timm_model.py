@@ -45,7 +45,7 @@ def create_timm_model(
     mean: list,
     std: list,
     model_kwargs: dict | None,
-    feature_strides: list[int] | None = None,
+    feature_strides: list[int] | None,
 ) -> nn.Module:
     """A timm model without classifier head (``num_classes=0``): a ViT at ``img_size`` px, or any other
     timm model by name (CNNs take any input size). ``mean`` / ``std``: the normalisation its weights expect
