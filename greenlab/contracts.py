@@ -120,7 +120,8 @@ class TextAligned(Protocol):
 CAPABILITIES = {
     "tokens": "a token sequence (a ViT: patch embedding, prefix tokens, blocks)",
     "position_table": "a position embedding table over the patch grid (pos_embed)",
-    "hierarchy": "a CNN feature hierarchy in powers of two up to stride 32 (tap_names, strides, channels)",
+    "hierarchy": "a CNN feature hierarchy in powers of two up to stride 32, in 3D up to the network's own total "
+    "stride (tap_names, strides, channels)",
     "feature_map": "a CNN's stem output grid and final feature map (stem_name; forward_features (B, C, h, w))",
     "images": "2D images (B, C, H, W)",
     "volumes": "3D volumes (B, C, D, H, W)",
@@ -144,18 +145,18 @@ def capabilities(backbone: nn.Module) -> set[str]:
     """What ``backbone`` offers (keys of ``CAPABILITIES``), read from the model: a timm ViT's token members
     and position table, a CNN's hierarchy (greenlab/backbones/hierarchy.py) and stem, 3D when its
     convolutions are 3D."""
-    from greenlab.backbones.hierarchy import is_hierarchy
+    from greenlab.backbones.hierarchy import DOWNSAMPLE, is_hierarchy
 
-    found = set()
+    found = {"volumes" if any(isinstance(m, nn.Conv3d) for m in backbone.modules()) else "images"}
     if all(hasattr(backbone, name) for name in ("patch_embed", "blocks", "num_prefix_tokens")):
         found.add("tokens")
         if getattr(backbone, "pos_embed", None) is not None:
             found.add("position_table")
-    if hasattr(backbone, "tap_names") and is_hierarchy(list(backbone.strides)):
+    total = None if "volumes" in found else DOWNSAMPLE  # SparK's 32 in 2D; a 3D encoder's own
+    if hasattr(backbone, "tap_names") and is_hierarchy(list(backbone.strides), total):
         found.add("hierarchy")
     if hasattr(backbone, "stem_name"):
         found.add("feature_map")
-    found.add("volumes" if any(isinstance(m, nn.Conv3d) for m in backbone.modules()) else "images")
     return found
 
 

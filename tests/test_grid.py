@@ -91,7 +91,7 @@ def test_the_sweep_runs_twelve_pairs_and_refuses_six(grid_sweep):
 
 @pytest.mark.parametrize(
     ("objective", "backbone", "needed", "offered"),
-    [  # one per kind of refusal: no token sequence, no position table, no hierarchy, 3D for a 2D objective
+    [  # one per kind of refusal: no token sequence (2D, 3D), no position table, no hierarchy (ViT, CNN, 3D)
         ("mae", ("nn_mobilenet", {"model_name": "rexnet_100"}), "a token sequence", "a 2D CNN feature hierarchy"),
         ("mae", ("vit_large_patch16_mae", {"img_size": 32, "weights": "random",
                                            "model_kwargs": {"depth": 1, "embed_dim": 32, "num_heads": 2,
@@ -102,8 +102,9 @@ def test_the_sweep_runs_twelve_pairs_and_refuses_six(grid_sweep):
          "a CNN feature hierarchy", "a 2D token sequence"),
         ("spark", ("timm", {"model_name": "resnet18", "model_kwargs": {"output_stride": 16}}),
          "a CNN feature hierarchy in powers of two up to stride 32", "a 2D CNN feature map"),
-        ("token_reconstruction", ("resnet3d18", {"depth": 10, "weights": "random"}),
-         "a token sequence (a ViT: patch embedding, prefix tokens, blocks) or a CNN's stem output grid", "a 3D network"),
+        ("mae", ("resnet3d18", {"depth": 10, "weights": "random"}), "a token sequence", "a 3D CNN feature hierarchy"),
+        ("spark", ("three_plane_resnet3d18", {"depth": 10, "weights": "random"}), "a CNN feature hierarchy",
+         "a 3D network with pooled features only"),
     ],
 )  # fmt: skip
 def test_an_unfit_backbone_is_refused_naming_both_and_what_is_missing(objective, backbone, needed, offered):

@@ -28,6 +28,7 @@ COLUMNS = [
     ("probe AUROC", lambda r: r.metrics.get("probe_auroc_macro"), "{:.3f}"),
     ("AUROC before", lambda r: r.metrics.get("initial_backbone", {}).get("probe_auroc_macro"), "{:.3f}"),
     ("train FLOPs", lambda r: r.compute["train_flops"], "{:.2e}"),
+    ("FLOPs/img", lambda r: r.compute.get("train_flops_per_image"), "{:.2e}"),
     ("img/s", lambda r: r.compute["train_throughput_img_s"], "{:.1f}"),
     ("device-h", lambda r: r.compute["device_hours"], "{:.4f}"),
     ("kWh", lambda r: r.energy["kwh"], "{:.5f}"),

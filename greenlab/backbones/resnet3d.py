@@ -10,6 +10,9 @@ Axes: greenlab volumes are (B, 1, X, Y, Z) in RAS; the official loader gives the
 (slices, rows, columns), so the encoder reads the volume as (Z, Y, X).
 
 ``forward_features``: (B, 1, X, Y, Z) -> (B, 512, Z/s, Y/s, X/s); ``forward``: global average pool -> (B, 512).
+As a feature hierarchy (greenlab/backbones/hierarchy.py, for SparK in 3D): layer1-4's maps at strides k, 2k, 4k,
+8k with 64 / 128 / 256 / 512 channels, in the network's own axis order (``to_network``, then
+``forward_network``); the stem (conv-BN-ReLU) is ``stem_name``.
 """
 
 from __future__ import annotations
@@ -48,6 +51,10 @@ class ResNet3D(nn.Module):
         )
         self.net.avgpool, self.net.fc = nn.AdaptiveAvgPool3d(1), nn.Identity()
         self.num_features = 512
+        self.tap_names = [f"net.layer{i}" for i in range(1, 5)]
+        self.strides = [stem_kernel * 2**i for i in range(4)]
+        self.channels = [64, 128, 256, 512]
+        self.stem_name = "net.stem"
         self.recipe = {"factory": f"{__name__}.ResNet3D", "depth": depth, "stem_kernel": stem_kernel}
         state, self.init_record = resolve_weights(
             weights, kinetics_weights(depth), f"3D ResNet-{depth}", HINT
@@ -67,11 +74,19 @@ class ResNet3D(nn.Module):
         load_exactly(self.net, {**trunk, **own_stem}, where, in_file=state)
         return "torchvision r3d_18 trunk; new stem"
 
+    @staticmethod
+    def to_network(volumes: torch.Tensor) -> torch.Tensor:
+        """(B, 1, X, Y, Z) greenlab's layout -> (B, 1, Z, Y, X), the official loader's (D, H, W)."""
+        return volumes.permute(0, 1, 4, 3, 2)
+
+    def forward_network(self, x):
+        """The trunk on the network's layout (dense, or a sparse tensor after sparsification)."""
+        net = self.net
+        return net.layer4(net.layer3(net.layer2(net.layer1(net.stem(x)))))
+
     def forward_features(self, volumes: torch.Tensor) -> torch.Tensor:
         """(B, 1, X, Y, Z) -> (B, 512, Z/s, Y/s, X/s), s = 8 x stem_kernel."""
-        net = self.net
-        x = net.stem(volumes.permute(0, 1, 4, 3, 2))
-        return net.layer4(net.layer3(net.layer2(net.layer1(x))))
+        return self.forward_network(self.to_network(volumes))
 
     def forward(self, volumes: torch.Tensor) -> torch.Tensor:
         return self.forward_features(volumes).mean(dim=(2, 3, 4))

@@ -1,26 +1,38 @@
 """Patch-level pieces of masked image modelling, shared by MAE and SparK.
 
 Images (B, C, H, W) are cut into (H/p)(W/p) patches of p x p pixels, row-major; a patch is a vector of
-p·p·C values in (row, column, channel) order.
+p·p·C values in (row, column, channel) order. Volumes (B, C, D, H, W) likewise into p x p x p patches.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 
 def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, N, p·p·C), N = (H/p)(W/p)."""
-    b, c, h, w = images.shape
-    x = images.reshape(b, c, h // patch, patch, w // patch, patch)
-    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // patch) * (w // patch), patch * patch * c)
+    """(B, C, *S) -> (B, N, p^D·C), N = Π S_i / p: patches row-major, values (p, .., p, C) inside."""
+    b, c, *sizes = images.shape
+    grid = [n // patch for n in sizes]
+    x = images.reshape(b, c, *[v for g in grid for v in (g, patch)])
+    d = len(sizes)
+    order = [0, *range(2, 2 + 2 * d, 2), *range(3, 3 + 2 * d, 2), 1]  # b, grid..., within..., c
+    return x.permute(*order).reshape(b, math.prod(grid), patch**d * c)
 
 
-def unpatchify(patches: torch.Tensor, channels: int, height: int, width: int, patch: int) -> torch.Tensor:
-    """(B, N, p·p·C) -> (B, C, H, W), the inverse of ``patchify``."""
-    b = patches.shape[0]
-    x = patches.reshape(b, height // patch, width // patch, patch, patch, channels)
-    return x.permute(0, 5, 1, 3, 2, 4).reshape(b, channels, height, width)
+def unpatchify(patches: torch.Tensor, channels: int, *sizes: int) -> torch.Tensor:
+    """(B, N, p^D·C) -> (B, C, *S), the inverse of ``patchify``: ``unpatchify(x, C, *S, p)``."""
+    *sizes, patch = sizes
+    b, d = patches.shape[0], len(sizes)
+    grid = [n // patch for n in sizes]
+    x = patches.reshape(b, *grid, *[patch] * d, channels)
+    order = [
+        0,
+        2 * d + 1,
+        *[v for i in range(d) for v in (1 + i, 1 + d + i)],
+    ]  # b, c, (g1, p1), (g2, p2), ...
+    return x.permute(*order).reshape(b, channels, *sizes)
 
 
 def patch_statistics(patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

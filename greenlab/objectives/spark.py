@@ -1,24 +1,29 @@
 """SparK: BERT-style masked image modelling for CNNs through sparse convolution (Tian et al., ICLR 2023),
-applied to nn-MobileNet as in "BERT-style sparse CNN pre-training" for retinal images, and to any CNN with a
-feature hierarchy up to stride 32 (SparK's ResNets and ConvNeXts; greenlab/backbones/hierarchy.py).
+applied to nn-MobileNet as in "BERT-style sparse CNN pre-training" for retinal images, to any 2D CNN with a
+feature hierarchy up to stride 32 (SparK's ResNets and ConvNeXts; greenlab/backbones/hierarchy.py), and in 3D
+to volumes (greenlab's extension: GreenRFM's r3d_18 or any 3D CNN with a hierarchy; MinkowskiEngine is
+N-dimensional, masked-dense re-masks Conv3d the same way).
 
-Per image, a random 60 % of the cells of the input/32 grid are masked. The encoder (the dense CNN
-sparsified: ``sparse_backend`` masked_dense or minkowski) sees only the visible cells and returns its
-feature maps f_s at its strides s (nn-MobileNet: 2..32; ResNet, ConvNeXt: 4..32), zero at masked positions.
-Deepest first, each is *densified*:
+Per image (volume), a random 60 % of the cells of the input / r grid are masked, r the encoder's total
+stride (2D: 32, as SparK; r3d_18: 16). The encoder (the dense CNN sparsified: ``sparse_backend``
+masked_dense or minkowski) sees only the visible cells and returns its feature maps f_s at its strides s
+(nn-MobileNet: 2..32; ResNet, ConvNeXt: 4..32; r3d_18: 2..16), zero at masked positions. Deepest first, each
+is *densified*:
 
     d_s = P_s( fill_s( N_s(f_s) ) )    N_s: BatchNorm over active positions (ResNets, nn-MobileNet) or
                                        LayerNorm per position (ConvNeXt), ``densify_norm``
                                        fill_s: masked positions <- learned mask token m_s (C_s,)
-                                       P_s: 1x1 conv at /32 (identity when C_32 = w_0), 3x3 conv elsewhere
-                                       -> decoder width w_i = decoder_width / 2^i at stride 32 / 2^i
+                                       P_s: 1x1 conv at /r (identity when C_r = w_0), 3x3 conv elsewhere
+                                       -> decoder width w_i = decoder_width / 2^i at stride r / 2^i
 
-and SparK's ``LightDecoder`` upsamples in log2(32) = 5 blocks (ConvTranspose k4 s2, then two 3x3 conv +
-BN), adding d_s before the block at stride s (a stride without a map adds nothing), to a (B, 3, H, W)
-prediction x̂. With p = 32x32x3 patches of the image,
-normalised per patch (mean 0, std 1 over the patch), the loss is the MSE of masked patches only:
+and SparK's ``LightDecoder`` upsamples in log2(r) blocks (2D: 5; ConvTranspose k4 s2, then two 3x3 conv +
+BN; 3D the same ops in 3D), adding d_s before the block at stride s (a stride without a map adds nothing),
+to a prediction x̂ of the input's shape. With p = r^D x C patches of the input, normalised per patch (mean
+0, std 1 over the patch), the loss is the MSE of masked patches only:
 
-    L = Σ_{patches j masked} mean_pixels (x̂_j - norm(x_j))²  /  #masked
+    L = Σ_{patches j masked} mean_values (x̂_j - norm(x_j))²  /  #masked
+
+Volumes are masked, encoded and reconstructed in the encoder's own axis order (``to_network``).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import torch
 from timm.layers import LayerNorm2d
 from torch import nn
 
-from greenlab.backbones.hierarchy import DOWNSAMPLE, forward_hierarchy
+from greenlab.backbones.hierarchy import forward_hierarchy, to_network
 from greenlab.contracts import require_fit
 from greenlab.objectives.base import PretrainingModule
 from greenlab.objectives.optim import adamw_warmup_cosine, decay_param_groups, log_train_loss
@@ -44,12 +49,15 @@ from greenlab.objectives.patches import (
 )
 from greenlab.sparse import choose_backend, masked_dense
 
-UPSAMPLINGS = 5  # log2(DOWNSAMPLE): the decoder's blocks, /32 -> /1
+LAYERS = {  # spatial dimensions -> (conv, transposed conv, batch norm)
+    2: (nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d),
+    3: (nn.Conv3d, nn.ConvTranspose3d, nn.BatchNorm3d),
+}
 
 
-def random_visible_mask(batch: int, grid: tuple[int, int], mask_ratio: float, device) -> torch.Tensor:
-    """(B, 1, h, w) bool, True = visible: exactly round(h*w*(1-ratio)) visible cells per image."""
-    cells = grid[0] * grid[1]
+def random_visible_mask(batch: int, grid: tuple[int, ...], mask_ratio: float, device) -> torch.Tensor:
+    """(B, 1, *grid) bool, True = visible: exactly round(cells x (1 - ratio)) visible cells per image."""
+    cells = math.prod(grid)
     keep = max(1, round(cells * (1 - mask_ratio)))
     order = torch.rand(batch, cells, device=device).argsort(dim=1)
     visible = torch.zeros(batch, cells, dtype=torch.bool, device=device)
@@ -58,23 +66,25 @@ def random_visible_mask(batch: int, grid: tuple[int, int], mask_ratio: float, de
 
 
 def masked_patch_loss(prediction: torch.Tensor, images: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-    """MSE to per-patch-normalised pixels, averaged over each patch, mean over masked patches only.
+    """MSE to per-patch-normalised values, averaged over each patch, mean over masked patches only.
 
-    prediction, images (B, 3, H, W); visible (B, 1, H/32, W/32) bool.
+    prediction, images (B, C, *spatial); visible (B, 1, *grid) bool, one cell per patch.
     """
-    target = normalised_patches(patchify(images, DOWNSAMPLE))
-    return masked_patch_mse(patchify(prediction.float(), DOWNSAMPLE), target.float(), ~visible.flatten(1))
+    patch = images.shape[2] // visible.shape[2]
+    target = normalised_patches(patchify(images, patch))
+    return masked_patch_mse(patchify(prediction.float(), patch), target.float(), ~visible.flatten(1))
 
 
 class UpsampleBlock(nn.Module):
-    """x2 upsampling: ConvTranspose(k4, s2) then two 3x3 conv + BN (ReLU6 between)."""
+    """x2 upsampling: ConvTranspose(k4, s2) then two 3x3 conv + BN (ReLU6 between), in ``dims`` D."""
 
-    def __init__(self, cin: int, cout: int):
+    def __init__(self, cin: int, cout: int, dims: int = 2):
         super().__init__()
-        self.up = nn.ConvTranspose2d(cin, cin, kernel_size=4, stride=2, padding=1)
+        conv, transposed, norm = LAYERS[dims]
+        self.up = transposed(cin, cin, kernel_size=4, stride=2, padding=1)
         self.conv = nn.Sequential(
-            nn.Conv2d(cin, cin, 3, padding=1, bias=False), nn.BatchNorm2d(cin), nn.ReLU6(inplace=True),
-            nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+            conv(cin, cin, 3, padding=1, bias=False), norm(cin), nn.ReLU6(inplace=True),
+            conv(cin, cout, 3, padding=1, bias=False), norm(cout),
         )  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -83,20 +93,21 @@ class UpsampleBlock(nn.Module):
 
 class Densify(nn.Module):
     """Norm over visible positions (``bn``: BatchNorm statistics over them; ``ln``: LayerNorm, eps 1e-6, per
-    position), learned mask token at masked ones, projection to the decoder width (SparK's identity where
+    position, 2D), learned mask token at masked ones, projection to the decoder width (SparK's identity where
     the deepest map already has it)."""
 
-    def __init__(self, channels: int, width: int, kernel: int, norm: str):
+    def __init__(self, channels: int, width: int, kernel: int, norm: str, dims: int = 2):
         super().__init__()
+        conv, _, batch_norm = LAYERS[dims]
         self.norm = (
-            masked_dense.sparsify(nn.BatchNorm2d(channels)) if norm == "bn" else LayerNorm2d(channels, 1e-6)
+            masked_dense.sparsify(batch_norm(channels)) if norm == "bn" else LayerNorm2d(channels, 1e-6)
         )
-        self.mask_token = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.mask_token = nn.Parameter(torch.zeros(1, channels, *[1] * dims))
         nn.init.trunc_normal_(self.mask_token, std=0.02, a=-0.02, b=0.02)  # SparK: truncated at one std
         if kernel == 1 and channels == width:
             self.proj = nn.Identity()
         else:
-            self.proj = nn.Conv2d(channels, width, kernel, padding=kernel // 2)
+            self.proj = conv(channels, width, kernel, padding=kernel // 2)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         visible = masked_dense.mask_at(features)
@@ -106,11 +117,11 @@ class Densify(nn.Module):
 class SparKPretraining(PretrainingModule):
     """Args:
     backbone: a CNN with a feature hierarchy (``tap_names``, ``channels``, ``strides`` up to 32: ``NNMobileNet``,
-        any timm CNN from ``create_timm_model``).
+        any timm CNN from ``create_timm_model``; in 3D up to its own total stride: ``ResNet3D``).
     sparse_backend: ``masked_dense`` or ``minkowski`` (same semantics; see greenlab/sparse), or ``auto``:
         the faster one on this device type according to ``make bench`` (``greenlab.sparse.fastest_backend``),
         masked_dense when MinkowskiEngine is not installed (recorded; ``minkowski`` then fails at start-up).
-    mask_ratio: masked fraction of the input/32 cells.
+    mask_ratio: masked fraction of the input / total-stride cells.
     decoder_width: width after the deepest level (halved at each upsampling).
     densify_norm: ``bn`` | ``ln`` | ``auto`` (SparK's rule: ``ln`` for a network with LayerNorms, i.e.
         ConvNeXt, ``bn`` for the others).
@@ -122,7 +133,7 @@ class SparKPretraining(PretrainingModule):
         W&B.
     """
 
-    needs = ("hierarchy", "images")
+    needs = ("hierarchy",)  # 2D or 3D
 
     def __init__(
         self,
@@ -161,41 +172,60 @@ class SparKPretraining(PretrainingModule):
         if densify_norm not in ("bn", "ln"):
             raise ValueError(f"densify_norm must be auto, bn or ln, not {densify_norm!r}")
         self.hparams.densify_norm = densify_norm
-        widths = [decoder_width // 2**i for i in range(UPSAMPLINGS + 1)]
-        levels = [round(math.log2(DOWNSAMPLE // s)) for s in backbone.strides]  # decoder block of each map
+        self.downsample = backbone.strides[-1]  # the mask cell = the patch = the encoder's total stride
+        self.dims = 3 if any(isinstance(m, nn.Conv3d) for m in backbone.modules()) else 2
+        upsamplings = round(math.log2(self.downsample))
+        widths = [decoder_width // 2**i for i in range(upsamplings + 1)]
+        levels = [
+            round(math.log2(self.downsample // s)) for s in backbone.strides
+        ]  # decoder block of each map
         self.densify = nn.ModuleList(
-            Densify(c, widths[i], 1 if i == 0 else 3, densify_norm)
+            Densify(c, widths[i], 1 if i == 0 else 3, densify_norm, self.dims)
             for i, c in reversed(list(zip(levels, backbone.channels)))
         )  # deepest first
-        self.decoder = nn.ModuleList(UpsampleBlock(widths[i], widths[i + 1]) for i in range(UPSAMPLINGS))
-        self.to_pixels = nn.Conv2d(widths[-1], 3, kernel_size=1)
+        self.decoder = nn.ModuleList(
+            UpsampleBlock(widths[i], widths[i + 1], self.dims) for i in range(upsamplings)
+        )
+        in_chans = next(m for m in backbone.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))).in_channels
+        self.to_pixels = LAYERS[self.dims][0](widths[-1], in_chans, kernel_size=1)
 
     def encode(self, images: torch.Tensor, visible: torch.Tensor) -> list[torch.Tensor]:
-        """Hierarchical features of the visible cells, dense (B, C_s, H/s, W/s), zero where masked."""
+        """Hierarchical features of the visible cells, dense (B, C_s, *spatial / s), zero where masked; images
+        and visible in the encoder's axis order."""
         if self.hparams.sparse_backend == "minkowski":
             from greenlab.sparse import minkowski
 
             maps = forward_hierarchy(self.encoder, minkowski.to_sparse(images, visible))
-            b, _, h, w = images.shape
-            return [minkowski.to_dense(m, b, h // s, w // s) for m, s in zip(maps, self.encoder.strides)]
+            b, spatial = images.shape[0], images.shape[2:]
+            return [
+                minkowski.to_dense(m, b, *(n // s for n in spatial))
+                for m, s in zip(maps, self.encoder.strides)
+            ]
         return forward_hierarchy(self.encoder, images * masked_dense.mask_at(images))
 
     def forward(self, images: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """images (B, 3, H, W), visible (B, 1, H/32, W/32) -> (loss, prediction (B, 3, H, W))."""
+        """images (B, C, *spatial) in the encoder's axis order, visible (B, 1, *spatial / r) -> (loss,
+        prediction of the images' shape)."""
         with masked_dense.active_mask(visible):
             features = self.encode(images, visible)
             densified = {
                 s: d(f) for d, s, f in zip(self.densify, *map(reversed, (self.encoder.strides, features)))
             }
         x = 0
-        for i, block in enumerate(self.decoder):  # stride 32 / 2^i -> 32 / 2^(i+1)
-            x = block(x + densified[DOWNSAMPLE >> i] if DOWNSAMPLE >> i in densified else x)
+        for i, block in enumerate(self.decoder):  # stride r / 2^i -> r / 2^(i+1)
+            stride = self.downsample >> i
+            x = block(x + densified[stride] if stride in densified else x)
         prediction = self.to_pixels(x)
         return masked_patch_loss(prediction, images, visible), prediction
 
     def training_step(self, batch, batch_idx):
-        images = batch[0]
-        grid = (images.shape[-2] // DOWNSAMPLE, images.shape[-1] // DOWNSAMPLE)
+        images = to_network(self.encoder, batch[0])
+        if images.ndim != self.dims + 2 or any(n % self.downsample for n in images.shape[2:]):
+            raise ValueError(
+                f"SparK on {type(self.encoder).__name__} takes {self.dims}D inputs whose sides are multiples of its "
+                f"total stride {self.downsample} (the mask cell); the data gives {tuple(batch[0].shape)}"
+            )
+        grid = tuple(n // self.downsample for n in images.shape[2:])
         visible = random_visible_mask(images.shape[0], grid, self.hparams.mask_ratio, images.device)
         loss, prediction = self(images, visible)
         log_train_loss(self, loss, images.shape[0])
@@ -241,29 +271,31 @@ class SparKPretraining(PretrainingModule):
 
     @torch.no_grad()
     def save_reconstruction(self, images, visible, prediction, rows: int = 4) -> Path | None:
-        """PNG of input / masked input / prediction (visible cells pasted back, as SparK shows it)."""
+        """PNG of input / masked input / prediction (visible cells pasted back, as SparK shows it); volumes as
+        their three orthogonal mid-slices (channel 0), one row each."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        n = min(rows, images.shape[0])
+        n, p = min(rows, images.shape[0]), self.downsample
         images, visible, prediction = images[:n].float(), visible[:n], prediction[:n].float()
-        mean, std = patch_statistics(patchify(images, DOWNSAMPLE))
-        restored = unpatchify(
-            patchify(prediction, DOWNSAMPLE) * std + mean, 3, *images.shape[-2:], DOWNSAMPLE
-        )
-        full = visible.repeat_interleave(DOWNSAMPLE, -2).repeat_interleave(DOWNSAMPLE, -1)
+        mean, std = patch_statistics(patchify(images, p))
+        restored = unpatchify(patchify(prediction, p) * std + mean, images.shape[1], *images.shape[2:], p)
+        with masked_dense.active_mask(visible):
+            full = masked_dense.mask_at(images)
         panels = [images, images * full, torch.where(full, images, restored)]
-        fig, axes = plt.subplots(n, 3, figsize=(6, 2 * n), squeeze=False)
+        pictures = [[_pictures(panel[r]) for panel in panels] for r in range(n)]  # [sample][panel][plane]
+        planes = len(pictures[0][0])
+        fig, axes = plt.subplots(n * planes, 3, figsize=(6, 2 * n * planes), squeeze=False)
         for r in range(n):
-            for c, (title, panel) in enumerate(zip(("input", "masked", "prediction"), panels)):
-                picture = panel[r].permute(1, 2, 0).cpu()
-                picture = (picture - picture.min()) / (picture.max() - picture.min() + 1e-8)
-                axes[r][c].imshow(picture.numpy())
-                axes[r][c].axis("off")
-                if r == 0:
-                    axes[r][c].set_title(title)
+            for c, title in enumerate(("input", "masked", "prediction")):
+                for k, picture in enumerate(pictures[r][c]):
+                    ax = axes[r * planes + k][c]
+                    ax.imshow(picture, cmap="gray" if picture.ndim == 2 else None)
+                    ax.axis("off")
+                    if r == k == 0:
+                        ax.set_title(title)
         fig.tight_layout()
         path = None
         if self.hparams.figure_dir:
@@ -275,3 +307,18 @@ class SparKPretraining(PretrainingModule):
                 logger.log_image(key="train/reconstruction", images=[str(path)], step=self.global_step)
         plt.close(fig)
         return path
+
+
+def _pictures(sample: torch.Tensor) -> list:
+    """One image (C, H, W) -> [its (H, W, C) picture]; one volume (C, D, H, W) -> its three orthogonal
+    mid-slices of channel 0; each scaled to [0, 1]."""
+    if sample.ndim == 3:
+        slices = [sample.permute(1, 2, 0) if sample.shape[0] == 3 else sample[0]]
+    else:
+        volume = sample[0]
+        slices = [
+            volume[volume.shape[0] // 2],
+            volume[:, volume.shape[1] // 2],
+            volume[:, :, volume.shape[2] // 2],
+        ]
+    return [((x - x.min()) / (x.max() - x.min() + 1e-8)).cpu().numpy() for x in slices]

@@ -16,19 +16,22 @@ reproduce the teacher's output tokens through a small residual prediction head::
 
 Shapes: images (B, 3, H, W); tokens (B, T, D), T = 1 + 4 + (H/14)(W/14) = 789 at 392 px, D = 384.
 
-On a CNN (greenlab's extension; the ViT path above is the paper's): the corruption acts on the *stem output
-grid*, the CNN's analogue of the patch embedding, and the tokens are the final feature map's positions::
+On a CNN, 2D or 3D (greenlab's extension; the ViT path above is the paper's): the corruption acts on the
+*stem output grid*, the CNN's analogue of the patch embedding, and the tokens are the final feature map's
+positions::
 
-    s   = Stem(x̃)                                    (B, C_s, H/r, W/r): the module ``stem_name``
-                                                     (timm's ``stem``, or ResNet's conv1-bn1-ReLU)
+    s   = Stem(x̃)                                    (B, C_s, H/r, W/r) (3D: (B, C_s, D/r, H/r, W/r)): the
+                                                     module ``stem_name`` (timm's ``stem``, ResNet's
+                                                     conv1-bn1-ReLU, r3d_18's strided conv-BN-ReLU)
     s[:, :, i, j] ← c  with prob. r_b                per stem cell, r_b as above, c ∈ R^{C_s} zeros
-    ŷ   = h(flatten(Rest(s)))                        (B, (H/32)(W/32), C): forward_features' map,
-    y   = flatten(CNN_teacher(x))                    positions row-major, no prefix tokens
+    ŷ   = h(flatten(Rest(s)))                        (B, T, C): forward_features' map, T its positions
+    y   = flatten(CNN_teacher(x))                    row-major, no prefix tokens; noise std per volume
 """
 
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
@@ -68,7 +71,7 @@ class TokenReconstruction(PretrainingModule):
         warmup_epochs, cosine_epochs, start_lr, min_lr: per-epoch schedule, see ``warmup_cosine_factor``.
     """
 
-    needs = (("tokens", "feature_map"), "images")
+    needs = (("tokens", "feature_map"),)  # a ViT takes images; a CNN images or volumes
 
     def __init__(
         self,
@@ -105,6 +108,7 @@ class TokenReconstruction(PretrainingModule):
         self.student = backbone
         self.teacher = copy.deepcopy(backbone).eval().requires_grad_(False)
         dim = backbone.embed_dim if self.is_vit else backbone.num_features
+        self.input_ndim = 5 if any(isinstance(m, nn.Conv3d) for m in backbone.modules()) else 4
         self.stem_stride = 1
         corruption_dim = dim
         if not self.is_vit:
@@ -132,11 +136,11 @@ class TokenReconstruction(PretrainingModule):
 
     # --- corruption
     def add_pixel_noise(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, C, H, W) + Gaussian noise of std ``noise_std`` x each image's per-channel std; the last
-        image of the batch is left clean."""
+        """images (B, C, *spatial) + Gaussian noise of std ``noise_std`` x each image's (volume's) per-channel
+        std; the last image of the batch is left clean."""
         if self.hparams.noise_std == 0:
             return images
-        channel_std = images.std(dim=(2, 3), keepdim=True)
+        channel_std = images.std(dim=tuple(range(2, images.ndim)), keepdim=True)
         noise = torch.randn_like(images) * channel_std * self.hparams.noise_std
         noise[-1] = 0.0
         return images + noise
@@ -151,7 +155,7 @@ class TokenReconstruction(PretrainingModule):
         """N, the cells that corruption acts on: a ViT's patches, or a CNN's stem output positions."""
         if self.is_vit:
             return self.student.patch_embed.num_patches
-        return (images.shape[-2] // self.stem_stride) * (images.shape[-1] // self.stem_stride)
+        return math.prod(n // self.stem_stride for n in images.shape[2:])
 
     def student_tokens(self, images: torch.Tensor, corrupt: torch.Tensor | None = None) -> torch.Tensor:
         """The student's tokens with the cells where ``corrupt`` (B, N) is True replaced by the corruption
@@ -176,16 +180,16 @@ class TokenReconstruction(PretrainingModule):
         return vit.norm(x)
 
     def cnn_tokens(self, cnn: nn.Module, images: torch.Tensor, corrupt: torch.Tensor | None) -> torch.Tensor:
-        """(B, h·w, C) positions of ``cnn.forward_features``, the stem's output cells replaced where ``corrupt``."""
+        """(B, T, C) positions of ``cnn.forward_features``, the stem's output cells replaced where ``corrupt``."""
 
         def replace_cells(module, inputs, output):
-            b, _, h, w = output.shape
-            if corrupt.shape[1] != h * w:
+            b, _, *grid = output.shape
+            if corrupt.shape[1] != math.prod(grid):
                 raise ValueError(
-                    f"the corruption mask has {corrupt.shape[1]} cells; the stem's grid is {h}x{w}"
+                    f"the corruption mask has {corrupt.shape[1]} cells; the stem's grid is {grid}"
                 )
-            cells = corrupt.view(b, 1, h, w)
-            return torch.where(cells, self.corruption_token.to(output.dtype)[None, :, None, None], output)
+            token = self.corruption_token.to(output.dtype).view(1, -1, *[1] * len(grid))
+            return torch.where(corrupt.view(b, 1, *grid), token, output)
 
         handle = None
         if corrupt is not None:
@@ -215,10 +219,11 @@ class TokenReconstruction(PretrainingModule):
     # --- the objective
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Token Reconstruction loss (scalar) of a batch of clean, augmented images (B, 3, H, W)."""
-        if images.ndim != 4:
+        if images.ndim != self.input_ndim:
+            kind = "2D images (B, C, H, W)" if self.input_ndim == 4 else "3D volumes (B, C, D, H, W)"
             raise ValueError(
-                f"Token Reconstruction takes 2D images (B, C, H, W); the data gives {tuple(images.shape)} "
-                "(a 3D MedMNIST file? use a 2D one, or a 3D experiment)"
+                f"Token Reconstruction on {type(self.student).__name__} takes {kind}; the data gives "
+                f"{tuple(images.shape)} (a MedMNIST file of the other kind? or another backbone)"
             )
         with torch.no_grad():
             target = (

@@ -5,8 +5,8 @@ pool output is re-masked; BatchNorm statistics are over active positions only; g
 squeeze-excite too) is a masked mean. ``sparsify`` turns a dense CNN into this form in place by swapping
 each module's class for a masked subclass: weights and parameter names stay those of the dense model.
 
-The active mask lives on the coarsest grid (input / 32): (B, 1, h, w) bool, True = visible. Each layer
-expands it to its own resolution, which must be a multiple of the mask's.
+The active mask lives on the coarsest grid (input / total stride): (B, 1, h, w) bool for images, (B, 1, d, h, w)
+for volumes, True = visible. Each layer expands it to its own resolution, which must be a multiple of the mask's.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ _ACTIVE: list[tuple[torch.Tensor, dict]] = []  # (mask, its expansions by size),
 
 @contextlib.contextmanager
 def active_mask(mask: torch.Tensor):
-    """Within this block, sparsified modules compute only where ``mask`` (B, 1, h, w) is True."""
+    """Within this block, sparsified modules compute only where ``mask`` (B, 1, *grid) is True."""
     _ACTIVE.append((mask, {}))
     try:
         yield
@@ -35,7 +35,8 @@ def active_mask(mask: torch.Tensor):
 
 
 def mask_at(x: torch.Tensor) -> torch.Tensor:
-    """The active mask expanded to ``x``'s spatial size: (B, 1, H, W) bool, each cell repeated as a block.
+    """The active mask expanded to ``x``'s spatial size: (B, 1, *x.shape[2:]) bool, each cell repeated as a
+    block.
 
     Built by expand + reshape (``repeat_interleave`` would read its output size back from the device: one
     host-device synchronisation per call, hundreds per step), once per size within the block.
@@ -43,13 +44,16 @@ def mask_at(x: torch.Tensor) -> torch.Tensor:
     if not _ACTIVE:
         raise RuntimeError("a sparsified module ran outside `with active_mask(mask):`")
     mask, expanded = _ACTIVE[-1]
-    size = tuple(x.shape[-2:])
+    grid = tuple(mask.shape[2:])
+    size = tuple(x.shape[-len(grid) :])
     if size not in expanded:
-        (b, c, h, w), (sh, sw) = mask.shape, (size[0] // mask.shape[-2], size[1] // mask.shape[-1])
-        if (sh * h, sw * w) != size:
-            raise ValueError(f"feature map {size} is not a multiple of the mask grid {(h, w)}")
-        blocks = mask[:, :, :, None, :, None].expand(b, c, h, sh, w, sw)
-        expanded[size] = blocks.reshape(b, c, h * sh, w * sw)
+        scales = [n // g for n, g in zip(size, grid)]
+        if tuple(s * g for s, g in zip(scales, grid)) != size:
+            raise ValueError(f"feature map {size} is not a multiple of the mask grid {grid}")
+        b, c = mask.shape[:2]
+        interleaved = [v for g, s in zip(grid, scales) for v in (g, s)]  # (g1, s1, g2, s2, ...)
+        blocks = mask.reshape(b, c, *[v for g in grid for v in (g, 1)]).expand(b, c, *interleaved)
+        expanded[size] = blocks.reshape(b, c, *size)
     return expanded[size]
 
 
@@ -79,18 +83,19 @@ def batch_norm_rows(bn: nn.modules.batchnorm._BatchNorm, rows: torch.Tensor) -> 
 def masked_batch_norm(
     bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
-    """``bn`` on (B, C, H, W) ``x`` with statistics over the positions where ``mask`` (B, 1, H, W) is True;
+    """``bn`` on (B, C, *spatial) ``x`` with statistics over the positions where ``mask`` (B, 1, *spatial) is True;
     zero elsewhere. The same function as ``batch_norm_rows`` on the active rows (biased variance to
     normalise, unbiased n/(n-1) in the running variance), computed with masked sums instead of boolean
     indexing: no data-dependent shapes, so no host-device synchronisation and nothing for torch.compile to
     break on. Statistics in float32 at least (float64 stays float64); the output has ``x``'s dtype."""
     dtype = torch.promote_types(x.dtype, torch.float32)
     weight, values = mask.to(dtype), x.to(dtype)
+    over, per_channel = (0, *range(2, x.ndim)), (-1, *[1] * (x.ndim - 2))  # reduce all but C; broadcast C
     if bn.training or bn.running_mean is None:
         count = weight.sum()
-        mean = (values * weight).sum((0, 2, 3)) / count
-        centred = (values - mean[:, None, None]) * weight
-        var = centred.square().sum((0, 2, 3)) / count
+        mean = (values * weight).sum(over) / count
+        centred = (values - mean.view(per_channel)) * weight
+        var = centred.square().sum(over) / count
         if bn.training and bn.track_running_stats:
             bn.num_batches_tracked.add_(1)
             factor = bn.momentum
@@ -101,10 +106,10 @@ def masked_batch_norm(
                 bn.running_var.lerp_((var * count / (count - 1)).to(bn.running_var.dtype), factor)
     else:
         mean, var = bn.running_mean.to(dtype), bn.running_var.to(dtype)
-        centred = (values - mean[:, None, None]) * weight
-    out = centred * torch.rsqrt(var + bn.eps)[:, None, None]
+        centred = (values - mean.view(per_channel)) * weight
+    out = centred * torch.rsqrt(var + bn.eps).view(per_channel)
     if bn.affine:
-        out = (out * bn.weight[:, None, None] + bn.bias[:, None, None]) * weight
+        out = (out * bn.weight.view(per_channel) + bn.bias.view(per_channel)) * weight
     return out.to(x.dtype)
 
 
@@ -132,11 +137,15 @@ class MaskedSqueezeExcite:
 MASKED_MIXINS: dict[type, type] = {
     SEModule: MaskedSqueezeExcite,  # before its children: its BN acts on (B, C, 1, 1), not on positions
     nn.Conv2d: MaskedOutput,
+    nn.Conv3d: MaskedOutput,
     LayerNorm2d: MaskedOutput,
     ConvNeXtBlock: MaskedOutput,  # its LayerNorm and MLP act per position: masking the block's output suffices
     nn.MaxPool2d: MaskedOutput,
     nn.AvgPool2d: MaskedOutput,
+    nn.MaxPool3d: MaskedOutput,
+    nn.AvgPool3d: MaskedOutput,
     nn.BatchNorm2d: MaskedBatchNorm,  # BatchNormAct2d is a BatchNorm2d
+    nn.BatchNorm3d: MaskedBatchNorm,
 }
 
 

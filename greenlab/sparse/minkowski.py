@@ -4,15 +4,17 @@
 returns ``MinkowskiEngine.SparseTensor``: parameter names and shapes stay the dense model's, so the same
 weights serve both backends and the trained encoder loads straight into the dense network.
 
-- Conv2d (groups 1): ``MinkowskiConvolutionFunction`` on the dense kernel reordered to ME's layout
+2D and 3D alike (MinkowskiEngine is N-dimensional; the tensor's dimension picks the kernel's):
+
+- Conv2d / Conv3d (groups 1): ``MinkowskiConvolutionFunction`` on the dense kernel reordered to ME's layout
   (offset index k = dy + kh * dx); 1x1 stride-1 convs are a matmul. 'Same' padding (k // 2, odd k) or a
   patchifying conv (k = stride, no padding: ConvNeXt's stem and downsampling).
 - Depthwise Conv2d: a gather-scatter per kernel offset over ME's kernel map (MinkowskiEngine 0.5.4 has no
   grouped convolution; its ``MinkowskiChannelwiseConvolution`` is the same loop over offsets).
-- MaxPool2d: the maximum over each window's active positions, by the same kernel map (ME's own max pooling
+- MaxPool2d / 3d: the maximum over each window's active positions, by the same kernel map (ME's own max pooling
   is this maximum); the masked-dense backend takes the maximum with the window's zeros too, so the two agree
   where the input is >= 0, as after the ReLU before every ResNet's max-pool.
-- BatchNorm2d / timm BatchNormAct2d: batch norm of the feature rows (= the active positions).
+- BatchNorm2d / 3d, timm BatchNormAct2d: batch norm of the feature rows (= the active positions).
 - LayerNorm / LayerNorm2d (ConvNeXt), Linear: per row (they act on each position alone).
 - timm SEModule: per-image mean of the rows, the SE MLP, gate broadcast back to the rows.
 - Elementwise modules (activations, Dropout, Identity) act on the rows; Dropout2d drops whole
@@ -48,12 +50,20 @@ def _like(x: ME.SparseTensor, features: torch.Tensor) -> ME.SparseTensor:
 
 
 def me_kernel(weight: torch.Tensor) -> torch.Tensor:
-    """Dense (out, in, kh, kw) -> ME (kh*kw, in, out): ME's offset k = dy + kh * dx."""
-    return (
-        weight.permute(3, 2, 1, 0)
-        .reshape(weight.shape[2] * weight.shape[3], weight.shape[1], weight.shape[0])
-        .contiguous()
-    )
+    """Dense (out, in, k1, .., kD) -> ME (k1*..*kD, in, out): ME's offset index runs fastest along the first
+    spatial axis (2D: k = dy + kh * dx)."""
+    spatial = range(weight.ndim - 1, 1, -1)
+    return weight.permute(*spatial, 1, 0).reshape(-1, weight.shape[1], weight.shape[0]).contiguous()
+
+
+def _one(values, name: str, module) -> int:
+    """The single value of a per-axis setting (kernel, stride, padding): ME windows are cubes."""
+    values = (values,) if isinstance(values, int) else tuple(values)
+    if len(set(values)) != 1:
+        raise NotImplementedError(
+            f"{type(module).__name__}: {name} {values}: MinkowskiEngine windows are cubes"
+        )
+    return values[0]
 
 
 def _check_window(module, kernel: int, stride: int, padding: int) -> None:
@@ -68,8 +78,8 @@ def _check_window(module, kernel: int, stride: int, padding: int) -> None:
 
 
 def _kernel_map(x: ME.SparseTensor, kernel: int, stride: int):
-    """(output coordinate key, {offset k: (input rows, output rows)}) of a k x k window at ``stride``."""
-    generator = ME.KernelGenerator(kernel_size=kernel, stride=stride, dilation=1, dimension=2)
+    """(output coordinate key, {offset k: (input rows, output rows)}) of a k^D window at ``stride``."""
+    generator = ME.KernelGenerator(kernel_size=kernel, stride=stride, dilation=1, dimension=x.D)
     manager = x.coordinate_manager
     out_key = manager.stride(x.coordinate_map_key, generator.kernel_stride)
     region_type, region_offset, _ = generator.get_kernel(x.tensor_stride, False)
@@ -82,16 +92,10 @@ def _kernel_map(x: ME.SparseTensor, kernel: int, stride: int):
 
 class MinkowskiConv:
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
-        if (
-            self.padding_mode != "zeros"
-            or self.dilation != (1, 1)
-            or self.kernel_size[0] != self.kernel_size[1]
-            or self.stride[0] != self.stride[1]
-        ):
-            raise NotImplementedError(
-                f"{type(self).__name__}: only square, undilated, zero-padded convolutions"
-            )
-        _check_window(self, self.kernel_size[0], self.stride[0], self.padding[0])
+        if self.padding_mode != "zeros" or _one(self.dilation, "dilation", self) != 1:
+            raise NotImplementedError(f"{type(self).__name__}: only undilated, zero-padded convolutions")
+        kernel, stride = _one(self.kernel_size, "kernel", self), _one(self.stride, "stride", self)
+        _check_window(self, kernel, stride, _one(self.padding, "padding", self))
         if self.groups == 1:
             out = self._dense_weight_conv(x)
         elif self.groups == self.in_channels == self.out_channels:
@@ -103,9 +107,9 @@ class MinkowskiConv:
         return out
 
     def _dense_weight_conv(self, x):
-        if self.kernel_size == (1, 1) and self.stride == (1, 1):
-            return _like(x, x.F @ self.weight[:, :, 0, 0].t())
-        generator = ME.KernelGenerator(kernel_size=self.kernel_size[0], stride=self.stride[0], dimension=2)
+        if set(self.kernel_size) == {1} and set(self.stride) == {1}:
+            return _like(x, x.F @ self.weight.flatten(1).t())
+        generator = ME.KernelGenerator(kernel_size=self.kernel_size[0], stride=self.stride[0], dimension=x.D)
         manager = x.coordinate_manager
         out_key = manager.stride(x.coordinate_map_key, generator.kernel_stride)
         features = ME.MinkowskiConvolutionFunction.apply(
@@ -130,10 +134,9 @@ class MinkowskiConv:
 
 class MinkowskiMaxPool:
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
-        kernel, stride, padding = (
-            v if isinstance(v, int) else v[0] for v in (self.kernel_size, self.stride, self.padding)
-        )
-        if self.dilation not in (1, (1, 1)) or self.ceil_mode:
+        kernel, stride = _one(self.kernel_size, "kernel", self), _one(self.stride, "stride", self)
+        padding = _one(self.padding, "padding", self)
+        if _one(self.dilation, "dilation", self) != 1 or self.ceil_mode:
             raise NotImplementedError(f"{type(self).__name__}: only undilated max-pooling without ceil_mode")
         _check_window(self, kernel, stride, padding)
         out_key, kernel_map = _kernel_map(x, kernel, stride)
@@ -230,8 +233,11 @@ MINKOWSKI_MIXINS: dict[type, type] = {
     ConvNeXtBlock: MinkowskiConvNeXtBlock,
     SEModule: MinkowskiSqueezeExcite,
     nn.Conv2d: MinkowskiConv,
+    nn.Conv3d: MinkowskiConv,
     nn.MaxPool2d: MinkowskiMaxPool,
+    nn.MaxPool3d: MinkowskiMaxPool,
     nn.BatchNorm2d: MinkowskiBatchNorm,
+    nn.BatchNorm3d: MinkowskiBatchNorm,
     nn.LayerNorm: MinkowskiLayerNorm,  # LayerNorm2d is one
     nn.Dropout2d: MinkowskiDropout2d,
     DropPath: MinkowskiDropPath,
@@ -247,18 +253,20 @@ def sparsify(model: nn.Module) -> nn.Module:
 
 
 def to_sparse(images: torch.Tensor, mask: torch.Tensor) -> ME.SparseTensor:
-    """images (B, C, H, W) and mask (B, 1, h, w) on the coarse grid -> SparseTensor of the visible pixels."""
-    scale = images.shape[-1] // mask.shape[-1]
-    full = mask.repeat_interleave(scale, -2).repeat_interleave(scale, -1)[:, 0]  # (B, H, W)
-    coordinates = full.nonzero().int()  # (N, 3): batch, y, x
-    features = images.permute(0, 2, 3, 1)[full]
+    """images (B, C, *spatial) and mask (B, 1, *grid) on the coarse grid -> SparseTensor of the visible
+    pixels (voxels): coordinates (N, 1 + D) = batch, then the spatial axes in order."""
+    full = mask[:, 0]
+    for axis, (size, cells) in enumerate(zip(images.shape[2:], mask.shape[2:]), start=1):
+        full = full.repeat_interleave(size // cells, axis)
+    coordinates = full.nonzero().int()
+    features = images.movedim(1, -1)[full]
     return ME.SparseTensor(features, coordinates=coordinates.contiguous())
 
 
-def to_dense(x: ME.SparseTensor, batch: int, height: int, width: int) -> torch.Tensor:
-    """SparseTensor at tensor stride s -> (B, C, height, width) with zeros at inactive positions."""
+def to_dense(x: ME.SparseTensor, batch: int, *size: int) -> torch.Tensor:
+    """SparseTensor at tensor stride s -> (B, C, *size) with zeros at inactive positions."""
     stride = x.tensor_stride[0]
     coordinates = x.C.long().to(x.device)
-    out = x.F.new_zeros(batch, height, width, x.F.shape[1])
-    out[coordinates[:, 0], coordinates[:, 1] // stride, coordinates[:, 2] // stride] = x.F
-    return out.permute(0, 3, 1, 2)
+    out = x.F.new_zeros(batch, *size, x.F.shape[1])
+    out[(coordinates[:, 0], *(coordinates[:, 1 + a] // stride for a in range(len(size))))] = x.F
+    return out.movedim(-1, 1)
