@@ -91,8 +91,19 @@ TINY_SPARK_RESNET = [  # spark_resnet50: ResNet-50's blocks, one per stage, narr
     "evaluation.bootstrap_resamples=10",
     "evaluation.ci_resamples=10",
 ]
+TINY_SSL_3D = [  # spark_3d, token_reconstruction_3d: ResNet-10 (lite stem) on 24 embedded CT studies, 64x64x32
+    "data.num_volumes=24",
+    "data.num_text_only_reports=40",
+    "data.num_workers=0",
+    "backbone.depth=10",
+    "backbone.weights=random",
+    "evaluation.bootstrap_resamples=10",
+    "evaluation.ci_resamples=10",
+]
 TINY = {
     "retfound_green": TINY_RUN,
+    "spark_3d": TINY_SSL_3D,
+    "token_reconstruction_3d": TINY_SSL_3D,
     "spark_resnet50": TINY_SPARK_RESNET,
     "sparse_cnn_mae": TINY_SPARSE_CNN,
     "mae_baseline": TINY_MAE,

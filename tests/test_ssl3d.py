@@ -1,0 +1,133 @@
+"""Self-supervision in 3D: SparK on volumes with both sparse backends (the same function, float64), its masks on
+the encoder's grid and its losses; Token Reconstruction's stem-cell corruption and per-volume noise on r3d_18."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from greenlab.config import build
+from greenlab.objectives.patches import patchify, unpatchify
+from greenlab.objectives.spark import masked_patch_loss, random_visible_mask
+from greenlab.sparse import masked_dense, minkowski
+
+TOL = {"rtol": 1e-9, "atol": 1e-9}
+
+
+def small_3d_cnn() -> nn.Module:
+    """What 3D encoders contain: a patchifying stem, BN3d, ReLU, max-pool, depthwise and strided 3x3x3 convs."""
+    return nn.Sequential(
+        nn.Conv3d(1, 8, 2, 2, 0, bias=False), nn.BatchNorm3d(8), nn.ReLU(), nn.MaxPool3d(3, 1, 1),
+        nn.Conv3d(8, 8, 3, 1, 1, groups=8), nn.BatchNorm3d(8), nn.SiLU(),
+        nn.Conv3d(8, 16, 3, 2, 1), nn.Conv3d(16, 16, 1), nn.BatchNorm3d(16), nn.ReLU(),
+    ).double()  # fmt: skip
+
+
+def test_a_small_3d_cnn_computes_the_same_in_both_backends_on_an_anisotropic_grid():
+    torch.manual_seed(0)
+    net = small_3d_cnn()
+    dense_masked, sparse = masked_dense.sparsify(copy.deepcopy(net)), minkowski.sparsify(copy.deepcopy(net))
+    volumes = torch.randn(3, 1, 16, 12, 8, dtype=torch.float64)
+    visible = random_visible_mask(3, (4, 3, 2), 0.6, "cpu")  # cells of 4 voxels
+    with masked_dense.active_mask(visible):
+        out_a = dense_masked(volumes * masked_dense.mask_at(volumes))
+    out_b = minkowski.to_dense(sparse(minkowski.to_sparse(volumes, visible)), 3, 4, 3, 2)
+    torch.testing.assert_close(out_a, out_b, **TOL)
+    assert out_a[~visible.expand_as(out_a)].abs().max() == 0, "masked cells stay exactly zero"
+    weights = torch.randn_like(out_a)
+    (out_a * weights).sum().backward(), (out_b * weights).sum().backward()
+    for (name, a), (_, b) in zip(dense_masked.named_parameters(), sparse.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, **TOL, msg=name)
+
+
+def spark_3d(backend: str, **arguments):
+    torch.manual_seed(0)
+    encoder = build("backbone/resnet3d18", depth=10, weights="random")
+    return build("objective/spark", backbone=encoder, sparse_backend=backend, decoder_width=32, **arguments)
+
+
+def test_spark_3d_on_r3d_backends_give_the_same_loss_and_every_gradient():
+    objectives = [spark_3d(backend).double() for backend in ("masked_dense", "minkowski")]
+    torch.manual_seed(1)
+    volumes = torch.randn(2, 1, 32, 32, 32, dtype=torch.float64)
+    visible = random_visible_mask(2, (2, 2, 2), 0.6, "cpu")
+    losses = []
+    for objective in objectives:
+        loss, prediction = objective.train()(volumes, visible)
+        loss.backward()
+        losses.append(loss)
+    assert prediction.shape == volumes.shape
+    torch.testing.assert_close(losses[0], losses[1], **TOL)
+    grads = [{n: p.grad for n, p in o.named_parameters() if p.grad is not None} for o in objectives]
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 30
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], **TOL, msg=name)
+
+
+def test_spark_3d_masks_the_encoders_grid_and_decodes_with_3d_blocks():
+    objective = spark_3d("masked_dense")
+    assert objective.downsample == 16 and objective.encoder.strides == [
+        2,
+        4,
+        8,
+        16,
+    ]  # r3d_18: stem 2, no max-pool
+    assert len(objective.decoder) == 4 and isinstance(objective.decoder[0].up, nn.ConvTranspose3d)
+    assert objective.to_pixels.out_channels == 1
+    volumes = torch.randn(3, 1, 32, 48, 16)
+    with pytest.raises(ValueError, match="multiples of its total stride 16"):
+        objective.training_step((torch.randn(2, 1, 40, 32, 32), None), 0)
+    visible = random_visible_mask(3, (2, 3, 1), 0.6, "cpu")
+    assert (visible.flatten(1).sum(1) == round(6 * 0.4)).all()
+    perfect = torch.randn_like(volumes)  # wrong on visible patches only: the loss ignores them
+    target = patchify(volumes, 16)
+    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+    hidden = ~visible.flatten(1)
+    prediction = unpatchify(torch.where(hidden[..., None], target, patchify(perfect, 16)), 1, 32, 48, 16, 16)
+    assert masked_patch_loss(prediction, volumes, visible).item() < 1e-10
+
+
+def test_spark_3d_training_lowers_the_loss_and_draws_mid_slices(tmp_path):
+    objective = spark_3d("masked_dense", base_lr=1e-2, warmup_epochs=0, figure_dir=str(tmp_path))
+    objective.effective_batch_size = 256
+    optimizer = objective.configure_optimizers()["optimizer"]
+    torch.manual_seed(2)
+    volumes = torch.randn(4, 1, 32, 32, 32).cumsum(2) / 8  # smooth along one axis: learnable from context
+    visible = random_visible_mask(4, (2, 2, 2), 0.6, "cpu")
+    losses = []
+    for _ in range(12):
+        optimizer.zero_grad()
+        loss, prediction = objective.train()(volumes, visible)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+    objective.hparams.figure_every_n_epochs = 1
+    path = objective.save_reconstruction(volumes, visible, prediction.detach(), rows=2)
+    assert path.is_file() and path.stat().st_size > 1000
+
+
+def test_token_reconstruction_3d_corrupts_r3d_stem_cells_and_keeps_the_last_volume_clean():
+    torch.manual_seed(0)
+    encoder = build("backbone/resnet3d18", depth=10, stem_kernel=4, weights="random")
+    objective = build("objective/token_reconstruction", backbone=encoder).eval()
+    volumes = torch.randn(2, 1, 32, 32, 32)
+    assert objective.corruption_cells(volumes) == 8**3 and objective.corruption_token.shape == (64,)
+    tokens = objective.student_tokens(volumes)
+    assert tokens.shape == (2, 1, 512)  # one position of the /32 map (lite stem), 512 channels
+    seen = {}  # what layer1 receives: the stem's output, clean then corrupted
+    encoder.net.layer1.register_forward_pre_hook(lambda module, inputs: seen.update({len(seen): inputs[0]}))
+    corrupt = objective.corruption_mask(2, 8**3, volumes.device)
+    objective.student_tokens(volumes), objective.student_tokens(volumes, corrupt)
+    cells = corrupt.view(2, 1, 8, 8, 8).expand_as(seen[0])
+    assert corrupt[0].any() and not corrupt[-1].any()
+    assert seen[1][cells].abs().max() == 0 and torch.equal(seen[1][~cells], seen[0][~cells])
+    noisy = objective.add_pixel_noise(volumes)
+    assert torch.equal(noisy[-1], volumes[-1])
+    ratio = (noisy[0] - volumes[0]).std() / volumes[0].std()
+    assert 0.15 < ratio < 0.25  # 0.2 x the volume's own std
+    with pytest.raises(ValueError, match="takes 3D volumes"):
+        objective(torch.randn(2, 1, 32, 32))
