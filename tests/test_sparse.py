@@ -161,3 +161,17 @@ def test_masked_batch_norm_equals_batch_norm_on_the_active_rows(training, moment
         torch.testing.assert_close(bn_masked.weight.grad, bn_rows.weight.grad, **TOL)
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             torch.testing.assert_close(getattr(bn_masked, name), getattr(bn_rows, name), **TOL, msg=name)
+
+
+def test_minkowski_kernels_report_their_flops_to_the_count():
+    """torch's FlopCounterMode cannot see MinkowskiEngine's convolutions: they report 2 FLOPs per multiply-add
+    over their kernel map's pairs, x 3 (forward, input and weight gradients). A 3x3 conv on a fully visible 4x4
+    grid has sum over offsets of (4 - |dy|)(4 - |dx|) = 10^2 = 100 pairs."""
+    from greenlab.sparse import counting_sparse_flops
+
+    conv = minkowski.sparsify(nn.Sequential(nn.Conv2d(3, 5, 3, 1, 1, bias=False)))
+    images, visible = torch.randn(1, 3, 4, 4), torch.ones(1, 1, 1, 1, dtype=torch.bool)
+    with counting_sparse_flops() as counted:
+        conv(minkowski.to_sparse(images, visible))
+        assert counted() == 3 * 2 * 100 * 3 * 5
+    conv(minkowski.to_sparse(images, visible))  # no count open: nothing is looked up or added

@@ -18,6 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from greenlab.compute.budget import JOULES_PER_KWH, Budget
 from greenlab.compute.energy import peak_host_memory_bytes
 from greenlab.objectives.optim import effective_batch_size
+from greenlab.sparse import counting_sparse_flops
 
 
 class ComputeMonitor(L.Callback):
@@ -28,6 +29,7 @@ class ComputeMonitor(L.Callback):
         self.budget: Budget | None = None
         self.meter = None
         self.flop_counter: FlopCounterMode | None = None
+        self.sparse_count = self.sparse_flops = None  # greenlab.sparse's count, open with the flop counter
         self.flops_per_image: float | None = None
         self.images_seen = 0
         self.train_seconds = 0.0
@@ -51,13 +53,17 @@ class ComputeMonitor(L.Callback):
         if self.count_flops and self.flops_per_image is None and self.flop_counter is None:
             self.flop_counter = FlopCounterMode(display=False)
             self.flop_counter.__enter__()
+            self.sparse_count = counting_sparse_flops()
+            self.sparse_flops = self.sparse_count.__enter__()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         batch_size = len((batch["paired"] if isinstance(batch, dict) else batch)[0])
         self.images_seen += batch_size
         if self.flop_counter is not None:
             self.flop_counter.__exit__(None, None, None)
-            self.flops_per_image = self.flop_counter.get_total_flops() / batch_size
+            sparse = self.sparse_flops()
+            self.sparse_count.__exit__(None, None, None)
+            self.flops_per_image = (self.flop_counter.get_total_flops() + sparse) / batch_size
             self.flop_counter = None
         if trainer.global_step % self.log_every_n_steps == 0:
             pl_module.log_dict(self._running(), on_step=True, on_epoch=False)
@@ -118,7 +124,8 @@ class ComputeMonitor(L.Callback):
         return {
             "train_flops": (self.flops_per_image or 0.0) * self.images_seen,
             "train_flops_per_image": self.flops_per_image,
-            "flops_method": "torch FlopCounterMode over the first optimisation step (fwd+bwd), x images seen",
+            "flops_method": "torch FlopCounterMode over the first optimisation step (fwd+bwd), plus the sparse kernels' "
+            "own count (MinkowskiEngine), x images seen",
             "train_images_seen": self.images_seen,
             "optimizer_steps": trainer.global_step,
             "resumed_attempts": self.earlier["attempts"],

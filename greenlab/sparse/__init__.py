@@ -4,6 +4,7 @@ and parameter names, computed on the visible positions only. Two backends with o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -70,3 +71,30 @@ def choose_backend(requested: str, device_type: str) -> tuple[str, str]:
             f"{missing}: masked_dense instead (same semantics; auto would pick minkowski: {why})",
         )
     return backend, why
+
+
+# FLOPs of sparse kernels that torch's FlopCounterMode cannot see (MinkowskiEngine's own C++ convolutions and
+# greenlab's gather-scatter depthwise loop), reported by greenlab.sparse.minkowski while a count is open.
+_SPARSE_FLOPS: list[float] = []  # the open count's running total (empty: none open)
+
+
+@contextlib.contextmanager
+def counting_sparse_flops():
+    """Within this block, sparse kernels add their FLOPs: yields a callable returning the total so far."""
+    _SPARSE_FLOPS.append(0.0)
+    try:
+        yield lambda: _SPARSE_FLOPS[-1]
+    finally:
+        _SPARSE_FLOPS.pop()
+
+
+def add_sparse_flops(pairs: int, multiply_adds_per_pair: int) -> None:
+    """Count a sparse kernel's forward and backward: 2 FLOPs per multiply-add, x 3 for the forward, the input
+    gradient and the weight gradient (each the same multiply-adds over the same kernel-map pairs)."""
+    if _SPARSE_FLOPS:
+        _SPARSE_FLOPS[-1] += 3 * 2 * pairs * multiply_adds_per_pair
+
+
+def sparse_flops_open() -> bool:
+    """Whether a count is open (kernels then look up their kernel maps' sizes)."""
+    return bool(_SPARSE_FLOPS)

@@ -9,6 +9,9 @@ weights serve both backends and the trained encoder loads straight into the dens
 - Conv2d / Conv3d (groups 1): ``MinkowskiConvolutionFunction`` on the dense kernel reordered to ME's layout
   (offset index k = dy + kh * dx); 1x1 stride-1 convs are a matmul. 'Same' padding (k // 2, odd k) or a
   patchifying conv (k = stride, no padding: ConvNeXt's stem and downsampling).
+- FLOPs: MinkowskiEngine's convolutions and the depthwise loop report theirs (``greenlab.sparse.add_sparse_flops``:
+  2 per multiply-add over the kernel map's pairs, x 3 for forward, input and weight gradients); torch's
+  FlopCounterMode, which counts the rest, cannot see them.
 - Depthwise Conv2d: a gather-scatter per kernel offset over ME's kernel map (MinkowskiEngine 0.5.4 has no
   grouped convolution; its ``MinkowskiChannelwiseConvolution`` is the same loop over offsets).
 - MaxPool2d / 3d: the maximum over each window's active positions, by the same kernel map (ME's own max pooling
@@ -36,6 +39,7 @@ from timm.models.rexnet import LinearBottleneck
 from torch import nn
 
 from greenlab.compat import import_minkowski
+from greenlab.sparse import add_sparse_flops, sparse_flops_open
 from greenlab.sparse.masked_dense import batch_norm_rows
 
 ME = import_minkowski()
@@ -112,6 +116,9 @@ class MinkowskiConv:
         generator = ME.KernelGenerator(kernel_size=self.kernel_size[0], stride=self.stride[0], dimension=x.D)
         manager = x.coordinate_manager
         out_key = manager.stride(x.coordinate_map_key, generator.kernel_stride)
+        if sparse_flops_open():  # ME's kernel runs outside torch's FLOP counter
+            pairs = sum(len(i) for i, _ in _kernel_map(x, self.kernel_size[0], self.stride[0])[1].values())
+            add_sparse_flops(pairs, self.in_channels * self.out_channels)
         features = ME.MinkowskiConvolutionFunction.apply(
             x.F,
             me_kernel(self.weight),
@@ -129,6 +136,9 @@ class MinkowskiConv:
         out = x.F.new_zeros(x.coordinate_manager.size(out_key), self.in_channels)
         for k, (rows_in, rows_out) in kernel_map.items():
             out = out.index_add(0, rows_out, x.F[rows_in] * kernel[k])
+        add_sparse_flops(
+            sum(len(i) for i, _ in kernel_map.values()), self.in_channels
+        )  # elementwise: uncounted by torch
         return ME.SparseTensor(out, coordinate_map_key=out_key, coordinate_manager=x.coordinate_manager)
 
 
