@@ -1,12 +1,13 @@
-"""CNN feature hierarchies: which modules' outputs are the maps at strides 2 .. 32, read from timm's
-``feature_info``, and the forward that returns them.
+"""CNN feature hierarchies: which modules' outputs are the maps at strides 2 .. 32 (in 3D up to the network's
+own total stride), read from timm's ``feature_info``, and the forward that returns them.
 
 A hierarchical backbone carries ``tap_names`` (module names, shallowest first), ``strides`` (input pixels per
-map position) and ``channels``; a network that reorders its input's axes first (GreenRFM's 3D ResNet) has
-``to_network`` (that reordering) and ``forward_network`` (the rest), and its maps are in the network's order; ``stem_name`` names the module whose output grid Token Reconstruction
-corrupts on CNNs (``stem`` where the network has one, as timm's ConvNeXt, ReXNet and RegNet; else the first
-map, e.g. ResNet's ``act1`` after conv1-bn1-ReLU). Nothing is added to the state dict: a timm model stays
-loadable into ``timm.create_model(name)``.
+map position) and ``channels``. A network that reorders its input's axes first (GreenRFM's 3D ResNet) has
+``to_network`` (that reordering) and ``forward_network`` (the rest); its maps are in the network's order.
+``stem_name`` names the module whose output grid Token Reconstruction corrupts on CNNs (``stem`` where the
+network has one, as timm's ConvNeXt, ReXNet and RegNet; else the first map, e.g. ResNet's ``act1`` after
+conv1-bn1-ReLU). Nothing is added to the state dict: a timm model stays loadable into
+``timm.create_model(name)``.
 """
 
 from __future__ import annotations
