@@ -100,8 +100,22 @@ TINY_SSL_3D = [  # spark_3d, token_reconstruction_3d: ResNet-10 (lite stem) on 2
     "evaluation.bootstrap_resamples=10",
     "evaluation.ci_resamples=10",
 ]
+TINY_MAE_3D = [  # mae_3d: a 1-block 3D ViT of 48 dims, a 1-block decoder, on 24 embedded CT studies
+    "data.num_volumes=24",
+    "data.num_text_only_reports=40",
+    "data.num_workers=0",
+    "backbone.depth=1",
+    "backbone.embed_dim=48",
+    "backbone.num_heads=2",
+    "objective.decoder_dim=48",
+    "objective.decoder_depth=1",
+    "objective.decoder_heads=2",
+    "evaluation.bootstrap_resamples=10",
+    "evaluation.ci_resamples=10",
+]
 TINY = {
     "retfound_green": TINY_RUN,
+    "mae_3d": TINY_MAE_3D,
     "spark_3d": TINY_SSL_3D,
     "token_reconstruction_3d": TINY_SSL_3D,
     "spark_resnet50": TINY_SPARK_RESNET,

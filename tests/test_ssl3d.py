@@ -131,3 +131,50 @@ def test_token_reconstruction_3d_corrupts_r3d_stem_cells_and_keeps_the_last_volu
     assert 0.15 < ratio < 0.25  # 0.2 x the volume's own std
     with pytest.raises(ValueError, match="takes 3D volumes"):
         objective(torch.randn(2, 1, 32, 32))
+
+
+def tiny_mae_3d():
+    torch.manual_seed(0)
+    vit = build("backbone/vit3d", volume_size=[32, 32, 16], embed_dim=48, depth=2, num_heads=2)
+    return build("objective/mae", backbone=vit, decoder_dim=36, decoder_depth=1, decoder_heads=2)
+
+
+def test_mae_3d_positions_are_monais_3d_sincos_and_the_encoder_is_the_vits():
+    from monai.networks.blocks.pos_embed_utils import build_sincos_position_embedding
+
+    from greenlab.objectives.mae import mae_sincos_pos_embed
+
+    torch.testing.assert_close(
+        mae_sincos_pos_embed(48, (4, 3, 2)), build_sincos_position_embedding([4, 3, 2], 48, 3)[0]
+    )
+    mae = tiny_mae_3d().eval()
+    table = mae.encoder.pos_embed[0]
+    assert torch.equal(table[0], torch.zeros(48)) and not table.requires_grad  # [CLS] row zero, fixed
+    torch.testing.assert_close(table[1:], mae_sincos_pos_embed(48, (2, 2, 1)))
+    volumes = torch.randn(2, 1, 32, 32, 16)
+    torch.testing.assert_close(
+        mae.encode_visible(volumes, torch.arange(4).expand(2, -1)), mae.encoder.forward_features(volumes)
+    )
+    keep, mask = mae.random_masking(2, 4, volumes.device)
+    assert keep.shape == (2, 1) and mask.sum(1).tolist() == [3.0, 3.0]  # 0.75 of 4 patches hidden
+    assert mae.decoder_pred.out_features == 16**3  # one channel, 16^3 voxels per patch
+
+
+def test_mae_3d_training_lowers_the_loss():
+    mae = tiny_mae_3d()
+    mae.effective_batch_size = 256
+    optimizer = mae.configure_optimizers()["optimizer"]
+    for group in optimizer.param_groups:
+        group["lr"] = 1e-3
+    torch.manual_seed(1)
+    volumes = torch.randn(4, 1, 32, 32, 16).cumsum(2) / 8
+    losses = []
+    for _ in range(15):
+        optimizer.zero_grad()
+        loss = mae.train()(volumes)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert sum(losses[-3:]) / 3 < 0.92 * sum(losses[:3]) / 3, losses  # measured: 0.876
+    with pytest.raises(ValueError, match="takes 3D volumes"):
+        mae(torch.randn(2, 1, 32, 32))

@@ -22,7 +22,7 @@ OBJECTIVES = (
 )  # the objectives that take a backbone
 # every backbone config but the ones that are a file's weights (retfound_*) or any timm model by name (timm)
 BACKBONES = ("vit_small_reg4_dinov2", "vit_base_reg4_dinov2", "vit_large_reg4_dinov2", "vit_small_patch16",
-             "vit_large_patch16_mae", "resnet50", "convnext_tiny", "nn_mobilenet", "resnet3d18",
+             "vit_large_patch16_mae", "resnet50", "convnext_tiny", "nn_mobilenet", "vit3d", "resnet3d18",
              "three_plane_resnet3d18")  # fmt: skip
 MARKERS = ("<!-- grid:start (python -m greenlab.analysis.grid) -->", "<!-- grid:end -->")
 

@@ -24,6 +24,7 @@ norm-pix loss, AdamW blr 1.5e-4 x batch / 256, betas (0.9, 0.95), wd 0.05).
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
@@ -36,20 +37,25 @@ from greenlab.objectives.optim import adamw_warmup_cosine, decay_param_groups, l
 from greenlab.objectives.patches import masked_patch_mse, normalised_patches, patchify
 
 
-def mae_sincos_pos_embed(dim: int, grid: tuple[int, int]) -> torch.Tensor:
+def mae_sincos_pos_embed(dim: int, grid: tuple[int, ...]) -> torch.Tensor:
     """MAE's fixed 2D sin-cos position embedding (``get_2d_sincos_pos_embed``): (h·w, dim), patches row-major;
     the first dim/2 channels encode the column, the last dim/2 the row, each as [sin | cos] of
-    position x 1/10000^(k / (dim/4))."""
-    h, w = grid
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
-    rows, columns = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
-                                   indexing="ij")  # fmt: skip
+    position x 1/10000^(k / (dim/4)). In 3D MONAI's extension of it (``build_sincos_position_embedding``,
+    from SelfMedMAE): dim/3 channels each for the second, first and third axis, frequencies over dim/6."""
+    parts = 2 * len(grid)
+    if dim % parts:
+        raise ValueError(
+            f"a {len(grid)}D sin-cos position embedding needs a width divisible by {parts}, not {dim}"
+        )
+    omega = 1.0 / 10000 ** (torch.arange(dim // parts, dtype=torch.float64) / (dim // parts))
+    axes = torch.meshgrid(*(torch.arange(n, dtype=torch.float64) for n in grid), indexing="ij")
 
     def encode(positions: torch.Tensor) -> torch.Tensor:
         angles = positions.reshape(-1, 1) * omega[None]
         return torch.cat([angles.sin(), angles.cos()], dim=1)
 
-    return torch.cat([encode(columns), encode(rows)], dim=1).float()
+    order = (1, 0, *range(2, len(grid)))  # column, row (, depth)
+    return torch.cat([encode(axes[a]) for a in order], dim=1).float()
 
 
 def mae_init(module: nn.Module) -> None:
@@ -76,7 +82,7 @@ class MaskedAutoencoder(PretrainingModule):
         warmup_epochs, cosine_epochs, min_lr: per-epoch schedule, see ``warmup_cosine_factor``.
     """
 
-    needs = ("tokens", "position_table", "images")
+    needs = ("tokens", "position_table")  # 2D images, or volumes with a 3D patch embedding
 
     def __init__(self, backbone: nn.Module, mask_ratio: float, decoder_dim: int, decoder_depth: int,
                  decoder_heads: int, norm_pix_loss: bool, base_lr: float,
@@ -115,7 +121,7 @@ class MaskedAutoencoder(PretrainingModule):
         )  # fmt: skip
         self.decoder_norm = norm(decoder_dim)
         in_chans = backbone.patch_embed.proj.in_channels
-        self.decoder_pred = nn.Linear(decoder_dim, patch[0] * patch[1] * in_chans)
+        self.decoder_pred = nn.Linear(decoder_dim, math.prod(patch) * in_chans)
         for part in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
             part.apply(mae_init)
         nn.init.normal_(self.mask_token, std=0.02)
@@ -158,8 +164,12 @@ class MaskedAutoencoder(PretrainingModule):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """MAE loss (scalar) of a batch of images (B, C, H, W)."""
-        if images.ndim != 4:
-            raise ValueError(f"MAE takes 2D images (B, C, H, W); the data gives {tuple(images.shape)}")
+        expected = self.encoder.patch_embed.proj.weight.ndim  # 4: images (B, C, H, W); 5: volumes
+        if images.ndim != expected:
+            kind = "2D images (B, C, H, W)" if expected == 4 else "3D volumes (B, C, X, Y, Z)"
+            raise ValueError(
+                f"MAE on {type(self.encoder).__name__} takes {kind}; the data gives {tuple(images.shape)}"
+            )
         target = patchify(images, self.patch_size).float()
         if self.hparams.norm_pix_loss:
             target = normalised_patches(target)
