@@ -39,7 +39,9 @@ COLUMNS = [
 
 def load_runs(sweep_dir: Path) -> list[tuple[Path, Results]]:
     """Every run folder under ``sweep_dir`` (``Results.from_folder``: any schema version)."""
-    runs = [(p.parent, Results.from_folder(p.parent)) for p in sorted(sweep_dir.rglob(RESULTS_FILE))]
+    found = [p for p in sweep_dir.rglob(RESULTS_FILE) if "wandb" not in p.relative_to(sweep_dir).parts]  # not W&B's copies
+    order = sorted(found, key=lambda p: [int(part) if part.isdigit() else part for part in p.parent.parts])
+    runs = [(p.parent, Results.from_folder(p.parent)) for p in order]
     if not runs:
         raise FileNotFoundError(f"no results.json under {sweep_dir}")
     return runs
@@ -48,6 +50,11 @@ def load_runs(sweep_dir: Path) -> list[tuple[Path, Results]]:
 def _embedding(results: Results, name: str):
     """A field of the run's embedding, None when it computed none."""
     return getattr(results.embedding, name) if results.embedding else None
+
+
+def _objective(results: Results) -> str:
+    """The objective's class name (``TokenReconstruction``, ``SparKPretraining``, ...)."""
+    return str(config_value(results, "objective._target_")).rsplit(".", 1)[-1]
 
 
 def config_value(results: Results, dotted: str):
@@ -77,8 +84,8 @@ def write_study(sweep_dir: Path, out: Path, vary: list[str]) -> list[Path]:
     """Write table.md, table.csv, auroc_vs_energy.png and auroc_per_task.png into ``out``."""
     runs = load_runs(sweep_dir)
     out.mkdir(parents=True, exist_ok=True)
-    header = ["run", *vary, *(name for name, _, _ in COLUMNS)]
-    rows = [[d.name, *(config_value(r, v) for v in vary), *_cells(r, COLUMNS)] for d, r in runs]
+    header = ["run", "objective", *vary, *(name for name, _, _ in COLUMNS)]
+    rows = [[d.name, _objective(r), *(config_value(r, v) for v in vary), *_cells(r, COLUMNS)] for d, r in runs]
     first = runs[0][1]
     _write_tables(out, header, rows, [
         f"Sweep `{sweep_dir}`: {len(runs)} runs of `{first.experiment}` (scale {first.scale}, "
