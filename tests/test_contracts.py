@@ -72,8 +72,8 @@ def test_the_command_refuses_an_unfit_pair_in_one_line_and_a_sweep_skips_it(tmp_
     proc = run_cli("+experiment=retfound_green", "objective=spark", *tiny, f"hydra.run.dir={tmp_path / 'one'}",
                    check=False)  # fmt: skip
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert ("greenlab: objective spark needs a CNN feature hierarchy in powers of two up to stride 32 (tap_names, "
-            "strides, channels); backbone vit_small_reg4_dinov2 is a 2D token sequence") in proc.stderr  # fmt: skip
+    assert (f"greenlab: objective spark needs {contracts.CAPABILITIES['hierarchy']}; backbone vit_small_reg4_dinov2 is "
+            "a 2D token sequence") in proc.stderr  # fmt: skip
     sweep = tmp_path / "sweep"
     proc = run_cli("-m", "+experiment=retfound_green", "objective=token_reconstruction,spark", *tiny,
                    "trainer.fast_dev_run=true", "evaluation.bootstrap_resamples=10", "evaluation.ci_resamples=10",

@@ -44,4 +44,6 @@ def test_ablation_table_has_a_column_per_varied_key(tmp_path):
         (tmp_path / "sweep" / str(i) / "results.json").write_text(json.dumps(results))
     write_study(tmp_path / "sweep", tmp_path / "out", ["objective.noise_std"])
     lines = (tmp_path / "out" / "table.md").read_text().splitlines()
-    assert "objective.noise_std" in lines[2] and lines[-1].startswith("| 1 | 0.2 | 0.800 |")
+    assert "objective.noise_std" in lines[2] and lines[-1].startswith(
+        "| 1 | MaskedAutoencoder | 0.2 | 0.800 |"
+    )

@@ -39,7 +39,9 @@ COLUMNS = [
 
 def load_runs(sweep_dir: Path) -> list[tuple[Path, Results]]:
     """Every run folder under ``sweep_dir`` (``Results.from_folder``: any schema version)."""
-    found = [p for p in sweep_dir.rglob(RESULTS_FILE) if "wandb" not in p.relative_to(sweep_dir).parts]  # not W&B's copies
+    found = [
+        p for p in sweep_dir.rglob(RESULTS_FILE) if "wandb" not in p.relative_to(sweep_dir).parts
+    ]  # not W&B's copies
     order = sorted(found, key=lambda p: [int(part) if part.isdigit() else part for part in p.parent.parts])
     runs = [(p.parent, Results.from_folder(p.parent)) for p in order]
     if not runs:
@@ -85,7 +87,9 @@ def write_study(sweep_dir: Path, out: Path, vary: list[str]) -> list[Path]:
     runs = load_runs(sweep_dir)
     out.mkdir(parents=True, exist_ok=True)
     header = ["run", "objective", *vary, *(name for name, _, _ in COLUMNS)]
-    rows = [[d.name, _objective(r), *(config_value(r, v) for v in vary), *_cells(r, COLUMNS)] for d, r in runs]
+    rows = [
+        [d.name, _objective(r), *(config_value(r, v) for v in vary), *_cells(r, COLUMNS)] for d, r in runs
+    ]
     first = runs[0][1]
     _write_tables(out, header, rows, [
         f"Sweep `{sweep_dir}`: {len(runs)} runs of `{first.experiment}` (scale {first.scale}, "
