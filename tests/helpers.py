@@ -1,9 +1,31 @@
-"""Callbacks the tests inject into real runs through Hydra (``+callbacks.<name>._target_=tests.helpers...``)."""
+"""Callbacks the tests inject into real runs through Hydra (``+callbacks.<name>._target_=tests.helpers...``), and
+checks several test files share."""
 
 import os
 import signal
 
 import lightning as L
+import torch
+
+TOL = {"rtol": 1e-9, "atol": 1e-9}  # float64: the sparse backends differ by round-off only (~1e-14 measured)
+
+
+def assert_backends_agree(
+    objectives: list, inputs: torch.Tensor, visible: torch.Tensor, min_gradients: int
+) -> None:
+    """Two SparK objectives (masked-dense, MinkowskiEngine) on the same float64 inputs and mask: the same loss and
+    the same gradient for every parameter that gets one (at least ``min_gradients`` of them)."""
+    losses = []
+    for objective in objectives:
+        loss, prediction = objective.train()(inputs, visible)
+        loss.backward()
+        losses.append(loss)
+    assert prediction.shape == inputs.shape
+    torch.testing.assert_close(losses[0], losses[1], **TOL)
+    grads = [{n: p.grad for n, p in o.named_parameters() if p.grad is not None} for o in objectives]
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) >= min_gradients
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], **TOL, msg=name)
 
 
 class KillAtStep(L.Callback):

@@ -13,8 +13,7 @@ from greenlab.config import build
 from greenlab.objectives.patches import patchify, unpatchify
 from greenlab.objectives.spark import masked_patch_loss, random_visible_mask
 from greenlab.sparse import masked_dense, minkowski
-
-TOL = {"rtol": 1e-9, "atol": 1e-9}
+from tests.helpers import TOL, assert_backends_agree
 
 
 def small_3d_cnn() -> nn.Module:
@@ -54,17 +53,7 @@ def test_spark_3d_on_r3d_backends_give_the_same_loss_and_every_gradient():
     torch.manual_seed(1)
     volumes = torch.randn(2, 1, 32, 32, 32, dtype=torch.float64)
     visible = random_visible_mask(2, (2, 2, 2), 0.6, "cpu")
-    losses = []
-    for objective in objectives:
-        loss, prediction = objective.train()(volumes, visible)
-        loss.backward()
-        losses.append(loss)
-    assert prediction.shape == volumes.shape
-    torch.testing.assert_close(losses[0], losses[1], **TOL)
-    grads = [{n: p.grad for n, p in o.named_parameters() if p.grad is not None} for o in objectives]
-    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 30
-    for name in grads[0]:
-        torch.testing.assert_close(grads[0][name], grads[1][name], **TOL, msg=name)
+    assert_backends_agree(objectives, volumes, visible, min_gradients=30)
 
 
 def test_spark_3d_masks_the_encoders_grid_and_decodes_with_3d_blocks():

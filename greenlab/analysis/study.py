@@ -24,15 +24,19 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from greenlab.results.model import RESULTS_FILE, Results  # noqa: E402
 
+# what a run spent, in both tables: (name, value from the results, format)
+SPENT = [
+    ("device-h", lambda r: r.compute["device_hours"], "{:.4f}"),
+    ("kWh", lambda r: r.energy["kwh"], "{:.5f}"),
+    ("CO2e g", lambda r: r.energy["co2e_kg"] * 1000, "{:.2f}"),
+]
 COLUMNS = [
     ("probe AUROC", lambda r: r.metrics.get("probe_auroc_macro"), "{:.3f}"),
     ("AUROC before", lambda r: r.metrics.get("initial_backbone", {}).get("probe_auroc_macro"), "{:.3f}"),
     ("train FLOPs", lambda r: r.compute["train_flops"], "{:.2e}"),
     ("FLOPs/img", lambda r: r.compute.get("train_flops_per_image"), "{:.2e}"),
     ("img/s", lambda r: r.compute["train_throughput_img_s"], "{:.1f}"),
-    ("device-h", lambda r: r.compute["device_hours"], "{:.4f}"),
-    ("kWh", lambda r: r.energy["kwh"], "{:.5f}"),
-    ("CO2e g", lambda r: r.energy["co2e_kg"] * 1000, "{:.2f}"),
+    *SPENT,
     ("emb dim", lambda r: _embedding(r, "dim"), "{}"),
 ]
 
@@ -132,9 +136,7 @@ def efficiency_columns(price_per_device_hour: float) -> list:
         ("images seen", lambda r: r.compute["train_images_seen"], "{:,}"),
         ("train FLOPs / img", lambda r: r.compute.get("train_flops_per_image"), "{:.2e}"),
         ("train img/s", lambda r: r.compute["train_throughput_img_s"], "{:.1f}"),
-        ("device-h", lambda r: r.compute["device_hours"], "{:.4f}"),
-        ("kWh", lambda r: r.energy["kwh"], "{:.5f}"),
-        ("CO2e g", lambda r: r.energy["co2e_kg"] * 1000, "{:.2f}"),
+        *SPENT,
         ("cost $", lambda r: r.compute["device_hours"] * price_per_device_hour, "{:.4f}"),
         ("emb dim", lambda r: _embedding(r, "dim"), "{}"),
         ("emb bytes", lambda r: _embedding(r, "bytes_per_image"), "{}"),
