@@ -145,9 +145,9 @@ def capabilities(backbone: nn.Module) -> set[str]:
     """What ``backbone`` offers (keys of ``CAPABILITIES``), read from the model: a timm ViT's token members
     and position table, a CNN's hierarchy (greenlab/backbones/hierarchy.py) and stem, 3D when its
     convolutions are 3D."""
-    from greenlab.backbones.hierarchy import DOWNSAMPLE, is_hierarchy
+    from greenlab.backbones.hierarchy import DOWNSAMPLE, is_hierarchy, spatial_dims
 
-    found = {"volumes" if any(isinstance(m, nn.Conv3d) for m in backbone.modules()) else "images"}
+    found = {"volumes" if spatial_dims(backbone) == 3 else "images"}
     if all(hasattr(backbone, name) for name in ("patch_embed", "blocks", "num_prefix_tokens")):
         found.add("tokens")
         if getattr(backbone, "pos_embed", None) is not None:

@@ -57,6 +57,16 @@ def is_hierarchy(strides: list[int], total: int | None = DOWNSAMPLE) -> bool:
     )
 
 
+def spatial_dims(backbone: nn.Module) -> int:
+    """3 for a network with 3D convolutions (it takes volumes), else 2."""
+    return 3 if any(isinstance(m, nn.Conv3d) for m in backbone.modules()) else 2
+
+
+def first_conv(backbone: nn.Module) -> nn.Module:
+    """The network's first convolution (its ``in_channels`` are the input's channels)."""
+    return next(m for m in backbone.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d)))
+
+
 def to_network(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``x`` in the backbone's own axis order (its ``to_network``; unchanged for most networks)."""
     return backbone.to_network(x) if hasattr(backbone, "to_network") else x
@@ -87,7 +97,7 @@ def forward_hierarchy(backbone: nn.Module, x) -> list:
 def probe_stem(backbone: nn.Module) -> tuple[int, int]:
     """(channels, stride) of ``backbone.stem_name``'s output, measured on one 64 px image (a 32^3 volume for a
     3D network) in eval mode: no statistic is updated."""
-    first = next(m for m in backbone.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d)))
+    first = first_conv(backbone)
     side = 32 if isinstance(first, nn.Conv3d) else 64
     seen = {}
     handle = backbone.get_submodule(backbone.stem_name).register_forward_hook(

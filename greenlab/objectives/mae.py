@@ -18,8 +18,10 @@ trained; [CLS] row zero), xavier-uniform linear layers, LayerNorm eps 1e-6.
 Any timm ViT with a position table: the prefix (MAE's one [CLS]; also DINOv2's [CLS] + registers, or none) is
 never masked and has the positions timm gives it: its rows of the table (zero under MAE's init) when the
 table has them, none under ``no_embed_class`` (the table covers the patches only); in the decoder the prefix
-has no position, as MAE's zero [CLS] row. A new encoder's registers start as its [CLS] does, N(0, 0.02). Values: shared/REFERENCE.md §1 (DERETFound / RETFound-MEH: ViT-L/16, 224 px, mask 0.75,
-norm-pix loss, AdamW blr 1.5e-4 x batch / 256, betas (0.9, 0.95), wd 0.05).
+has no position, as MAE's zero [CLS] row. A new encoder's registers start as its [CLS] does, N(0, 0.02).
+
+Values: shared/REFERENCE.md §1 (DERETFound / RETFound-MEH: ViT-L/16, 224 px, mask 0.75, norm-pix loss, AdamW
+blr 1.5e-4 x batch / 256, betas (0.9, 0.95), wd 0.05).
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ import torch
 from timm.layers import LayerNorm2d
 from torch import nn
 
-from greenlab.backbones.hierarchy import forward_hierarchy, to_network
+from greenlab.backbones.hierarchy import first_conv, forward_hierarchy, spatial_dims, to_network
 from greenlab.contracts import require_fit
 from greenlab.objectives.base import PretrainingModule
 from greenlab.objectives.optim import adamw_warmup_cosine, decay_param_groups, log_train_loss
@@ -173,7 +173,7 @@ class SparKPretraining(PretrainingModule):
             raise ValueError(f"densify_norm must be auto, bn or ln, not {densify_norm!r}")
         self.hparams.densify_norm = densify_norm
         self.downsample = backbone.strides[-1]  # the mask cell = the patch = the encoder's total stride
-        self.dims = 3 if any(isinstance(m, nn.Conv3d) for m in backbone.modules()) else 2
+        self.dims = spatial_dims(backbone)
         upsamplings = round(math.log2(self.downsample))
         widths = [decoder_width // 2**i for i in range(upsamplings + 1)]
         levels = [
@@ -186,7 +186,7 @@ class SparKPretraining(PretrainingModule):
         self.decoder = nn.ModuleList(
             UpsampleBlock(widths[i], widths[i + 1], self.dims) for i in range(upsamplings)
         )
-        in_chans = next(m for m in backbone.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))).in_channels
+        in_chans = first_conv(backbone).in_channels
         self.to_pixels = LAYERS[self.dims][0](widths[-1], in_chans, kernel_size=1)
 
     def encode(self, images: torch.Tensor, visible: torch.Tensor) -> list[torch.Tensor]:

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from timm.layers import LayerScale
 from torch import nn
 
-from greenlab.backbones.hierarchy import probe_stem
+from greenlab.backbones.hierarchy import probe_stem, spatial_dims
 from greenlab.contracts import require_fit
 from greenlab.objectives.base import PretrainingModule
 from greenlab.objectives.optim import adamw_warmup_cosine, decay_param_groups, log_train_loss
@@ -108,7 +108,7 @@ class TokenReconstruction(PretrainingModule):
         self.student = backbone
         self.teacher = copy.deepcopy(backbone).eval().requires_grad_(False)
         dim = backbone.embed_dim if self.is_vit else backbone.num_features
-        self.input_ndim = 5 if any(isinstance(m, nn.Conv3d) for m in backbone.modules()) else 4
+        self.input_ndim = spatial_dims(backbone) + 2
         self.stem_stride = 1
         corruption_dim = dim
         if not self.is_vit:
