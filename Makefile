@@ -20,6 +20,7 @@ format:
 
 bench:  ## benchmarks; each writes benchmarks/results/<name>.json with the machine description
 	$(PYTHON) -m benchmarks.sparse_backends
+	$(PYTHON) -m benchmarks.sparse_backends --dims 3 --img 64 --batch 4 --steps 3
 	$(PYTHON) -m benchmarks.training_steps
 	$(PYTHON) -m benchmarks.data_pipeline
 	$(PYTHON) -m benchmarks.energy_backends

@@ -1,11 +1,14 @@
 """Sparse backends, masked-dense vs MinkowskiEngine: SparK training-step time and peak memory on
-nn-MobileNet, and the cost of the depthwise convolution MinkowskiEngine 0.5.4 lacks.
+nn-MobileNet, and the cost of the depthwise convolution MinkowskiEngine 0.5.4 lacks; with ``--dims 3``, SparK
+in 3D on GreenRFM's r3d_18 (volumes img x img x img, ``--stem`` its stem kernel).
 
     python -m benchmarks.sparse_backends [--img 224] [--batch 8] [--steps 5]
+    python -m benchmarks.sparse_backends --dims 3 [--img 64] [--batch 4] [--steps 3] [--stem 2]
 
 Each backend runs in its own process (peak memory is per process: peak RSS on CPU,
-max_memory_allocated on GPU). Writes benchmarks/results/sparse_backends_<cpu|gpu>.json and copies it to this machine's measured choice
-(``greenlab.sparse.measured_choice_path``), which ``objective.sparse_backend=auto`` then follows.
+max_memory_allocated on GPU). Writes benchmarks/results/sparse_backends_<cpu|gpu>.json (3D:
+sparse_backends_3d_<cpu|gpu>.json); the 2D run also copies it to this machine's measured choice
+(``greenlab.sparse.measured_choice_path``), which ``objective.sparse_backend=auto`` then follows, in 2D and 3D.
 """
 
 from __future__ import annotations
@@ -24,20 +27,36 @@ import torch
 from greenlab.sparse import measured_choice_path
 
 
-def step_benchmark(backend: str, img: int, batch: int, steps: int, model_name: str) -> dict:
+def spark_network(dims: int, img: int, batch: int, model_name: str, stem: int):
+    """(backbone, inputs, the encoder's total stride): nn-MobileNet on images or r3d_18 on volumes."""
+    from greenlab.backbones.hierarchy import DOWNSAMPLE
+    from greenlab.config import build
+
+    if dims == 2:
+        return (
+            build("backbone/nn_mobilenet", model_name=model_name),
+            torch.randn(batch, 3, img, img),
+            DOWNSAMPLE,
+        )
+    backbone = build("backbone/resnet3d18", stem_kernel=stem, weights="random")
+    return backbone, torch.randn(batch, 1, img, img, img), backbone.strides[-1]
+
+
+def step_benchmark(backend: str, img: int, batch: int, steps: int, model_name: str, dims: int = 2,
+                   stem: int = 2) -> dict:  # fmt: skip
     from greenlab.compute.energy import peak_host_memory_bytes
     from greenlab.config import build
     from greenlab.objectives.spark import random_visible_mask
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    backbone = build("backbone/nn_mobilenet", model_name=model_name)
+    backbone, images, stride = spark_network(dims, img, batch, model_name, stem)
     objective = build("objective/spark", backbone=backbone, sparse_backend=backend).to(device).train()
     optimizer = torch.optim.AdamW(objective.parameters(), lr=1e-4)
-    images = torch.randn(batch, 3, img, img, device=device)
+    images = images.to(device)
     times = []
     for step in range(steps + 1):  # the first step warms up
-        visible = random_visible_mask(batch, (img // 32, img // 32), 0.6, device)
+        visible = random_visible_mask(batch, (img // stride,) * dims, 0.6, device)
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -110,23 +129,45 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--model", default="rexnet_300")
+    parser.add_argument("--dims", type=int, default=2, choices=(2, 3))
+    parser.add_argument("--stem", type=int, default=2, help="3D: r3d_18's stem kernel (2: GreenRFM, 4: lite)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one backend, print JSON
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(step_benchmark(args.one, args.img, args.batch, args.steps, args.model)))
+        print(
+            json.dumps(
+                step_benchmark(args.one, args.img, args.batch, args.steps, args.model, args.dims, args.stem)
+            )
+        )
         return
     from benchmarks.common import write
 
     runs = []
     for backend in ("masked_dense", "minkowski"):
         cmd = [sys.executable, "-m", "benchmarks.sparse_backends", "--one", backend, "--img", str(args.img),
-               "--batch", str(args.batch), "--steps", str(args.steps), "--model", args.model]  # fmt: skip
+               "--batch", str(args.batch), "--steps", str(args.steps), "--model", args.model, "--dims", str(args.dims),
+               "--stem", str(args.stem)]  # fmt: skip
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         runs.append(json.loads(out.strip().splitlines()[-1]))
         print(
             f"{backend}: {runs[-1]['step_seconds_median']:.3f} s/step, {runs[-1]['peak_memory_bytes'] / 2**20:.0f} MiB"
         )
     faster = min(runs, key=lambda r: r["step_seconds_median"])["backend"]
+    device = "gpu" if torch.cuda.is_available() else "cpu"
+    if args.dims == 3:
+        payload = {
+            "benchmark": "SparK-3D training step (fwd+bwd+AdamW) on r3d_18, mask ratio 0.6",
+            "model": f"r3d_18, stem kernel {args.stem}",
+            "volume_size": [args.img] * 3,
+            "batch": args.batch,
+            "runs": runs,
+            "faster_backend": faster,
+            "speed_ratio_minkowski_over_masked_dense": runs[1]["step_seconds_median"]
+            / runs[0]["step_seconds_median"],
+        }
+        print(write(f"sparse_backends_3d_{device}", payload))
+        print(json.dumps({k: v for k, v in payload.items() if k != "runs"}, indent=2))
+        return
     depthwise = depthwise_benchmark() if not torch.cuda.is_available() else None
     payload = {
         "benchmark": "SparK training step (fwd+bwd+AdamW) on nn-MobileNet, mask ratio 0.6",
@@ -139,7 +180,6 @@ def main() -> None:
         / runs[0]["step_seconds_median"],
         "depthwise_conv": depthwise,
     }
-    device = "gpu" if torch.cuda.is_available() else "cpu"
     path = write(f"sparse_backends_{device}", payload)
     print(path)
     choice = measured_choice_path(device)  # what objective.sparse_backend=auto reads on this machine

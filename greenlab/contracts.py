@@ -104,9 +104,11 @@ class FoldSource(Protocol):
 
     probe_train_set: object
     probe_test_set: object
-    img_size: int
-    mean: list[float]
-    std: list[float]
+
+    def fold_transforms(self, img_size: int | None) -> tuple:
+        """(training, scoring) transforms of a fold's samples (img_size: 2D photographs' size, None: the
+        data's own)."""
+        ...
 
 
 @runtime_checkable

@@ -254,6 +254,28 @@ def test_experiment_runs_fast_dev_run(experiment, tmp_path, data_dir):
     assert (tmp_path / "run" / "results.json").is_file()
 
 
+ON_MEDMNIST_3D = {  # the experiment files' own data=medmnist command lines, at tiny size
+    "spark_3d": [
+        "data.volume_size=[32,32,32]",
+        "backbone.stem_kernel=2",
+    ],  # 2^3 mask cells at total stride 16
+    "token_reconstruction_3d": [],
+    "mae_3d": ["backbone.volume_size=[16,16,16]", "backbone.patch_size=8"],
+}
+
+
+@pytest.mark.parametrize("experiment", ON_MEDMNIST_3D)
+def test_3d_self_supervision_runs_on_a_medmnist_3d_file(experiment, tmp_path):
+    """``+experiment=<3D objective> data=medmnist data.path=... data.crop_size=null``, augmented, end to end."""
+    write_npz_3d(tmp_path / "tiny3d.npz")
+    tiny = [o for o in TINY[experiment] if not o.startswith(("data.num_volumes", "data.num_text_only"))]
+    run_cli(f"+experiment={experiment}", "data=medmnist", f"data.path={tmp_path / 'tiny3d.npz'}", "data.crop_size=null",
+            *tiny, *ON_MEDMNIST_3D[experiment], "data.batch_size=4", "trainer.fast_dev_run=true",
+            f"hydra.run.dir={tmp_path / 'run'}")  # fmt: skip
+    data = json.loads((tmp_path / "run" / "results.json").read_text())["data"]
+    assert data["is_3d"] and data["volume_augmentation"]["flip_prob"] == 0.5
+
+
 def test_same_seed_same_config_same_results(main_run, tmp_path, data_dir):
     """Determinism on CPU: a second run of the main run's config gives the same loss and probe metrics."""
     run_tiny(tmp_path / "again", data_dir)

@@ -113,8 +113,10 @@ def fake_run(folder, name, ids, labels, medians, seed):
               "auroc_ci95": [medians[MACRO] - 0.05, medians[MACRO] + 0.05],
               "per_class": {c: {"auroc": m, "auroc_point": m, "auroc_ci95": [m - 0.1, m + 0.1]}
                             for c, m in medians.items() if c != MACRO}}  # fmt: skip
+    spent = {"compute": {"train_flops_per_image": 2.5e9, "train_images_seen": 1000, "device_hours": 0.125},
+             "energy": {"kwh": 0.002, "co2e_kg": 0.001}, "scale": "demo", "init": {"used": "random"}}  # fmt: skip
     (folder / "results.json").write_text(
-        json.dumps({"experiment": name, "metrics": {"probe_tasks": {"dr": record}}})
+        json.dumps({"experiment": name, "metrics": {"probe_tasks": {"dr": record}}, **spent})
     )
     arrays = {f"auroc/retina/dr/{c}": m + rng.normal(0, 0.01, 100) for c, m in medians.items()}
     np.savez(folder / "bootstrap.npz", **arrays, **{"ids/retina": np.array(ids), "labels/retina": labels})
@@ -128,6 +130,8 @@ def test_compare_counts_wins_and_writes_tables(tmp_path):
     assert compare.main([str(strong), str(weak), "--out", str(tmp_path / "out"), "--wandb", "disabled"]) == 0
     table = (tmp_path / "out" / "comparison.md").read_text()
     assert "| strong:a | 3 | 1 | 0 |" in table and "| weak:b | 0 | 1 | 3 |" in table  # class 1: a tie
+    cost = "| strong:a | strong | random | 2.50e+09 | 1,000 | 0.1250 | 0.00200 | 1.00 |"  # what the run spent
+    assert cost in table
     assert {p.name for p in (tmp_path / "out").iterdir()} >= {
         "comparison.csv",
         "pairwise.csv",

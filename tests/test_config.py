@@ -122,6 +122,10 @@ INTENTIONAL = {  # dotted key: the (before, now) pairs allowed
     # SparK on any CNN (#25): its densify norm by SparK's rule (bn for nn-MobileNet, as before), AdamW as before
     "objective.densify_norm": [(None, "auto")],
     "objective.optimizer": [(None, "adamw")],
+    # 3D self-supervision (#26): a volume datamodule pairs reports exactly when the objective reads them (MUST's
+    # reads_reports), not by a data value; data values reach the datamodules as plain containers
+    "data.pair_reports": [(True, None)],
+    "data._convert_": [(None, "all")],
 }
 
 

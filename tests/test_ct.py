@@ -8,7 +8,8 @@ import torch
 from omegaconf import OmegaConf
 
 from greenlab.config import CONFIG_DIR, build
-from greenlab.data.ct import ct_crop, ct_preprocessing
+from greenlab.data.ct import ct_preprocessing
+from greenlab.data.transforms3d import volume_crops
 from greenlab.labels.rules import RuleLabeller
 from tests.conftest import shared_data
 
@@ -65,7 +66,7 @@ def test_real_ct_is_resampled_windowed_and_cropped():
     inside = torch.as_tensor(volume)[0, 6:250, 27:229, 8:120]
     assert volume.min() == -1.0 and volume.max() == 1.0 and (inside > -1).float().mean() > 0.3
     assert torch.as_tensor(volume)[0, :, :5].abs().max() == 0.0, "the padded rows hold the official 0"
-    crop = ct_crop((64, 64, 32), train=False)({"image": volume})["image"]
+    crop = volume_crops((64, 64, 32), None)[1]({"image": volume})["image"]
     assert crop.shape == (1, 64, 64, 32)
 
 
@@ -199,3 +200,37 @@ def test_embedded_ct_is_deterministic_and_its_reports_label_as_drawn(tmp_path):
         assert {n: labels[n] for n in FINDINGS} == {n: expected[truth[f"{n}_statement"][i]] for n in FINDINGS}
     volume = nib.load(a / "volumes/ct_0000.nii.gz")
     assert volume.header.get_zooms() == (5.0, 5.0, 7.5) and nib.aff2axcodes(volume.affine) == ("R", "A", "S")
+
+
+def test_one_mri_plane_is_a_volume_with_crops_and_three_refuse_them(tmp_path):
+    """data.planes=[axial]: that series alone (1, ...), a volume for the 3D encoders and self-supervision."""
+    mr = shared_data("totalsegmentator", "example_mr_sm.nii.gz")
+    (tmp_path / "mri.csv").write_text(f"axial,lesion\n{mr},1\n")
+    data = build("data/mri", cache_dir=None, manifest=str(tmp_path / "mri.csv"), planes=["axial"], series_size=(24, 24, 8),
+                 crop_size=(16, 16, 8), held_out_fraction=0.0, num_workers=0)  # fmt: skip
+    data.setup()
+    volume, labels = data.pretrain_set[0]
+    assert volume.shape == (1, 16, 16, 8) and labels.tolist() == [1]
+    assert data.describe()["crop_size"] == [16, 16, 8]
+    with pytest.raises(ValueError, match="one plane's series"):
+        build("data/mri", manifest=str(tmp_path / "mri.csv"), crop_size=(16, 16, 8))
+    with pytest.raises(ValueError, match="distinct planes"):
+        build("data/mri", manifest=str(tmp_path / "mri.csv"), planes=["axial", "oblique"])
+
+
+def test_a_ct_manifest_without_labels_pretrains_and_the_probe_says_why_it_has_nothing(tmp_path):
+    """Pre-training needs only the volumes: a manifest of one column gives training volumes, no tasks, and a
+    probe that reports "no labelled data" instead of failing."""
+    for i in range(3):
+        write_nifti(tmp_path / f"v{i}.nii.gz", np.random.default_rng(i).normal(0, 300, (20, 20, 10)))
+    (tmp_path / "m.csv").write_text("volume\n" + "".join(f"v{i}.nii.gz\n" for i in range(3)))
+    data = build("data/ct", cache_dir=None, manifest=str(tmp_path / "m.csv"), pad_size=(16, 16, 8), crop_size=(8, 8, 4),
+                 num_workers=0, held_out_fraction=0.0)  # fmt: skip
+    data.setup()
+    volume, labels = data.pretrain_set[0]
+    assert len(data.pretrain_set) == 3 and volume.shape == (1, 8, 8, 4) and labels.shape == (0,)
+    assert data.tasks == [] and data.describe()["tasks"] == []
+    probe = build("evaluation/linear_probe")
+    assert probe(torch.nn.Identity(), data, torch.device("cpu")).metrics == {
+        "probe_skipped": "no labelled data"
+    }

@@ -6,6 +6,7 @@ from torch import nn
 
 from greenlab.config import build
 from greenlab.data.base import ItemDataset, Task
+from greenlab.data.transforms2d import finetune_transforms
 
 
 class TinyCNN(nn.Module):
@@ -34,6 +35,9 @@ class FakeData:
         ]
         self.tasks = [Task("grade", 3)]
         self.probe_train_set, self.probe_test_set = self.half(range(0, 60, 2)), self.half(range(1, 60, 2))
+
+    def fold_transforms(self, img_size):
+        return finetune_transforms(img_size or self.img_size, self.mean, self.std)
 
     def half(self, indices) -> ItemDataset:
         indices = list(indices)

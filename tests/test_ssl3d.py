@@ -1,18 +1,24 @@
 """Self-supervision in 3D: SparK on volumes with both sparse backends (the same function, float64), its masks on
-the encoder's grid and its losses; Token Reconstruction's stem-cell corruption and per-volume noise on r3d_18."""
+the encoder's grid and its losses; Token Reconstruction's stem-cell corruption and per-volume noise on r3d_18;
+MAE's 3D positions; the 3D augmentation of training volumes, and k-fold fine-tuning on volumes."""
 
 from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
+from monai import transforms as mt
+from omegaconf import OmegaConf
 from torch import nn
 
-from greenlab.config import build
+from greenlab.config import CONFIG_DIR, build
+from greenlab.data.transforms3d import volume_augmentation
 from greenlab.objectives.patches import patchify, unpatchify
 from greenlab.objectives.spark import masked_patch_loss, random_visible_mask
 from greenlab.sparse import masked_dense, minkowski
+from tests.conftest import write_npz_3d
 from tests.helpers import TOL, assert_backends_agree
 
 
@@ -167,3 +173,51 @@ def test_mae_3d_training_lowers_the_loss():
     assert sum(losses[-3:]) / 3 < 0.92 * sum(losses[:3]) / 3, losses  # measured: 0.876
     with pytest.raises(ValueError, match="takes 3D volumes"):
         mae(torch.randn(2, 1, 32, 32))
+
+
+LIGHT = dict(OmegaConf.load(CONFIG_DIR / "data" / "volume_augmentation" / "light.yaml"))
+
+
+def test_volume_augmentation_keeps_the_shape_changes_the_volume_and_replays_under_a_seed():
+    chain = mt.Compose(volume_augmentation(**LIGHT))
+    volume = torch.rand(1, 16, 12, 8)
+    draws = []
+    for seed in (0, 0, 1):
+        chain.set_random_state(seed)
+        draws.append(chain({"image": volume})["image"])
+    assert all(d.shape == volume.shape for d in draws)
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+    assert not torch.allclose(draws[0], volume)
+    with pytest.raises(ValueError, match="crop_scale"):
+        volume_augmentation(**{**LIGHT, "crop_scale": [0.0, 1.0]})
+
+
+def test_medmnist_volumes_are_resized_cropped_and_augmented_for_training_only(tmp_path):
+    write_npz_3d(tmp_path / "v.npz", size=16)
+    data = build("data/medmnist", path=str(tmp_path / "v.npz"), volume_size=[12, 12, 12], crop_size=[8, 8, 8],
+                 volume_augmentation=LIGHT, num_workers=0)  # fmt: skip
+    data.setup()
+    stored = (
+        torch.as_tensor(np.load(tmp_path / "v.npz")["train_images"][0], dtype=torch.float32)[None, None] / 255
+    )
+    resized = torch.nn.functional.interpolate(
+        stored, size=(12, 12, 12), mode="trilinear", align_corners=False
+    )[0]
+    assert torch.allclose(
+        data.probe_train_set[0][0], resized[:, 2:10, 2:10, 2:10]
+    )  # the centre crop, unaugmented
+    first, second = data.pretrain_set[0][0], data.pretrain_set[0][0]
+    assert first.shape == (1, 8, 8, 8) and not torch.equal(first, second)  # a new draw each time
+    described = data.describe()
+    assert described["volume_augmentation"] == LIGHT and described["crop_size"] == [8, 8, 8]
+
+
+def test_kfold_finetuning_trains_a_3d_encoder_on_volumes(tmp_path):
+    write_npz_3d(tmp_path / "v.npz", size=16)
+    data = build("data/medmnist", path=str(tmp_path / "v.npz"), volume_augmentation=LIGHT, num_workers=0)
+    data.setup()
+    evaluation = build("evaluation/finetune", folds=2, epochs=1, batch_size=4, warmup_epochs=0, num_workers=0)
+    backbone = build("backbone/resnet3d18", depth=10, stem_kernel=4, weights="random")
+    metrics = evaluation(backbone, data, torch.device("cpu")).metrics
+    assert [f["n_test"] for f in metrics["finetune_folds"]] == [10, 10]  # 12 + 8 labelled volumes, two folds
+    assert 0 <= metrics["finetune_auroc_mean"] <= 1

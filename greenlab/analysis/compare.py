@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from greenlab.analysis.study import SPENT
 from greenlab.evaluation.statistics import wilcoxon_p
 from greenlab.results.model import RESULTS_FILE, Results
 
@@ -39,6 +40,7 @@ class Run:
     vectors: dict
     rows: dict
     held_out: dict
+    results: Results
 
 
 def load_run(path: Path, name: str) -> Run:
@@ -54,7 +56,7 @@ def load_run(path: Path, name: str) -> Run:
     rows = {c.key: c for c in drawn}
     vectors = {c.key: c.draws.astype(np.float64) for c in drawn}
     held_out = {name: (h.ids, h.labels) for name, h in results.held_out.items()}
-    return Run(name, path, vectors, rows, held_out)
+    return Run(name, path, vectors, rows, held_out, results)
 
 
 def check_same_test_sets(runs: list[Run]) -> None:
@@ -145,7 +147,29 @@ def markdown(runs: list[Run], outcome: dict, alpha: float) -> str:
               f"({len(outcome['pairwise'])} tests over {len(outcome['comparisons'])} comparisons):", "",
               "| model | wins | ties | losses |", "|---|---|---|---|"]  # fmt: skip
     lines += [f"| {n} | {w} | {t} | {lo} |" for n, (w, t, lo) in outcome["record"].items()]
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, *spent_table(runs)]) + "\n"
+
+
+def spent_table(runs: list[Run]) -> list[str]:
+    """What each model's pre-training cost (training runs; "evaluation only" for ``greenlab.evaluate`` runs):
+    FLOPs per training image / volume, images seen, device-hours, kWh, CO2e (the whole run, evaluation included;
+    blank where a run's results.json has no such record)."""
+    columns = [("FLOPs / image", lambda r: r.compute["train_flops_per_image"], "{:.2e}"),
+               ("images seen", lambda r: r.compute["train_images_seen"], "{:,}"), *SPENT]  # fmt: skip
+    lines = ["", "What each model cost (its whole run; FLOPs counted per training image or volume):", "",
+             "| model | experiment | init | " + " | ".join(n for n, _, _ in columns) + " |",
+             "|---|---|---|" + "---|" * len(columns)]  # fmt: skip
+    for run in runs:
+        r = run.results
+        trained = r.scale != "evaluation only"
+        cells = [run.name, r.experiment if trained else "evaluation only", (r.init or {}).get("used", "")]
+        for _, value, fmt in columns:
+            try:
+                cells.append(fmt.format(value(r)))
+            except (KeyError, TypeError, ValueError):  # not recorded (an evaluation-only or older run)
+                cells.append("")
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return lines
 
 
 def plot(runs: list[Run], keys: list, path: Path) -> None:

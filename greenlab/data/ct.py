@@ -36,23 +36,13 @@ def ct_preprocessing(spacing, hu_window, pad_size, pad_value) -> mt.Compose:
     )
 
 
-def ct_crop(crop_size, train: bool) -> mt.Compose:
-    """{"image": (1, X, Y, Z)} -> a ``crop_size`` crop, random (``train``) or centred, as a plain tensor."""
-    crop = (
-        mt.RandSpatialCropd("image", roi_size=tuple(crop_size), random_size=False)
-        if train
-        else mt.CenterSpatialCropd("image", roi_size=tuple(crop_size))
-    )
-    return mt.Compose([crop, mt.ToTensord("image", track_meta=False)])
-
-
 class CTDataModule(VolumeDataModule):
     """CT studies: Args: manifest, volume_column, spacing / hu_window / pad_size / crop_size (see module
-    doc), and those of ``VolumeDataModule`` (labels, reports, labeller, split, cache, loaders)."""
+    doc), and those of ``VolumeDataModule`` (crop, augmentation, labels, reports, labeller, split, cache,
+    loaders)."""
 
-    def __init__(self, manifest: str, volume_column: str, spacing, hu_window, pad_size, pad_value: float, crop_size,
+    def __init__(self, manifest: str, volume_column: str, spacing, hu_window, pad_size, pad_value: float,
                  **kwargs):  # fmt: skip
         geometry = {"spacing": spacing, "hu_window": hu_window, "pad_size": pad_size, "pad_value": pad_value}
         super().__init__(manifest, volumes={"image": volume_column}, preprocessing=ct_preprocessing(**geometry),
-                         crops=(ct_crop(crop_size, True), ct_crop(crop_size, False)), geometry=geometry,
-                         **kwargs)  # fmt: skip
+                         geometry=geometry, **kwargs)  # fmt: skip

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -23,7 +22,7 @@ from greenlab.data import splits
 from greenlab.data.base import ImageDataModule, ItemDataset, Task
 from greenlab.data.cache import PreprocessedCache
 from greenlab.data.fundus import FIELD_OF_VIEW, crop_field_of_view
-from greenlab.data.transforms2d import PRETRAIN_TRANSFORMS, eval_transform
+from greenlab.data.transforms2d import PRETRAIN_TRANSFORMS, eval_transform, finetune_transforms
 from greenlab.labels import tables
 
 log = logging.getLogger(__name__)
@@ -98,8 +97,6 @@ class FundusFolderDataModule(ImageDataModule):
         super().__init__(**loader_kwargs)
         self.root = Path(root).expanduser()
         self.labels_csv = Path(labels_csv).expanduser() if labels_csv else None
-        if OmegaConf.is_config(label_types):
-            label_types = OmegaConf.to_container(label_types)
         self.id_column, self.label_columns, self.label_types = (
             id_column,
             label_columns,
@@ -187,6 +184,10 @@ class FundusFolderDataModule(ImageDataModule):
     @property
     def dataset_name(self) -> str:
         return self.root.name
+
+    def fold_transforms(self, img_size: int | None) -> tuple:
+        """k-fold fine-tuning's (training, scoring) transforms: nn-MobileNet's (``transforms2d``)."""
+        return finetune_transforms(img_size or self.img_size, self.mean, self.std)
 
     def describe(self) -> dict:
         return {**super().describe(), "preprocessing": {

@@ -3,7 +3,10 @@
 Pre-training uses ``train_images``; probes are fitted on train and evaluated on ``test_*`` when the file
 has it, else on ``val_*``. Labels (N, 1) are one multi-class task; (N, K>1) are K binary tasks.
 2D images (N, H, W[, 3]) go through the 2D transforms of photographs (``transforms2d``; grey becomes 3 channels, upsampled to
-``img_size``); 3D volumes (N, D, H, W) become (1, D, H, W) float tensors scaled to [0, 1].
+``img_size``); 3D volumes (N, D, H, W) become (1, D, H, W) float tensors scaled to [0, 1], resized to
+``volume_size`` when given (trilinear: MedMNIST's 64^3 files at the 28^3 or 32^3 of a CPU budget), then ``crop_size``
+(random for training, centred for evaluation; None: whole) and, for training volumes, ``volume_augmentation``
+(``transforms3d``), as for CT.
 """
 
 from __future__ import annotations
@@ -13,18 +16,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from monai.data.utils import set_rnd
+from monai.data.utils import worker_init_fn as monai_worker_init_fn
 from PIL import Image
 
 from greenlab.data.base import ImageDataModule, ItemDataset, Task
-from greenlab.data.transforms2d import PRETRAIN_TRANSFORMS, eval_transform
+from greenlab.data.transforms2d import PRETRAIN_TRANSFORMS, eval_transform, finetune_transforms
+from greenlab.data.transforms3d import volume_crops
 
 log = logging.getLogger(__name__)
 
 
 class MedMNISTDataModule(ImageDataModule):
     """Args: path to the ``.npz``; task_names: names for the label columns (default ``label`` or
-    ``label_<k>``); img_size / mean / std: as for photographs; max_per_split: keep the first n of each
-    split (quick runs)."""
+    ``label_<k>``); img_size / mean / std / augmentation: 2D files, as for photographs; volume_size / crop_size
+    / volume_augmentation: 3D files (see the module doc); max_per_split: keep the first n of each split (quick runs)."""
 
     def __init__(
         self,
@@ -34,6 +41,9 @@ class MedMNISTDataModule(ImageDataModule):
         mean: tuple[float, ...],
         std: tuple[float, ...],
         augmentation: str,
+        volume_size: list[int] | None,
+        crop_size: list[int] | None,
+        volume_augmentation: dict | None,
         max_per_split: int | None,
         **loader_kwargs,
     ):
@@ -42,6 +52,11 @@ class MedMNISTDataModule(ImageDataModule):
         self.task_names, self.img_size, self.max_per_split = task_names, img_size, max_per_split
         self.mean, self.std = tuple(mean), tuple(std)
         self.augmentation = augmentation
+        self.volume_size, self.crop_size, self.volume_augmentation = (
+            volume_size,
+            crop_size,
+            volume_augmentation,
+        )
         self.eval_split: str | None = None
         self.is_3d = False
 
@@ -62,7 +77,8 @@ class MedMNISTDataModule(ImageDataModule):
         train_tf = PRETRAIN_TRANSFORMS[self.augmentation](self.img_size, self.mean, self.std)
         eval_tf = eval_transform(self.img_size, self.mean, self.std)
         if self.is_3d:
-            train_tf = eval_tf = _volume_tensor
+            train_tf, eval_tf = self.fold_transforms(None)
+            self.worker_init_fn = monai_worker_init_fn  # MONAI's random transforms: seeded per worker
         self.pretrain_set = self._dataset(arrays, "train", labels["train"], train_tf)
         self.probe_train_set = self._dataset(arrays, "train", labels["train"], eval_tf)
         self.probe_test_set = self._dataset(arrays, self.eval_split, labels[self.eval_split], eval_tf)
@@ -71,6 +87,15 @@ class MedMNISTDataModule(ImageDataModule):
             "images_train": len(self.probe_train_set),
             "images_held_out": len(self.probe_test_set),
         }
+        set_rnd(self.pretrain_set, seed=torch.initial_seed() % 2**32)  # the run's seed, in this process
+
+    def fold_transforms(self, img_size: int | None) -> tuple:
+        """(training, scoring) transforms of k-fold fine-tuning: nn-MobileNet's for 2D files; for volumes the
+        crops and ``volume_augmentation`` (the pre-training ones: no recipe exists for 3D)."""
+        if not self.is_3d:
+            return finetune_transforms(img_size or self.img_size, self.mean, self.std)
+        crops = volume_crops(self.crop_size, self.volume_augmentation)
+        return tuple(VolumeTransform(self.volume_size, chain) for chain in crops)
 
     @property
     def dataset_name(self) -> str:
@@ -82,6 +107,15 @@ class MedMNISTDataModule(ImageDataModule):
             "file": str(self.path),
             "eval_split": self.eval_split,
             "is_3d": self.is_3d,
+            **(
+                {
+                    "volume_size": self.volume_size,
+                    "crop_size": self.crop_size,
+                    "volume_augmentation": self.volume_augmentation,
+                }  # fmt: skip
+                if self.is_3d
+                else {}
+            ),
         }
 
     def _read(self) -> dict[str, np.ndarray]:
@@ -180,6 +214,19 @@ def _to_rgb(array: np.ndarray) -> Image.Image:
     return Image.fromarray(array).convert("RGB")
 
 
-def _volume_tensor(volume: np.ndarray) -> torch.Tensor:
-    scale = 255.0 if volume.dtype == np.uint8 else 1.0
-    return torch.as_tensor(volume, dtype=torch.float32).unsqueeze(0) / scale
+class VolumeTransform:
+    """A stored (D, H, W) volume -> (1, D, H, W) float in [0, 1] -> resized to ``size`` (trilinear; None: kept)
+    -> ``chain`` on {"image"} (crops and augmentation; a class, not a closure, so that MONAI's ``set_rnd``
+    finds and seeds its random transforms)."""
+
+    def __init__(self, size: list[int] | None, chain):
+        self.size, self.chain = size, chain
+
+    def __call__(self, volume: np.ndarray) -> torch.Tensor:
+        scale = 255.0 if volume.dtype == np.uint8 else 1.0
+        image = torch.as_tensor(volume, dtype=torch.float32).unsqueeze(0) / scale
+        if self.size is not None:
+            image = F.interpolate(image[None], size=tuple(self.size), mode="trilinear", align_corners=False)[
+                0
+            ]
+        return self.chain({"image": image})["image"]

@@ -3,7 +3,11 @@
 Each series (NIfTI or DICOM folder): load -> checked (3D, finite, spacing) -> orientation RAS -> the
 through-plane axis moved last (sagittal: R-L, coronal: A-P, axial: S-I) -> per-series intensity scaling
 (0.5th-99.5th percentile to [-1, 1], clipped; MRI has no HU) -> resized to ``series_size`` (in-plane,
-in-plane, slices). A sample's volumes are the three stacked: (3, 1, *series_size).
+in-plane, slices). A sample's volumes are the chosen ``planes``' series stacked, (P, 1, *series_size), for
+GreenRFM's three-plane encoder (``backbone=three_plane_resnet3d18``); with one plane (``data.planes=[axial]``) a
+sample is that series alone, (1, *series_size), a volume for any 3D encoder and every 3D self-supervised
+objective. ``crop_size`` (random for training, centred for evaluation) and ``volume_augmentation`` act on a
+single plane's series only.
 """
 
 from __future__ import annotations
@@ -34,24 +38,38 @@ def mri_series_preprocessing(plane: str, series_size) -> list[mt.Transform]:
 
 
 class StackPlanesd(mt.Transform):
-    """{sagittal, coronal, axial: (1, ...)} -> {"image": (3, 1, ...)} plain tensor."""
+    """{plane: (1, ...) for each of ``planes``} -> {"image": (P, 1, ...)} plain tensor; one plane: {"image":
+    (1, ...)}, its series as it is."""
+
+    def __init__(self, planes: tuple[str, ...]):
+        self.planes = planes
 
     def __call__(self, data):
-        out = {k: v for k, v in data.items() if k not in PLANES}
-        out["image"] = torch.stack([torch.as_tensor(data[p]).as_subclass(torch.Tensor) for p in PLANES])
+        out = {k: v for k, v in data.items() if k not in self.planes}
+        series = [torch.as_tensor(data[p]).as_subclass(torch.Tensor) for p in self.planes]
+        out["image"] = series[0] if len(series) == 1 else torch.stack(series)
         return out
 
 
 class MRIDataModule(VolumeDataModule):
-    """Three-series MRI studies: manifest columns ``sagittal``, ``coronal``, ``axial`` (paths relative to the
-    manifest), optional report, labels as for CT. Args: manifest, series_size (in-plane, in-plane, slices),
-    and those of ``VolumeDataModule``. No crop: each series is resized to ``series_size`` whole."""
+    """MRI studies: manifest columns named as the ``planes`` (``sagittal``, ``coronal``, ``axial``; paths
+    relative to the manifest), optional report, labels as for CT. Args: manifest, planes (which series, in
+    that order), series_size (in-plane, in-plane, slices: each series resized to it whole), crop_size /
+    volume_augmentation (one plane only: None, or as for CT), and those of ``VolumeDataModule``."""
 
-    def __init__(self, manifest: str, series_size, **kwargs):
-        series_size = tuple(series_size)
+    def __init__(self, manifest: str, planes: list[str], series_size, crop_size, volume_augmentation: dict | None,
+                 **kwargs):  # fmt: skip
+        planes, series_size = tuple(planes), tuple(series_size)
+        unknown = [p for p in planes if p not in PLANES]
+        if unknown or not planes or len(set(planes)) < len(planes):
+            raise ValueError(f"data.planes must be distinct planes of {list(PLANES)}, not {list(planes)}")
+        if len(planes) > 1 and (crop_size is not None or volume_augmentation):
+            raise ValueError(f"data.crop_size and data.volume_augmentation act on one plane's series; with "
+                             f"planes {list(planes)} set them to null (or choose one plane)")  # fmt: skip
         preprocessing = mt.Compose(
-            [*(t for p in PLANES for t in mri_series_preprocessing(p, series_size)), StackPlanesd()]
+            [*(t for p in planes for t in mri_series_preprocessing(p, series_size)), StackPlanesd(planes)]
         )
-        super().__init__(manifest, volumes={p: p for p in PLANES}, preprocessing=preprocessing,
-                         crops=(mt.Compose([]), mt.Compose([])), geometry={"series_size": series_size},
+        super().__init__(manifest, volumes={p: p for p in planes}, preprocessing=preprocessing,
+                         crop_size=crop_size, volume_augmentation=volume_augmentation,
+                         geometry={"series_size": series_size, "planes": list(map(PLANES.index, planes))},
                          **kwargs)  # fmt: skip

@@ -88,6 +88,13 @@ def finetune_eval_transform(img_size: int, mean: tuple[float, ...], std: tuple[f
     )
 
 
+def finetune_transforms(
+    img_size: int, mean: tuple[float, ...], std: tuple[float, ...]
+) -> tuple[v2.Compose, v2.Compose]:
+    """(training, scoring) transforms of k-fold fine-tuning on photographs: nn-MobileNet's pair (above)."""
+    return finetune_transform(img_size, mean, std), finetune_eval_transform(img_size, mean, std)
+
+
 def eval_transform(img_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> v2.Compose:
     """Resize to (img_size, img_size) and normalise; what embeddings are computed from."""
     return v2.Compose([v2.Resize((img_size, img_size)), *_to_normalised_tensor(mean, std)])

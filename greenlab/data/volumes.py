@@ -4,7 +4,8 @@
 reports, a deterministic held-out split, a check of every volume in ``setup`` (unreadable, NaN/inf, not
 3D, or without a usable spacing is an error naming the file, or, with ``skip_bad``, a row in
 skipped_inputs.csv), the deterministic ``preprocessing`` chain cached on disk
-(``monai.data.PersistentDataset``), then the ``crops`` chain (random for training, fixed for evaluation).
+(``monai.data.PersistentDataset``), then the crops (random for training, centred for evaluation) and, for
+training volumes, the 3D augmentation (``greenlab/data/transforms3d.py``).
 A modality (``data/ct.py``, ``data/mri.py``) gives only its chains and which manifest columns feed them.
 """
 
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 
 from greenlab.data import splits
 from greenlab.data.base import MISSING, UNCERTAIN, ImageDataModule, ResumableLoader, Task
+from greenlab.data.transforms3d import volume_crops
 from greenlab.labels import label_reports, tables
 
 log = logging.getLogger(__name__)
@@ -157,7 +159,8 @@ class VolumeDataModule(ImageDataModule):
     free text), label_columns (1 present, 0 absent, -1 uncertain, blank missing; default every other
     column), labeller (distil the labels from the reports instead: a ``greenlab/conf/data/labeller`` object; written
     to report_labels.csv in the run folder and reused from there), pair_reports (training samples are
-    (volume, report, labels), for image-text objectives), cache_dir (persistent cache of the deterministic
+    (volume, report, labels), for image-text objectives; the pipeline sets it from the objective's
+    ``reads_reports``), cache_dir (persistent cache of the deterministic
     part), group_column (patient id: all studies of a patient on one side of the held-out split; None: a
     ``splits.GROUP_COLUMNS`` column when the manifest has one, else by study id), held_out_fraction / split_seed,
     skip_bad (list bad volumes in skipped_inputs.csv instead of failing), text_only_reports (a CSV of more
@@ -168,16 +171,19 @@ class VolumeDataModule(ImageDataModule):
     Label tensors: 1 present, 0 absent, -2 uncertain, -1 missing. Findings with no present / absent label
     in the training split are dropped (logged)."""
 
-    def __init__(self, manifest: str, volumes: dict[str, str], preprocessing: mt.Compose,
-                 crops: tuple[mt.Compose, mt.Compose], geometry: dict, report_column: str | None,
-                 label_columns: list[str] | None, labeller, pair_reports: bool, cache_dir: str | None,
-                 group_column: str | None, held_out_fraction: float, split_seed: int, skip_bad: bool, text_only_reports: str | None,
-                 text_only_batch_size: int, **loader_kwargs):  # fmt: skip
+    def __init__(self, manifest: str, volumes: dict[str, str], preprocessing: mt.Compose, crop_size,
+                 volume_augmentation: dict | None, geometry: dict, report_column: str | None,
+                 label_columns: list[str] | None, labeller, cache_dir: str | None, group_column: str | None,
+                 held_out_fraction: float, split_seed: int, skip_bad: bool, text_only_reports: str | None,
+                 text_only_batch_size: int, pair_reports: bool = False, **loader_kwargs):  # fmt: skip
         super().__init__(**loader_kwargs)
         self.manifest = Path(manifest).expanduser()
         self.volumes, self.report_column = dict(volumes), report_column
         self.label_columns, self.labeller, self.pair_reports = label_columns, labeller, pair_reports
-        self.preprocess, self.crops, self.skip_bad = preprocessing, crops, skip_bad
+        self.preprocess, self.skip_bad = preprocessing, skip_bad
+        self.crop_size = None if crop_size is None else list(crop_size)
+        self.volume_augmentation = volume_augmentation
+        self.crops = volume_crops(crop_size, volume_augmentation)
         self.cache_dir = cache_dir and Path(cache_dir) / self.cache_key(geometry)
         self.group_column, self.held_out_fraction, self.split_seed = (
             group_column,
@@ -345,7 +351,8 @@ class VolumeDataModule(ImageDataModule):
     def describe(self) -> dict:
         return {**super().describe(), "dropped_findings": self.dropped_findings,
                 "labels_from": f"reports ({self.labeller})" if self.labeller else "manifest columns",
-                "text_only_reports": len(self.text_only_set)}  # fmt: skip
+                "text_only_reports": len(self.text_only_set), "crop_size": self.crop_size,
+                "volume_augmentation": self.volume_augmentation}  # fmt: skip
 
     def _preprocessed(self, sources: list[dict[str, str]]):
         """The deterministic chain over every manifest row, cached on disk when ``cache_dir`` is set: one file

@@ -10,7 +10,8 @@ The recipe is nn-MobileNet's released ``main.py`` (values and sources in greenla
 AdamW, a per-step linear warm-up from 0 then cosine to ``min_lr``, mixup / CutMix (timm ``Mixup``, switch
 0.5, per batch) with label smoothing and soft-target cross-entropy, its augmentation
 (``data/transforms2d.finetune_transform``), and an exponential moving average of the weights, which is what is
-scored (``--model_ema_eval``).
+scored (``--model_ema_eval``). Volumes (MedMNIST 3D) take the same recipe with the data's 3D crops and
+augmentation (``fold_transforms``) and no CutMix (timm's cuts a 2D box; recorded as ``finetune_cutmix``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from tqdm.auto import tqdm
 
 from greenlab.contracts import FoldSource
 from greenlab.data.base import ItemDataset
-from greenlab.data.transforms2d import finetune_eval_transform, finetune_transform
 from greenlab.evaluation.embeddings import pool
 from greenlab.evaluation.statistics import one_vs_rest_auroc
 from greenlab.objectives.optim import warmup_cosine_factor
@@ -88,9 +88,7 @@ class KFoldFineTune:
         names = [t.name for t in datamodule.tasks]
         column = names.index(self.task) if self.task else 0
         task = datamodule.tasks[column]
-        size = self.img_size or datamodule.img_size
-        train_tf = finetune_transform(size, datamodule.mean, datamodule.std)
-        eval_tf = finetune_eval_transform(size, datamodule.mean, datamodule.std)
+        train_tf, eval_tf = datamodule.fold_transforms(self.img_size)
         sources = [datamodule.probe_train_set, datamodule.probe_test_set]
         labels = torch.cat([s.labels[:, column] for s in sources]).numpy()
         labelled = np.flatnonzero(labels >= 0)
@@ -116,7 +114,11 @@ class KFoldFineTune:
             )
             throughput.append(img_s)
             folds.append(self._score(y, proba, task.num_classes))
-        metrics = {"finetune_task": task.name, "finetune_folds": folds}
+        metrics = {
+            "finetune_task": task.name,
+            "finetune_folds": folds,
+            "finetune_cutmix": self.cutmix_for(plain),
+        }
         for name in METRICS:
             values = [f[name] for f in folds]
             metrics[f"finetune_{name}_mean"] = float(np.nanmean(values))
@@ -159,9 +161,10 @@ class KFoldFineTune:
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, partial(self.lr_factor, total=total, warmup=warmup)
         )
+        cutmix = self.cutmix_for(dataset)
         mix = None
-        if self.mixup > 0 or self.cutmix > 0:
-            mix = Mixup(mixup_alpha=self.mixup, cutmix_alpha=self.cutmix, prob=1.0, switch_prob=0.5, mode="batch",
+        if self.mixup > 0 or cutmix > 0:
+            mix = Mixup(mixup_alpha=self.mixup, cutmix_alpha=cutmix, prob=1.0, switch_prob=0.5, mode="batch",
                         label_smoothing=self.label_smoothing, num_classes=num_classes)  # fmt: skip
         ema = ModelEmaV2(model, decay=self.ema_decay) if self.ema_decay else None
         model.train()
@@ -184,6 +187,10 @@ class KFoldFineTune:
                 if ema is not None:
                     ema.update(model)
         return ema.module if ema is not None else model
+
+    def cutmix_for(self, dataset) -> float:
+        """``cutmix`` for images; 0 for volumes ((C, D, H, W) samples): timm's CutMix cuts a 2D box."""
+        return self.cutmix if dataset[0][0].ndim == 3 else 0.0
 
     def lr_factor(self, step: int, total: int, warmup: int) -> float:
         """Multiplier of ``lr`` at optimiser step ``step``: linear from 0 over ``warmup`` steps, then a half

@@ -36,6 +36,8 @@ class PretrainingModule(L.LightningModule):
     ] = ()  # what it needs of its backbone (greenlab.contracts.CAPABILITIES): checked first
     # the submodules torch.compile'd under `compile: true` ("" = the whole forward)
     compiled: tuple[str, ...] = ("",)
+    # True: training batches are (volumes, reports, labels); the pipeline has the datamodule pair them
+    reads_reports: bool = False
     effective_batch_size: int | None = None  # the global batch of an optimiser step, set at the start of fit
 
     def setup(self, stage: str) -> None:

@@ -127,6 +127,7 @@ class MUST(PretrainingModule):
     stage1_weights (folder)."""
 
     requires = (ReportsSource,)  # the reports of the training studies fit the random BERT's vocabulary
+    reads_reports = True
     compiled = ("image_encoder",)  # the steps call the encoders; the text side tokenises lists of strings
 
     def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, latent_dim: int, stage1_epochs: int,

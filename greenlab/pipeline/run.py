@@ -258,13 +258,16 @@ def build_objective(cfg: DictConfig):
 
 def check_parts(evaluation, datamodule, objective=None) -> None:
     """Each part offers its contract (greenlab/contracts.py), and the datamodule what the others need
-    (``objective``: None when nothing is trained, ``python -m greenlab.evaluate``)."""
+    (``objective``: None when nothing is trained, ``python -m greenlab.evaluate``); a datamodule that can pair
+    reports with volumes does so exactly when the objective reads them (``reads_reports``)."""
     contracts.conform(evaluation, contracts.Evaluation, "evaluation")
     contracts.conform(datamodule, contracts.DataModule, "data")
     contracts.check_requirements(evaluation, "evaluation", datamodule)
     if objective is not None:
         contracts.conform(objective, contracts.Objective, "objective")
         contracts.check_requirements(objective, "objective", datamodule)
+        if hasattr(datamodule, "pair_reports"):
+            datamodule.pair_reports = objective.reads_reports
 
 
 def build_loggers(cfg: DictConfig, job_type: str | None) -> list:
