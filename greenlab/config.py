@@ -15,12 +15,17 @@ from omegaconf import OmegaConf
 CONFIG_DIR = Path(__file__).resolve().parent / "conf"  # greenlab/conf/, package data: installed with greenlab
 
 
-def auto_precision() -> str:
-    """Lightning precision flag: bf16 mixed precision on a GPU that supports it, fp32 elsewhere."""
+def auto_precision(mixed: str = "bf16-mixed") -> str:
+    """Lightning precision flag: on a CUDA GPU ``mixed`` (``bf16-mixed`` where the GPU supports bf16, else
+    fp32; ``16-mixed``: fp16 autocast with a loss scaler, MAE's), fp32 elsewhere."""
     import torch  # here, not at the top: the command line answers refusals without loading torch
 
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16-mixed"
+    if mixed not in ("bf16-mixed", "16-mixed"):
+        raise ValueError(f"greenlab.auto_precision takes bf16-mixed or 16-mixed, not {mixed!r}")
+    if not torch.cuda.is_available():
+        return "32-true"
+    if mixed == "16-mixed" or torch.cuda.is_bf16_supported():
+        return mixed
     return "32-true"
 
 

@@ -21,7 +21,7 @@ PROBE_IN_ZERO_SHOT_BEFORE = {"_target_": "greenlab.evaluation.linear_probe.Linea
                              "bootstrap": 100}  # fmt: skip
 PROBE_IN_ZERO_SHOT_NOW = {"_target_": "greenlab.evaluation.linear_probe.LinearProbe", "pooling": "mean_all", "C": 1.0,
                           "max_iter": 20000, "bootstrap_resamples": 100, "ci_resamples": 1000, "seed": 42,
-                          "bf16": False, "datasets": {}}  # fmt: skip
+                          "bf16": False, "preprocessing": "greenlab", "datasets": {}}  # fmt: skip
 DEMO_TEMPLATES = [["There is {finding}.", "There is no {finding}."], ["{Finding} is present.", "{Finding} is not present."],
                   ["Findings consistent with {finding}.", "No evidence of {finding}."]]  # fmt: skip
 INTENTIONAL = {  # dotted key: the (before, now) pairs allowed
@@ -121,11 +121,48 @@ INTENTIONAL = {  # dotted key: the (before, now) pairs allowed
     "backbone.std": [(None, [0.5, 0.5, 0.5]), (None, [0.229, 0.224, 0.225])],
     # SparK on any CNN (#25): its densify norm by SparK's rule (bn for nn-MobileNet, as before), AdamW as before
     "objective.densify_norm": [(None, "auto")],
-    "objective.optimizer": [(None, "adamw")],
+    "objective.optimizer": [(None, "adamw"), (None, "lamb")],
     # 3D self-supervision (#26): a volume datamodule pairs reports exactly when the objective reads them (MUST's
     # reads_reports), not by a data value; data values reach the datamodules as plain containers
     "data.pair_reports": [(True, None)],
     "data._convert_": [(None, "all")],
+    # #27, GreenRFM at scale=paper as the official code: label coding (data/ct_rate.py: unmentioned 0, -1 a BCE
+    # target), stage-1 weight decay on all parameters and cosine per iteration (supervise_pretrain.py), fp32, the
+    # official zero-shot population (the demo keeps greenlab's labelled one)
+    "objective.uncertain": [("mask", "target"), (None, "target")],
+    "objective.unmentioned": [("mask", "negative"), (None, "negative")],
+    "objective.lr_interval": [(None, "step")],
+    "objective.weight_decay_on": [(None, "all")],
+    "objective.stage1.weight_decay_on": [(None, "all")],
+    "objective.stage2.weight_decay_on": [(None, "matrices")],
+    "evaluation.population": [(None, "official"), (None, "labelled")],
+    "trainer.precision": [
+        # GreenRFM and SparK: fp32 as their official code; MAE: fp16 autocast + loss scaler on a GPU
+        ("${greenlab.auto_precision:}", "32-true"),
+        ("${greenlab.auto_precision:}", "${greenlab.auto_precision:16-mixed}"),
+    ],
+    # #27, SparK at scale=paper = SparK's ImageNet recipe (pretrain/utils/arg_util.py, lr_control.py: the BERT-style
+    # paper publishes none): LAMB, batch 4096, 1600 epochs with 40 of warm-up, per-iteration lr from 0.5 % of the
+    # peak to 0.1 %, no dropout while pre-training (the demo keeps SparK's AdamW path with clipping at 5)
+    "objective.start_lr": [(1e-06, None)],
+    "objective.min_lr": [(1e-06, None)],
+    "objective.start_lr_ratio": [(None, 0.005)],
+    "objective.min_lr_ratio": [(None, 0.001)],
+    "objective.encoder_dropout": [(None, 0.0)],
+    "data.batch_size": [(128, 4096)],
+    "objective.cosine_epochs": [(200, 1600)],
+    "objective.warmup_epochs": [(10, 40)],
+    "trainer.max_epochs": [(200, 1600)],
+    "trainer.gradient_clip_val": [(5.0, None)],
+    # nn-MobileNet's fine-tuning (engine.py: clip at 1.0 every step; main.py --main_eval f1 as an option)
+    "evaluation.clip_grad_norm": [(None, 1.0)],
+    "evaluation.selection": [(None, "last")],
+    # MAE's own augmentation (main_pretrain.py: RandomResizedCrop 0.2-1 bicubic + flip)
+    "data.augmentation": [("retfound_green", "mae")],
+    # #27, RETFound-Green as its notebooks: the GradScaler loop's clipping (TokenReconstructionPretraining.ipynb)
+    # and the inference notebooks' resize of the raw photograph for the probes (greenlab's crop the option)
+    "objective.clip": [(None, "official")],
+    "evaluation.preprocessing": [(None, "greenlab"), (None, "official")],
 }
 
 

@@ -64,12 +64,18 @@ def test_symmetric_contrastive_loss_is_the_mean_of_both_cross_entropies():
     assert symmetric_contrastive_loss(aligned, aligned) < 1e-6
 
 
-def test_uncertain_labels_are_masked_or_mapped():
+def test_uncertain_labels_are_kept_masked_or_mapped():
+    """labels 1, 0, UNCERTAIN (-2), MISSING (-1) -> (targets, known); the official coding by default."""
     labels = torch.tensor([[1, 0, -2, -1]])
-    assert tiny_must().targets(labels).tolist() == [[1, 0, -1, -1]]
-    assert tiny_must(uncertain="positive").targets(labels).tolist() == [[1, 0, 1, -1]]
-    assert tiny_must(uncertain="negative").targets(labels).tolist() == [[1, 0, 0, -1]]
-    assert tiny_must(unmentioned="negative").targets(labels).tolist() == [[1, 0, -1, 0]]
+
+    def coded(**options):  # None: masked
+        targets, known = tiny_must(**options).targets(labels)
+        return [t if k else None for t, k in zip(targets[0].tolist(), known[0].tolist())]
+
+    assert coded() == [1, 0, -1, 0]  # official: -1 a BCE target, unmentioned 0 (data/ct_rate.py)
+    assert coded(uncertain="mask", unmentioned="mask") == [1, 0, None, None]  # greenlab
+    assert coded(uncertain="positive") == [1, 0, 1, 0] and coded(uncertain="negative") == [1, 0, 0, 0]
+    assert coded(unmentioned="mask") == [1, 0, -1, None]
     with pytest.raises(ValueError, match="unmentioned"):
         tiny_must(unmentioned="absent")
 
@@ -105,9 +111,9 @@ def test_stage_two_starts_from_the_saved_stage_one_encoders(ct_data, tmp_path):
     assert not torch.equal(stage2["projection"], objective.aligned.image_projection.weight)
     assert torch.equal(stage2["image_head"], objective.image_head.weight)  # stage-1 heads left alone
     assert stage2["optimizer_state"] == 0  # a fresh AdamW for stage 2
-    assert stage1["weight_decay"] == {1e-4, 0.0} and stage2["weight_decay"] == {
+    assert stage1["weight_decay"] == {1e-4} and stage2["weight_decay"] == {
         0.0
-    }  # official: none in stage 2
+    }  # official: on every parameter in stage 1 (supervise_pretrain.py), none in stage 2
     assert (tmp_path / STAGE1_FILES["text_encoder"]).is_file() and (tmp_path / "text_tokenizer").is_dir()
     with pytest.raises(FileExistsError, match="refusing to overwrite"):
         objective.save_stage1(tmp_path)
@@ -139,7 +145,7 @@ def test_stage_two_can_start_from_the_stage_one_heads(ct_data, tmp_path):
 
 def test_learning_rates_per_part_and_stage(ct_data):
     objective = tiny_must(stage1_epochs=2, stage1={"lr": 1e-3, "text_lr": 5e-4, "min_lr": 1e-5},
-                          stage2={"lr": 2e-4, "classifier_lr": 2e-3, "min_lr": 2e-5})  # fmt: skip
+                          stage2={"lr": 2e-4, "classifier_lr": 2e-3, "min_lr": 2e-5}, lr_interval="epoch")  # fmt: skip
     objective.build(ct_data.tasks, ct_data.train_reports)
     objective.trainer = L.Trainer(max_epochs=4, accelerator="cpu", logger=False)
     configured = objective.configure_optimizers()
@@ -155,6 +161,48 @@ def test_learning_rates_per_part_and_stage(ct_data):
     assert lr(2, image) == pytest.approx(2e-4) and lr(2, text) == pytest.approx(2e-4)  # stage 2 starts
     assert lr(2, classifier) == pytest.approx(2e-3)
     assert lr(3, image) < 2e-4 and lr(3, classifier) == pytest.approx(10 * lr(3, image))  # same cosine
+
+
+class StepProbe(L.Callback):
+    """Per optimiser step: the lr and weight decay of every group, and which parameters each group holds."""
+
+    def __init__(self):
+        self.lrs, self.decays = [], []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        groups = trainer.optimizers[0].param_groups
+        self.lrs.append([g["lr"] for g in groups])
+        self.decays.append([g["weight_decay"] for g in groups])
+
+
+def test_official_schedule_and_weight_decay_per_iteration(ct_data, tmp_path):
+    """Paper values: stage 1 is torch's CosineAnnealingLR(T_max = epochs x batches, eta_min 1e-6) stepped per
+    batch with weight decay 1e-4 on every parameter (supervise_pretrain.py); stage 2 a constant 1e-5 without
+    weight decay (alignment.py: no scheduler, wd 0.0)."""
+    objective, probe = tiny_must(stage1_epochs=2), StepProbe()
+    trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, default_root_dir=str(tmp_path), callbacks=[probe])  # fmt: skip
+    trainer.fit(objective, datamodule=ct_data)
+    per_epoch = trainer.num_training_batches
+    assert per_epoch >= 2 and len(probe.lrs) == 3 * per_epoch
+    groups = trainer.optimizers[0].param_groups
+    grouped = [id(p) for g in groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in objective.parameters())  # every parameter, once
+
+    reference = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-4, weight_decay=1e-4)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(reference, T_max=2 * per_epoch, eta_min=1e-6)
+    official = []
+    for _ in range(2 * per_epoch):
+        official.append(reference.param_groups[0]["lr"])
+        reference.step()
+        cosine.step()
+    for step in (0, 1, per_epoch - 1, per_epoch, 2 * per_epoch - 1):  # across the first epoch boundary
+        assert probe.lrs[step] == pytest.approx([official[step]] * len(groups), rel=1e-9, abs=1e-15), step
+    assert len({round(lr[0], 12) for lr in probe.lrs[:per_epoch]}) == per_epoch  # a new lr every step
+    assert all(set(d) == {1e-4} for d in probe.decays[: 2 * per_epoch])  # matrices, biases and norms alike
+    assert all(lr == pytest.approx([1e-5] * len(groups)) for lr in probe.lrs[2 * per_epoch :])
+    assert all(set(d) == {0.0} for d in probe.decays[2 * per_epoch :])
+    assert objective.run_notes()["stage1_subset"].startswith("every training study; official")
 
 
 def test_projections_start_latents_near_unit_norm():
@@ -291,7 +339,7 @@ def test_zero_shot_scores_an_oracle_perfectly():
 
     encoded, encode_text = [], model.encode_text
     model.encode_text = lambda texts: encoded.append(tuple(texts)) or encode_text(texts)
-    metrics = build("evaluation/zero_shot", linear_probe=None, vocabulary=None)(
+    metrics = build("evaluation/zero_shot", linear_probe=None, vocabulary=None, population="labelled")(
         model, Data(), torch.device("cpu")
     ).metrics
     assert encoded.count(("not pleural effusion.",)) == 1, (

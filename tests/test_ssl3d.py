@@ -86,7 +86,9 @@ def test_spark_3d_masks_the_encoders_grid_and_decodes_with_3d_blocks():
 
 
 def test_spark_3d_training_lowers_the_loss_and_draws_mid_slices(tmp_path):
-    objective = spark_3d("masked_dense", base_lr=1e-2, warmup_epochs=0, figure_dir=str(tmp_path))
+    objective = spark_3d(
+        "masked_dense", base_lr=1e-2, warmup_epochs=0, optimizer="adamw", figure_dir=str(tmp_path)
+    )
     objective.effective_batch_size = 256
     optimizer = objective.configure_optimizers()["optimizer"]
     torch.manual_seed(2)

@@ -1,7 +1,11 @@
 import copy
 
+import lightning as L
 import pytest
 import torch
+from timm.optim import param_groups_weight_decay
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from greenlab.config import build
 from greenlab.objectives.optim import warmup_cosine_factor
@@ -131,7 +135,7 @@ def test_corruption_token_is_zero_and_never_updated():
     assert all(p is not module.corruption_token for g in optimizer.param_groups for p in g["params"])
     train_steps(module, torch.randn(4, 3, 28, 28), steps=2)
     assert torch.equal(module.corruption_token, torch.zeros(48))
-    learned = tiny_objective(corruption_token="learned")  # greenlab's option: a trained token
+    learned = tiny_objective(corruption_token="learned", clip="student")  # greenlab's option: a trained token
     assert learned.corruption_token.requires_grad and learned.corruption_token.abs().sum() > 0
 
 
@@ -140,3 +144,151 @@ def test_last_sample_of_the_batch_reaches_the_student_clean():
     images = torch.randn(4, 3, 28, 28)
     noisy = module.add_pixel_noise(images)
     assert torch.equal(noisy[-1], images[-1]) and not torch.equal(noisy[0], images[0])
+
+
+def official_steps(
+    module: TokenReconstruction, images: torch.Tensor, steps: int, epochs: bool = False
+) -> list[float]:
+    """TokenReconstructionPretraining.ipynb's loop, verbatim, on ``module`` (the seed per step: the same draws);
+    ``epochs``: each step an epoch of its own (the schedule stepped after it)."""
+    configured = module.configure_optimizers()
+    optim, schedule = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
+    scaler = torch.amp.GradScaler("cpu")
+    module.train()
+    coefficients = []
+    for step in range(steps):
+        torch.manual_seed(step)
+        optim.zero_grad()
+        loss = module(images)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optim)
+        total = torch.nn.utils.clip_grad_norm_(module.parameters(), 0.1)
+        scaler.step(optim)
+        scaler.update()
+        coefficients.append(min(1.0, 0.1 / (total.item() + 1e-6)))
+        if epochs:
+            schedule.step()
+    return coefficients
+
+
+def greenlab_steps(module: TokenReconstruction, images: torch.Tensor, steps: int) -> list[dict]:
+    """The hooks in Lightning's order (zero_grad, forward, ``backward``, ``configure_gradient_clipping``,
+    step); returns what each clipping saw, with the token's gradient before it was clipped."""
+    optim = module.configure_optimizers()["optimizer"]
+    module.train()
+    seen = []
+    for step in range(steps):
+        torch.manual_seed(step)
+        optim.zero_grad()
+        module.backward(module(images))
+        accumulated = module.corruption_token.grad.clone()
+        module.configure_gradient_clipping(optim, 0.1, "norm")
+        seen.append(
+            {**module.last_clip, "accumulated": accumulated, "clipped": module.corruption_token.grad.clone()}
+        )
+        optim.step()
+    return seen
+
+
+def test_official_clipping_is_the_notebooks_loop_exactly():
+    """clip=official: the GradScaler loop's token gradient (scaled, never zeroed, never unscaled) enters the
+    norm; the student's parameters, the token's gradient and the coefficients equal the notebook's loop."""
+    module = tiny_objective(noise_std=0.2)
+    assert module.hparams.clip == "official" and isinstance(module.corruption_token, nn.Parameter)
+    official, ours = copy.deepcopy(module), copy.deepcopy(module)
+    images = torch.randn(4, 3, 28, 28)
+    coefficients = official_steps(official, images, steps=4)
+    seen = greenlab_steps(ours, images, steps=4)
+    assert [s["clip_coef"] for s in seen] == pytest.approx(coefficients, rel=1e-6)
+    for (name, a), b in zip(official.named_parameters(), ours.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    torch.testing.assert_close(official.corruption_token.grad, ours.corruption_token.grad, rtol=0, atol=0)
+    assert torch.equal(ours.corruption_token, torch.zeros(48)), "the official token is never updated"
+    # the accumulation: step 2's token gradient = step 1's clipped one + 2^16 x its own dL/dc (unscaled)
+    after_one = copy.deepcopy(module)
+    greenlab_steps(after_one, images, steps=1)
+    after_one.corruption_token.grad = None
+    torch.manual_seed(1)
+    after_one(images).backward()
+    expected = seen[0]["clipped"] + 65536.0 * after_one.corruption_token.grad
+    torch.testing.assert_close(seen[1]["accumulated"], expected, rtol=1e-6, atol=0)
+    assert (
+        seen[0]["clipped"].norm() <= 0.1 + 1e-6
+        and seen[1]["accumulated"].norm() > 1e3 * seen[0]["clipped"].norm()
+    )
+    # the token's scaled gradient dwarfs the student's: the coefficient is ~0.1 / (2^16 |dL/dc|), far below 1
+    assert all(s["token_grad_norm"] > 1e3 * s["student_grad_norm"] for s in seen)
+    assert all(s["clip_coef"] < 1e-3 for s in seen) and all(s["loss_scale"] == 65536.0 for s in seen)
+
+
+class FixedImages(L.LightningDataModule):
+    def __init__(self, images: torch.Tensor):
+        super().__init__()
+        self.images, self.batch_size = images, len(images)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            TensorDataset(self.images, torch.zeros(len(self.images))), batch_size=self.batch_size
+        )
+
+
+class SeedEachStep(L.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        torch.manual_seed(trainer.global_step)
+
+
+def test_lightning_runs_the_official_loop_and_resumes_it(tmp_path):
+    """Through a real Trainer (its zero_grad leaves the token's gradient alone): the notebook's loop, step for
+    step; a checkpoint keeps the GradScaler's state and the token's gradient, so a resumed run continues it."""
+    module, images = tiny_objective(noise_std=0.2), torch.randn(4, 3, 28, 28)
+    official = copy.deepcopy(module)
+    coefficients = official_steps(official, images, steps=3, epochs=True)  # one batch an epoch
+
+    def fit(objective, steps: int, ckpt_path=None) -> L.Trainer:
+        trainer = L.Trainer(max_steps=steps, gradient_clip_val=0.1, accelerator="cpu", precision="32-true",
+                            logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            enable_checkpointing=False, default_root_dir=tmp_path, callbacks=[SeedEachStep()])  # fmt: skip
+        trainer.fit(objective, datamodule=FixedImages(images), ckpt_path=ckpt_path, weights_only=False)
+        return trainer
+
+    whole = copy.deepcopy(module)
+    fit(whole, 3)
+    for (name, a), b in zip(official.named_parameters(), whole.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9, msg=name)
+    assert whole.last_clip["clip_coef"] == pytest.approx(coefficients[-1], rel=1e-5)
+    fit(copy.deepcopy(module), 2).save_checkpoint(tmp_path / "two.ckpt")
+    saved = torch.load(tmp_path / "two.ckpt", weights_only=False)["official_clip"]
+    torch.save(saved, tmp_path / "clip.pt")  # plain floats, ints and a tensor: what weights_only loads
+    saved = torch.load(tmp_path / "clip.pt", weights_only=True)
+    assert saved["scaler"]["scale"] == 65536.0 and saved["scaler"]["_growth_tracker"] == 2
+    assert 0 < saved["token_grad"].norm() <= 0.1 + 1e-6  # clipped with the rest
+    resumed = copy.deepcopy(module)
+    fit(resumed, 3, ckpt_path=tmp_path / "two.ckpt")
+    for (name, a), b in zip(whole.named_parameters(), resumed.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9, msg=name)
+
+
+def test_student_clipping_and_the_options_it_refuses():
+    module = tiny_objective(clip="student")
+    assert not isinstance(module.corruption_token, nn.Parameter), "greenlab's: a zero buffer, no gradient"
+    module.backward(module(torch.randn(4, 3, 28, 28)))  # Lightning's own backward: nothing scaled
+    assert module.scaler is None and module.corruption_token.grad is None
+    with pytest.raises(ValueError, match="corruption_token=zeros"):
+        tiny_objective(corruption_token="learned")  # clip=official needs the official token
+    with pytest.raises(ValueError, match="official or student"):
+        tiny_objective(clip="all")
+
+
+def test_weight_decay_groups_are_the_notebooks():
+    """param_groups_weight_decay(model.model, 1e-4), no skip list: [CLS], registers and positions decayed."""
+    module = tiny_objective()
+    ours = module.configure_optimizers()["optimizer"].param_groups
+    reference = param_groups_weight_decay(nn.ModuleList([module.student, module.head]), 1e-4)
+    as_ids = lambda groups: {g["weight_decay"]: {id(p) for p in g["params"]} for g in groups}  # noqa: E731
+    assert as_ids(ours) == as_ids(reference)
+    decayed = as_ids(ours)[1e-4]
+    assert {
+        id(module.student.pos_embed),
+        id(module.student.cls_token),
+        id(module.student.reg_token),
+    } <= decayed

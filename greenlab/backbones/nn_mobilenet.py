@@ -7,7 +7,10 @@ add, as nn-MobileNet's released ``model/resnext.py`` (``LinearBottleneck.drop``,
 ``main.py``); it has no parameters, so the state dict is timm's ``rexnet_300`` without its head, and
 ``weights=cached | hub`` are timm's ImageNet ReXNet weights (``timm/rexnet_300.nav_in1k``, nn-MobileNet's
 fine-tuning start ``rexnet_3.0.pth``) from the local Hugging Face cache / the hub
-(greenlab/backbones/weights.py).
+(greenlab/backbones/weights.py). A path may also hold the original layout: clovaai/rexnet's ``rexnet_3.0.pth``
+(nn-MobileNet main.py: ``model.load_state_dict(torch.load('rexnet_3.0.pth'), strict=False)``) or a checkpoint of
+nn-MobileNet's own code (``features.<i>...``): the same tensors in the same order, renamed by position
+(``from_original_layout``), every shape checked, the classifier left out as there.
 """
 
 from __future__ import annotations
@@ -48,12 +51,38 @@ class NNMobileNet(nn.Module):
         state, self.init_record = resolve_weights(weights, timm_hub_weights(trunk.pretrained_cfg),
                                                   f"nn-MobileNet {model_name}", HINT)  # fmt: skip
         if state is not None:  # timm's classifier (head.*) is not part of the trunk
+            if "stem.conv.weight" not in state and "features.0.weight" in state:
+                state = from_original_layout(state, self, self.init_record["source"])
             load_exactly(self, {k: v for k, v in state.items() if not k.startswith("head.")},
                          self.init_record["source"])  # fmt: skip
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, num_features, H/32, W/32)."""
         return self.features(self.stem(x))
+
+
+def from_original_layout(state: dict, model: nn.Module, where: str) -> dict:
+    """A state dict in clovaai/rexnet's (= nn-MobileNet's) ReXNet-V1 layout (``features.0`` stem conv,
+    ``features.<i>.out.<j>`` blocks, ``output.*`` classifier) -> timm's names for ``model``, by position: both
+    list the stem, then per block expansion / depthwise / squeeze-excite / projection, then the final conv,
+    each BatchNorm as weight, bias, running mean, running var (``num_batches_tracked`` as the file has it)."""
+    ours = [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
+    theirs = [
+        k for k in state if not k.startswith(("output.", "out.")) and not k.endswith("num_batches_tracked")
+    ]
+    if len(ours) != len(theirs):
+        raise ValueError(f"weights file {where}: {len(theirs)} tensors in clovaai's ReXNet layout, "
+                         f"{type(model).__name__} has {len(ours)}: another width or depth?")  # fmt: skip
+    renamed = {}
+    for mine, original in zip(ours, theirs):
+        if tuple(state[original].shape) != tuple(model.state_dict()[mine].shape):
+            raise ValueError(f"weights file {where}: {original} {tuple(state[original].shape)} does not fit "
+                             f"{mine} {tuple(model.state_dict()[mine].shape)}")  # fmt: skip
+        renamed[mine] = state[original]
+    for key, value in model.state_dict().items():
+        if key.endswith("num_batches_tracked"):
+            renamed[key] = value
+    return renamed
 
 
 def _dropout_after_block(block: nn.Module, inputs, output):

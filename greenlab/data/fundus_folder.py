@@ -22,12 +22,24 @@ from greenlab.data import splits
 from greenlab.data.base import ImageDataModule, ItemDataset, Task
 from greenlab.data.cache import PreprocessedCache
 from greenlab.data.fundus import FIELD_OF_VIEW, crop_field_of_view
-from greenlab.data.transforms2d import PRETRAIN_TRANSFORMS, eval_transform, finetune_transforms
+from greenlab.data.transforms2d import (
+    PRETRAIN_TRANSFORMS,
+    eval_transform,
+    finetune_transforms,
+    official_eval_transform,
+)
 from greenlab.labels import tables
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+# how the probe sets' photographs become tensors (``use_probe_preprocessing``, the evaluation's choice)
+PROBE_PREPROCESSING = {
+    "greenlab": "the field-of-view crop (fov_crop), padded square, downsampled to max_side; Resize((img_size, "
+    "img_size)) of the PIL image; normalised",
+    "official": "RETFound-Green's inference notebooks: the raw photograph (no crop), Resize((img_size, img_size), "
+    "antialias=True) of its uint8 tensor (aspect ratio squashed); ToDtype(float32, scale=True); normalised",
+}
 MIN_SIDE = 32  # px: a smaller file is not a fundus photograph (a thumbnail, an icon, a broken export)
 
 
@@ -70,6 +82,8 @@ class FundusFolderDataModule(ImageDataModule):
     pixels there (``greenlab/data/cache.py``; None: decode every time). verify: decode every image in
     ``setup`` so a bad file fails before training. skip_bad: instead of failing on an unreadable image or a missing label row, skip it
     and list it in ``skipped_inputs.csv`` in the run directory.
+    The probe sets' preprocessing (``PROBE_PREPROCESSING``) is the evaluation's choice (``use_probe_preprocessing``,
+    ``evaluation.preprocessing``); ``greenlab`` until it says otherwise.
     """
 
     def __init__(
@@ -115,6 +129,11 @@ class FundusFolderDataModule(ImageDataModule):
         params = {"field_of_view": self.field_of_view, "max_side": max_side}
         self.cache = PreprocessedCache(pixel_cache_dir, params) if pixel_cache_dir else None
         self.skipped: list[tuple[str, str]] = []
+        self.probe_preprocessing = "greenlab"
+        self.probe_transforms = {
+            "greenlab": eval_transform(img_size, self.mean, self.std),
+            "official": official_eval_transform(img_size, self.mean, self.std),
+        }
 
     def setup(self, stage: str | None = None) -> None:
         if self.pretrain_set is not None:
@@ -140,18 +159,33 @@ class FundusFolderDataModule(ImageDataModule):
         self.skipped = skipped
         train_idx, probe_train_idx, test_idx = self._split(ids, labels, meta)
         train_tf = PRETRAIN_TRANSFORMS[self.augmentation](self.img_size, self.mean, self.std)
-        eval_tf = eval_transform(self.img_size, self.mean, self.std)
 
-        def subset(indices, transform):
+        def subset(indices, transform, load):
             chosen = [paths[i] for i in indices]
             return ItemDataset(
-                [ids[i] for i in indices], lambda k: self.load(chosen[k]), labels[indices], transform
+                [ids[i] for i in indices], lambda k: load(chosen[k]), labels[indices], transform
             )
 
-        self.pretrain_set = subset(train_idx, train_tf)
+        self.pretrain_set = subset(train_idx, train_tf, self.load)
         if self.tasks:
-            self.probe_train_set = subset(probe_train_idx, eval_tf)
-            self.probe_test_set = subset(test_idx, eval_tf)
+            self.probe_train_set = subset(probe_train_idx, self.probe_transform, self.load_probe)
+            self.probe_test_set = subset(test_idx, self.probe_transform, self.load_probe)
+
+    def use_probe_preprocessing(self, name: str) -> None:
+        """Preprocess the probe sets' photographs the ``greenlab`` or the ``official`` way (``PROBE_PREPROCESSING``),
+        from now on (before or after ``setup``)."""
+        if name not in PROBE_PREPROCESSING:
+            raise ValueError(
+                f"probe preprocessing must be one of {sorted(PROBE_PREPROCESSING)}, not {name!r}"
+            )
+        self.probe_preprocessing = name
+
+    def load_probe(self, path: Path) -> Image.Image:
+        """A probe photograph: the raw decoded file (``official``) or ``load`` (``greenlab``)."""
+        return self.decode(path) if self.probe_preprocessing == "official" else self.load(path)
+
+    def probe_transform(self, image: Image.Image) -> torch.Tensor:
+        return self.probe_transforms[self.probe_preprocessing](image)
 
     def _split(self, ids: list[str], labels: torch.Tensor, meta: dict) -> tuple[list, list, list]:
         """(pre-training, probe-train, held-out) indices; the method into ``self.split``. Without labels
@@ -193,7 +227,8 @@ class FundusFolderDataModule(ImageDataModule):
         return {**super().describe(), "preprocessing": {
             "field_of_view_crop": self.field_of_view,
             "resize": [self.img_size, self.img_size], "interpolation": "bilinear", "crop_pct": 1.0,
-            "mean": list(self.mean), "std": list(self.std)}, "label_schema": self.label_schema}  # fmt: skip
+            "mean": list(self.mean), "std": list(self.std), "probe_sets": self.probe_preprocessing},
+            "label_schema": self.label_schema}  # fmt: skip
 
     def load(self, path: Path) -> Image.Image:
         """One photograph as RGB, field-of-view cropped and downsampled when configured (from the cache when
@@ -202,6 +237,11 @@ class FundusFolderDataModule(ImageDataModule):
 
     def preprocess(self, path: Path) -> Image.Image:
         """Decode, crop the field of view, pad square, downsample to ``max_side``."""
+        image = self.decode(path)
+        return crop_field_of_view(image, max_side=self.max_side) if self.fov_crop else image
+
+    def decode(self, path: Path) -> Image.Image:
+        """The photograph as 8-bit RGB, as stored (``to_rgb8``); refused under ``MIN_SIDE`` px."""
         try:
             with Image.open(path) as handle:
                 image = to_rgb8(handle)
@@ -211,7 +251,7 @@ class FundusFolderDataModule(ImageDataModule):
             check_size(image.size)
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None
-        return crop_field_of_view(image, max_side=self.max_side) if self.fov_crop else image
+        return image
 
     def _scan(self) -> list[Path]:
         if not self.root.is_dir():

@@ -1,6 +1,6 @@
 """2D image transforms, for photographs and any other 2D images (fundus folders, MedMNIST 2D): the pre-training
-augmentations by method (RETFound-Green, SparK, none), nn-MobileNet's fine-tuning pair, the evaluation resize,
-and the normalisation of uint8 training batches on the device.
+augmentations by method (RETFound-Green, SparK, none), nn-MobileNet's fine-tuning pair, the evaluation resizes
+(greenlab's and RETFound-Green's official one), and the normalisation of uint8 training batches on the device.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ def retfound_green_transform(img_size: int, mean: tuple[float, ...], std: tuple[
             v2.RandomChoice(
                 [
                     v2.RandomResizedCrop(img_size, scale=(0.7, 1.0), ratio=(3 / 5, 5 / 3)),
-                    v2.Compose([v2.Resize(round(1.3 * img_size)), v2.CenterCrop(img_size)]),
+                    # data.py: T.Resize(int(res * 1.3)): 509 px at 392 (round would give 510)
+                    v2.Compose([v2.Resize(int(img_size * 1.3)), v2.CenterCrop(img_size)]),
                     v2.Resize((img_size, img_size)),
                 ]
             ),
@@ -47,11 +48,22 @@ def retfound_green_transform(img_size: int, mean: tuple[float, ...], std: tuple[
 
 
 def spark_transform(img_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> v2.Compose:
-    """SparK pre-training augmentation: RandomResizedCrop(scale 0.67-1) + horizontal flip; uint8 tensor out
-    (normalised on the device, ``normalise_batch``)."""
+    """SparK pre-training augmentation (pretrain/utils/imagenet.py): RandomResizedCrop(scale 0.67-1, bicubic) +
+    horizontal flip; uint8 tensor out (normalised on the device, ``normalise_batch``)."""
+    return _crop_and_flip(img_size, (0.67, 1.0))
+
+
+def mae_transform(img_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> v2.Compose:
+    """MAE pre-training augmentation (main_pretrain.py): RandomResizedCrop(scale 0.2-1, bicubic) + horizontal
+    flip; uint8 tensor out (normalised on the device)."""
+    return _crop_and_flip(img_size, (0.2, 1.0))
+
+
+def _crop_and_flip(img_size: int, scale: tuple[float, float]) -> v2.Compose:
+    bicubic = v2.InterpolationMode.BICUBIC
     return v2.Compose(
         [
-            v2.RandomResizedCrop(img_size, scale=(0.67, 1.0)),
+            v2.RandomResizedCrop(img_size, scale=scale, interpolation=bicubic),
             v2.RandomHorizontalFlip(),
             v2.ToImage(),
         ]
@@ -100,10 +112,26 @@ def eval_transform(img_size: int, mean: tuple[float, ...], std: tuple[float, ...
     return v2.Compose([v2.Resize((img_size, img_size)), *_to_normalised_tensor(mean, std)])
 
 
+def official_eval_transform(img_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> v2.Compose:
+    """RETFound-Green's inference preprocessing (Training_and_eval_code/data_preprocessing_splits_and_subsamples/
+    Ours_IDRID_Inference.ipynb and Ours_ROP_Inference.ipynb, cell 0; data.py ``get_default_transforms``): the raw
+    photograph as a uint8 tensor (``read_image``), ``Resize((img_size, img_size), antialias=True)`` of the tensor
+    (the aspect ratio squashed, no crop), ``ToDtype(float32, scale=True)``, ``Normalize(mean, std)``."""
+    return v2.Compose(
+        [
+            v2.PILToTensor(),
+            v2.Resize((img_size, img_size), antialias=True),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(mean), list(std)),
+        ]
+    )
+
+
 # none: no augmentation at all (ablations; exact comparisons such as single-process vs DDP)
 PRETRAIN_TRANSFORMS = {
     "retfound_green": retfound_green_transform,
     "spark": spark_transform,
+    "mae": mae_transform,
     "none": eval_transform,
 }
 

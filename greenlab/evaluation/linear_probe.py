@@ -10,7 +10,10 @@ resample vectors go to ``bootstrap.npz`` beside results.json, with the held-out 
 ``python -m greenlab.compare``.
 
 The probe sets are the run's own data (its held-out split) or, with ``datasets``, labelled datasets apart
-from the pre-training data, each with its own split and tasks.
+from the pre-training data, each with its own split and tasks. ``preprocessing`` says how their photographs
+become tensors: ``official`` (RETFound-Green's inference notebooks: the raw photograph resized to the input
+size, aspect squashed, no crop) or ``greenlab`` (the field-of-view crop, padded square); data that offers no
+such choice (``use_probe_preprocessing``: MedMNIST arrays, CT volumes) keeps its own, and results.json says so.
 """
 
 from __future__ import annotations
@@ -32,20 +35,26 @@ from greenlab.evaluation.embeddings import embed
 from greenlab.results.model import MACRO, Comparison, Embedding, Evaluated, HeldOut, probe_comparisons
 
 log = logging.getLogger(__name__)
+PREPROCESSING = ("official", "greenlab")
+OWN = "the data's own (it offers no choice)"
 
 
 class LinearProbe:
     """Args: pooling (see ``embeddings.pool``), C / max_iter (logistic regression), bootstrap_resamples
     (the headline median and the saved vectors; 0 = point estimates only), ci_resamples (the 95 % interval),
-    seed, bf16 (autocast the embedding pass on GPU), datasets ({key: datamodule}: labelled probe sets, each
-    reported under its own ``dataset_name``, e.g. a MedMNIST file's stem; empty: the run's own held-out split)."""
+    seed, bf16 (autocast the embedding pass on GPU), preprocessing (``official`` | ``greenlab``: how photographs
+    become tensors, see the module docstring), datasets ({key: datamodule}: labelled probe sets, each reported
+    under its own ``dataset_name``, e.g. a MedMNIST file's stem; empty: the run's own held-out split)."""
 
     requires = ()
     optimized_metric = "probe_auroc_macro"
 
     def __init__(self, pooling: str, C: float, max_iter: int, bootstrap_resamples: int, ci_resamples: int,
-                 seed: int, bf16: bool, datasets: dict | None):  # fmt: skip
+                 seed: int, bf16: bool, preprocessing: str, datasets: dict | None):  # fmt: skip
+        if preprocessing not in PREPROCESSING:
+            raise ValueError(f"evaluation.preprocessing must be official or greenlab, not {preprocessing!r}")
         self.pooling, self.C, self.max_iter, self.seed, self.bf16 = pooling, C, max_iter, seed, bf16
+        self.preprocessing = preprocessing
         self.bootstrap_resamples, self.ci_resamples = bootstrap_resamples, ci_resamples
         self.datasets = list((datasets or {}).values())  # known by their own names (``dataset_name``)
 
@@ -59,7 +68,9 @@ class LinearProbe:
             )
         bf16 = self.bf16 and device.type == "cuda"
         tasks, rows, held_out, embedding, started = {}, [], {}, None, time.perf_counter()
+        preprocessed = {}
         for name, source in sources.items():
+            preprocessed[name] = self.preprocess(source, name)
             source.setup("fit")
             if not source.tasks:
                 log.warning("%s has no labels: no linear probes on it", name)
@@ -94,11 +105,24 @@ class LinearProbe:
             "probe_accuracy_macro": macro("accuracy"),
             "probe_balanced_accuracy_macro": macro("balanced_accuracy"),
             "probe_headline": "bootstrap median" if self.bootstrap_resamples else "point estimate",
+            "probe_preprocessing": preprocessed,
             "probe_fit_seconds": time.perf_counter() - started,
             "probe_datasets": {n: s.describe() for n, s in sources.items() if s is not datamodule},
             "probe_tasks": tasks,
         }
         return Evaluated(metrics, rows, held_out, embedding)
+
+    def preprocess(self, source, name: str) -> str:
+        """Give ``source`` this evaluation's photograph preprocessing; returns what its probe sets use."""
+        if hasattr(source, "use_probe_preprocessing"):
+            source.use_probe_preprocessing(self.preprocessing)
+            return self.preprocessing
+        if self.preprocessing == "official":
+            log.info(
+                "%s: evaluation.preprocessing=official is for photographs; its own preprocessing is used",
+                name,
+            )
+        return OWN
 
     def embedding_record(
         self, x: np.ndarray, seconds: float, batch_size: int, device, bf16: bool
@@ -171,6 +195,8 @@ class LinearProbe:
             f"Mean over tasks: AUROC **{m['probe_auroc_macro']:.3f}** (point {m['probe_auroc_point_macro']:.3f}), "
             f"AUPRC {m['probe_auprc_macro']:.3f}, balanced accuracy {m['probe_balanced_accuracy_macro']:.3f}.",
         ]
+        preprocessed = ", ".join(f"`{n}` {how}" for n, how in m.get("probe_preprocessing", {}).items())
+        lines += [f"\nPreprocessing of the probe sets: {preprocessed}."] if preprocessed else []
         splits = {n: d.get("split", {}).get("method") for n, d in m.get("probe_datasets", {}).items()}
         lines += [f"\nProbe dataset `{n}`: split {method}." for n, method in splits.items()]
         initial = m.get("initial_backbone")

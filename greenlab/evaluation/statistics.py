@@ -2,10 +2,12 @@
 
 A task's comparisons: a binary task is one; a multi-class task is one per class (one-vs-rest AUROC) plus
 their macro mean. Each comparison's AUROC is resampled ``resamples`` times (the held-out set drawn with
-replacement, numpy ``default_rng(seed)``); the paper headlines the median of 100 such resamples and counts a
-"win" when a Wilcoxon signed-rank test between two models' resample vectors gives p < 0.05. The resample
-index sets depend only on (seed, held-out size), so two models scored on the same held-out set are paired
-resample by resample.
+replacement as the official ``get_bootstrap_aucs``, Training_and_eval_code/evaluation/Eval_*.ipynb: a fresh
+``np.random.RandomState(seed)``, then ``rng.choice(idxs, size=len(idxs), replace=True)`` per resample; further
+resamples continue the same stream); the paper headlines the median of 100 such resamples and counts a "win"
+when a Wilcoxon signed-rank test between two models' resample vectors gives p < 0.05. The resample index sets
+depend only on (seed, held-out size), so two models scored on the same held-out set are paired resample by
+resample, and on the official code's predictions the first 100 are its resamples.
 """
 
 from __future__ import annotations
@@ -42,9 +44,12 @@ def _one_vs_rest(score, y: np.ndarray, proba: np.ndarray, classes: np.ndarray) -
 
 
 def resample_indices(n: int, resamples: int, seed: int) -> np.ndarray:
-    """(resamples, n) row indices of the held-out set, drawn with replacement."""
-    rng = np.random.default_rng(seed)
-    return np.stack([rng.integers(0, n, n) for _ in range(resamples)]) if resamples else np.zeros((0, n), int)
+    """(resamples, n) row indices of the held-out set, drawn with replacement: the official bootstrap's
+    (``RandomState(seed)``, one ``choice`` of n of ``range(n)`` per resample)."""
+    if not resamples:
+        return np.zeros((0, n), int)
+    rng, idxs = np.random.RandomState(seed), list(range(n))
+    return np.stack([rng.choice(idxs, size=len(idxs), replace=True) for _ in range(resamples)])
 
 
 def bootstrap_auroc(y: np.ndarray, proba: np.ndarray, classes: np.ndarray, indices: np.ndarray) -> dict:

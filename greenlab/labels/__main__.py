@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--id-column", required=True)
     parser.add_argument("--text-columns", required=True, help="comma-separated, e.g. findings,impression")
     parser.add_argument(
-        "--findings", required=True, help="ctrate18 | merlin30 | chexpert14 | path to a YAML vocabulary"
+        "--findings",
+        required=True,
+        help="ctrate18 | merlin30 | greenrfm30 | chexpert14 | path to a YAML vocabulary",
     )
     parser.add_argument("--backend", choices=["rules", "llm"], default="rules")
     parser.add_argument("--output", type=Path, required=True)
@@ -66,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         help="e.g. http://localhost:8000/v1",
     )
     llm.add_argument("--llm-model", default=os.environ.get("GREENLAB_LLM_MODEL"))
+    llm.add_argument("--llm-prompt", choices=["official", "json"], default=defaults.prompt,
+                     help="official: GreenRFM's extraction.py prompt, one CSV line; json: greenlab's JSON schema")  # fmt: skip
     llm.add_argument(
         "--llm-api-key-env", default=defaults.api_key_env, help="name of the variable holding the key"
     )
@@ -100,7 +104,7 @@ def label_file(args, parser, defaults) -> int:
                 "--backend llm needs --llm-base-url and --llm-model (or GREENLAB_LLM_BASE_URL / GREENLAB_LLM_MODEL)"
             )
         labeller = LLMLabeller(
-            vocabulary, args.llm_base_url, args.llm_model,
+            vocabulary, args.llm_base_url, args.llm_model, prompt=args.llm_prompt, temperature=defaults.temperature,
             cache_path=args.cache or args.output.with_name(args.output.name + ".llm_cache.jsonl"),
             api_key_env=args.llm_api_key_env, concurrency=args.llm_concurrency, retries=args.llm_retries,
             timeout_s=defaults.timeout_s, backoff_s=defaults.backoff_s,

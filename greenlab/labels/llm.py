@@ -8,10 +8,17 @@
 - ``max_connection_failures`` connection failures in a row (whatever the report) stop the whole run with
   a clear error: an unreachable endpoint costs seconds, not an hour of retries over every report.
 - A redirect to another host is refused (the Authorization header never leaves the configured host).
-- Strict validation: the answer must be a JSON object ``{"labels": {finding: value}}`` with exactly the
-  vocabulary's findings and values ``present`` / ``absent`` / ``uncertain`` / ``not_mentioned``.
+- Two prompts (``prompt``). ``official``: SadVoxel/GreenRFM llm_pipeline/extraction.py's system prompt
+  (SYSTEM_PROMPT_18 / SYSTEM_PROMPT_30 verbatim for their finding lists, the same text over any other
+  vocabulary), the user message ``f"\n\n{report}"``, and its answer: one line of N comma-separated values
+  1 / 0 / -1 (-1: "ambiguous, uncertain, or lacks information", so an unmentioned finding comes back -1,
+  uncertain), parsed as extraction.py does (tokens stripped, more than N cut to N, fewer refused, only
+  0 / 1 / -1); reports under 5 characters are not sent (extraction.py skips them: no labels). ``json``
+  (greenlab): a JSON object ``{"labels": {finding: value}}`` with exactly the vocabulary's findings and values
+  ``present`` / ``absent`` / ``uncertain`` / ``not_mentioned``, validated strictly.
 - A persistent cache (JSON lines, appended and flushed per report) keyed by sha256(model, prompt, report
-  text): a re-run makes no repeat call, and an interrupted run loses nothing already extracted.
+  text, temperature unless 0): a re-run makes no repeat call, and an interrupted run loses nothing already
+  extracted.
 """
 
 from __future__ import annotations
@@ -37,6 +44,40 @@ from greenlab.labels.vocabulary import Vocabulary, load_vocabulary
 log = logging.getLogger(__name__)
 
 VALUES = {"present": 1, "absent": 0, "uncertain": -1, "not_mentioned": None}
+PROMPTS = ("official", "json")
+# SadVoxel/GreenRFM llm_pipeline/extraction.py SYSTEM_PROMPT_18 and SYSTEM_PROMPT_30 (two trailing spaces after
+# "imaging." and "Example:" as there), their finding list and example line as fields
+OFFICIAL_PROMPT = (
+    "You are a board-certified radiologist specializing in thoracic imaging.  \n"
+    "\n"
+    "Task\n"
+    "Classify the chest/abdomen CT report for the following {n} findings, in the exact order listed:\n"
+    "{findings}\n"
+    "\n"
+    "Labeling rules\n"
+    "- Output a single line of {n} comma-separated values.\n"
+    "- Use 1 if the finding is explicitly present.\n"
+    "- Use 0 if the finding is explicitly ruled out or absent.\n"
+    "- Use -1 if the report is ambiguous, uncertain, or lacks information.\n"
+    "\n"
+    "Only return the comma-separated numbers.\n"
+    "Example:  \n"
+    "{example}\n"
+)
+# SYSTEM_PROMPT_30's example line; SYSTEM_PROMPT_18's is its first 18 values (more findings: 0 after these)
+OFFICIAL_EXAMPLE = "0,1,-1,-1,1,-1,-1,-1,-1,-1,0,0,0,0,1,0,0,0,-1,0,0,1,0,0,0,0,0,0,0,0".split(",")
+# SYSTEM_PROMPT_30 lists extraction.py's LABEL_COLUMNS_30 as they are (snake_case); SYSTEM_PROMPT_18 (and any
+# other vocabulary here) the finding names in words
+OFFICIAL_SNAKE_CASE = (
+    "submucosal_edema", "renal_hypodensities", "aortic_valve_calcification", "coronary_calcification",
+    "thrombosis", "metastatic_disease", "pancreatic_atrophy", "renal_cyst", "osteopenia",
+    "surgically_absent_gallbladder", "atelectasis", "abdominal_aortic_aneurysm", "anasarca", "hiatal_hernia",
+    "lymphadenopathy", "prostatomegaly", "biliary_ductal_dilation", "cardiomegaly", "splenomegaly",
+    "hepatomegaly", "atherosclerosis", "ascites", "pleural_effusion", "hepatic_steatosis", "appendicitis",
+    "gallstones", "hydronephrosis", "bowel_obstruction", "free_air", "fracture",
+)  # fmt: skip
+OFFICIAL_TOKENS = {"1": 1, "0": 0, "-1": -1}
+OFFICIAL_SHORTEST_REPORT = 5  # extraction.py: `if len(report.strip()) < 5: # Skip empty or too short`
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 MAX_RETRY_AFTER_S = 300.0
 
@@ -76,7 +117,34 @@ def retry_after_seconds(value: str | None) -> float | None:
     return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
 
 
+def official_prompt(vocabulary: Vocabulary) -> str:
+    """extraction.py's system prompt over ``vocabulary``'s findings, in its order: SYSTEM_PROMPT_18 for ctrate18,
+    SYSTEM_PROMPT_30 for its LABEL_COLUMNS_30 (vocabulary greenrfm30), verbatim."""
+    names = vocabulary.names
+    listed = names if tuple(names) == OFFICIAL_SNAKE_CASE else [name.replace("_", " ") for name in names]
+    example = (OFFICIAL_EXAMPLE + ["0"] * len(names))[: len(names)]
+    return OFFICIAL_PROMPT.format(
+        n=len(names),
+        findings="\n".join(f"{i}. {name}" for i, name in enumerate(listed, 1)),
+        example=",".join(example),
+    )
+
+
+def parse_csv_line(content: str, vocabulary: Vocabulary) -> dict[str, int]:
+    """The official answer, parsed as extraction.py's ``classify_one``: ``content.strip().split(",")``, each token
+    stripped; more than N tokens cut to the first N, fewer refused; every token 0, 1 or -1 (ValueError else)."""
+    n = len(vocabulary.names)
+    tokens = [token.strip() for token in str(content).strip().split(",")]
+    if len(tokens) < n:
+        raise ValueError(f"expected {n} comma-separated values, got {len(tokens)}: {str(content)[:80]!r}")
+    tokens = tokens[:n]
+    if any(token not in OFFICIAL_TOKENS for token in tokens):
+        raise ValueError(f"values other than 0, 1, -1: {str(content)[:80]!r}")
+    return {name: OFFICIAL_TOKENS[token] for name, token in zip(vocabulary.names, tokens)}
+
+
 def build_prompt(vocabulary: Vocabulary) -> str:
+    """greenlab's JSON prompt (``prompt=json``)."""
     findings = "\n".join(f"- {f.name}" for f in vocabulary.findings)
     return (
         "You label radiology reports. For each finding below, say whether the report states it is present, "
@@ -139,11 +207,14 @@ class LabelCache:
 
 
 class LLMLabeller:
-    """``labeller.label_many(texts) -> [{finding: 1 | 0 | -1 | None}]``, cached, concurrent, retried."""
+    """``labeller.label_many(texts) -> [{finding: 1 | 0 | -1 | None}]``, cached, concurrent, retried; ``prompt``
+    official | json, ``temperature`` None (not sent: the server's default, as extraction.py) or a number."""
 
-    def __init__(self, vocabulary: Vocabulary | str, base_url: str, model: str, cache_path: str | Path,
-                 api_key_env: str, concurrency: int, retries: int, timeout_s: float, backoff_s: float,
-                 max_connection_failures: int):  # fmt: skip
+    def __init__(self, vocabulary: Vocabulary | str, base_url: str, model: str, prompt: str,
+                 temperature: float | None, cache_path: str | Path, api_key_env: str, concurrency: int,
+                 retries: int, timeout_s: float, backoff_s: float, max_connection_failures: int):  # fmt: skip
+        if prompt not in PROMPTS:
+            raise ValueError(f"data.labeller.prompt must be one of {PROMPTS}, not {prompt!r}")
         vocabulary = load_vocabulary(vocabulary) if isinstance(vocabulary, str) else vocabulary
         if not base_url or not model:
             raise ValueError(
@@ -151,6 +222,7 @@ class LLMLabeller:
                 "GREENLAB_LLM_BASE_URL / GREENLAB_LLM_MODEL)"
             )
         self.vocabulary, self.model = vocabulary, model
+        self.prompt_style, self.temperature = prompt, temperature
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.api_key_env, self._api_key = api_key_env, os.environ.get(api_key_env)
         self.concurrency, self.retries, self.timeout_s, self.backoff_s = (
@@ -159,7 +231,7 @@ class LLMLabeller:
             timeout_s,
             backoff_s,
         )
-        self.prompt = build_prompt(vocabulary)
+        self.prompt = official_prompt(vocabulary) if prompt == "official" else build_prompt(vocabulary)
         self.cache = LabelCache(Path(cache_path))
         self.calls = 0
         self._calls_lock = threading.Lock()
@@ -168,14 +240,23 @@ class LLMLabeller:
         self._opener = urllib.request.build_opener(SameHostRedirects)
 
     def __repr__(self) -> str:
-        return f"LLMLabeller(model={self.model!r}, url={self.url!r}, key from ${self.api_key_env})"
+        return (f"LLMLabeller(model={self.model!r}, prompt={self.prompt_style!r}, url={self.url!r}, "
+                f"key from ${self.api_key_env})")  # fmt: skip
 
     def cache_key(self, text: str) -> str:
-        return hashlib.sha256(json.dumps([self.model, self.prompt, text]).encode()).hexdigest()
+        sampling = [] if self.temperature == 0 else [self.temperature]  # 0: the keys of caches made before
+        return hashlib.sha256(json.dumps([self.model, self.prompt, text, *sampling]).encode()).hexdigest()
+
+    def skipped(self, text: str) -> bool:
+        """A report the official pipeline does not send (under 5 characters): no labels, no call."""
+        return self.prompt_style == "official" and len(text.strip()) < OFFICIAL_SHORTEST_REPORT
 
     def label_many(self, texts: list[str], ids: list[str] | None = None) -> list[dict]:
         ids = ids or [str(i) for i in range(len(texts))]
-        results: list[dict | None] = [self.cache.get(self.cache_key(t)) for t in texts]
+        unlabelled = dict.fromkeys(self.vocabulary.names)
+        results: list[dict | None] = [
+            dict(unlabelled) if self.skipped(t) else self.cache.get(self.cache_key(t)) for t in texts
+        ]
         todo = [i for i, r in enumerate(results) if r is None]
         log.info(
             "%d of %d reports already in %s; asking %s for %d",
@@ -214,7 +295,8 @@ class LLMLabeller:
                 backoff = self.backoff_s * 2 ** (attempt - 1) * (1 + random.random() / 4)
                 time.sleep(max(backoff, wait or 0.0))
             try:
-                labels = parse_answer(self._request(text), self.vocabulary)
+                parse = parse_csv_line if self.prompt_style == "official" else parse_answer
+                labels = parse(self._request(text), self.vocabulary)
             except _Retryable as err:
                 last, wait = str(err), err.retry_after
                 continue
@@ -226,12 +308,17 @@ class LLMLabeller:
         raise LLMError(f"gave up after {self.retries + 1} attempts: {last}")
 
     def _request(self, text: str) -> str:
+        official = self.prompt_style == "official"
+        # extraction.py: {"role": "user", "content": f"\n\n{report}"}
+        user = f"\n\n{text}" if official else text
         body = {
             "model": self.model,
-            "temperature": 0,
-            "response_format": {"type": "json_object"},
-            "messages": [{"role": "system", "content": self.prompt}, {"role": "user", "content": text}],
+            "messages": [{"role": "system", "content": self.prompt}, {"role": "user", "content": user}],
         }
+        if self.temperature is not None:
+            body["temperature"] = self.temperature
+        if not official:
+            body["response_format"] = {"type": "json_object"}
         headers = {"Content-Type": "application/json"}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"

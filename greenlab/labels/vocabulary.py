@@ -1,4 +1,5 @@
-"""Finding vocabularies: shipped ones by name (``ctrate18``, ``merlin30``, ``chexpert14``) or a user YAML.
+"""Finding vocabularies: shipped ones by name (``ctrate18``, ``merlin30``, ``greenrfm30``, ``chexpert14``) or a
+user YAML.
 
 YAML: ``name``, optional ``derived_no_finding``, and ``findings``: a list of ``{name, mentions, absent}``:
 snake_case name, phrases that mention the finding, phrases that state it is absent outright.

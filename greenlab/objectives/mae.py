@@ -35,7 +35,12 @@ from torch import nn
 
 from greenlab.contracts import require_fit
 from greenlab.objectives.base import PretrainingModule
-from greenlab.objectives.optim import adamw_warmup_cosine, decay_param_groups, log_train_loss
+from greenlab.objectives.optim import (
+    adamw_warmup_cosine,
+    decay_param_groups,
+    iterations_per_epoch,
+    log_train_loss,
+)
 from greenlab.objectives.patches import masked_patch_mse, normalised_patches, patchify
 
 
@@ -81,7 +86,8 @@ class MaskedAutoencoder(PretrainingModule):
         norm_pix_loss: regress per-patch normalised pixels (MAE's best setting).
         base_lr: lr = base_lr x the global batch / 256 (MAE's rule: processes x accumulation x per-process
             batch, ``effective_batch_size``); betas, weight_decay: AdamW.
-        warmup_epochs, cosine_epochs, min_lr: per-epoch schedule, see ``warmup_cosine_factor``.
+        warmup_epochs, cosine_epochs, min_lr: MAE's per-iteration schedule (util/lr_sched.py: linear from 0,
+            then cosine), see ``warmup_cosine_factor``.
     """
 
     needs = ("tokens", "position_table")  # 2D images, or volumes with a 3D patch embedding
@@ -185,17 +191,16 @@ class MaskedAutoencoder(PretrainingModule):
         return loss
 
     def configure_optimizers(self):
+        """AdamW over MAE's groups (main_pretrain.py: timm 0.3.2 ``add_weight_decay`` without a skip list: 1-D
+        parameters and biases undecayed, the class and mask tokens decayed; positions are fixed), the lr set
+        every iteration (engine_pretrain.py: ``adjust_learning_rate`` at ``data_iter_step / len + epoch``)."""
         hp = self.hparams
         lr = hp.base_lr * self.effective_batch_size / 256
         groups = decay_param_groups([self.encoder, self.decoder_embed, self.decoder_blocks, self.decoder_norm,
-                                     self.decoder_pred], hp.weight_decay)  # fmt: skip
-        groups[1]["params"].append(self.mask_token)
-        start_lr = lr / max(
-            1, hp.warmup_epochs
-        )  # MAE's per-epoch linear warm-up starts at lr / warmup_epochs
-        return adamw_warmup_cosine(
-            groups, lr, start_lr, hp.min_lr, hp.warmup_epochs, hp.cosine_epochs, hp.betas
-        )
+                                     self.decoder_pred], hp.weight_decay, model_skip_list=False)  # fmt: skip
+        groups[0]["params"].append(self.mask_token)
+        return adamw_warmup_cosine(groups, lr, 0.0, hp.min_lr, hp.warmup_epochs, hp.cosine_epochs, hp.betas,
+                                   steps_per_epoch=iterations_per_epoch(self))  # fmt: skip
 
     def trained_backbone(self) -> nn.Module:
         """The encoder ViT alone (no decoder): what downstream tasks load."""

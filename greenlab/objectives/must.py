@@ -10,19 +10,21 @@ Stage 1, each encoder alone (they share no parameter, so one step trains both in
     L1 = BCE_m(h_img(f(x)), y) + BCE_m(h_txt(g(t ∪ t')), y ∪ y')     (t', y': text-only reports, if any)
 
 with f the 3D image encoder (512-d), g the text encoder ([CLS]), h_* linear heads and BCE_m the mean
-BCE over labelled entries (uncertain: masked, or read as present / absent, ``uncertain``; a finding the
-report does not mention: masked, or read as absent, ``unmentioned``).
+BCE with logits over the entries ``code_labels`` keeps (objectives/label_supervised.py). Official (SadVoxel/GreenRFM
+data/ct_rate.py, data/merlin.py): an unmentioned finding is a 0 (``unmentioned=negative``) and an uncertain one
+keeps its -1 as the BCE target (``uncertain=target``: loss softplus(z) + z, pushing the logit down without
+bound), nothing masked, so BCE_m is torch's ``nn.BCEWithLogitsLoss()``; greenlab's ``mask`` leaves either out.
 
 Stage 2, alignment: projections without bias, u = P_i f(x), v = P_t g(t) (latent_dim), ONE classifier W:
 
     S = u vᵀ (B, B), un-normalised dot products, temperature 1
     L2 = ½ [CE(S, diag) + CE(Sᵀ, diag)] + ½ [BCE_m(W u, y) + BCE_m(W v, y)]
 
-Stage 1 (AdamW lr 1e-4, wd 1e-4, cosine to 1e-6) runs for ``stage1_epochs``, stage 2 (AdamW lr 1e-5,
-grad clip 0.5) for the rest of the Trainer's ``max_epochs``; batch 10, 5 + 5 epochs in the paper
-(shared/REFERENCE.md §3). At the switch the optimiser state is cleared (a fresh AdamW, as the paper's
-separate runs have) and the stage-1 encoders and heads are saved to the run folder. Stage 2 starts from
-those encoders, or, with ``stage1_weights`` (a folder an earlier run saved them to), from that run's (stage 1
+Stage 1 (AdamW lr 1e-4, wd 1e-4 on every parameter, cosine to 1e-6 stepped per optimiser step as the official
+CosineAnnealingLR) runs for ``stage1_epochs``, stage 2 (AdamW lr 1e-5, no weight decay, grad clip 0.5) for the
+rest of the Trainer's ``max_epochs``; batch 10, 5 + 5 epochs in the paper, fp32 (shared/REFERENCE.md §3).
+At the switch the optimiser state is cleared (a fresh AdamW, as the paper's separate runs have) and the
+stage-1 encoders and heads are saved to the run folder. Stage 2 starts from those encoders, or, with ``stage1_weights`` (a folder an earlier run saved them to), from that run's (stage 1
 is then skipped). Its projections and shared classifier start random (``stage2.start=random``, the paper),
 or from the stage-1 heads (``stage1_heads``: latent coordinate k = finding k's stage-1 logit on both sides,
 W reads it back; for short schedules, where a random start spends its few steps on the strongest findings).
@@ -39,12 +41,12 @@ from torch import nn
 
 from greenlab.backbones import weights
 from greenlab.contracts import ReportsSource
-from greenlab.data.base import MISSING, UNCERTAIN
 from greenlab.objectives.base import PretrainingModule
-from greenlab.objectives.label_supervised import masked_bce
+from greenlab.objectives.label_supervised import CODING, STAGE1_SUBSET, check_choice, code_labels, masked_bce
 from greenlab.objectives.optim import (
     adamw,
     decay_param_groups,
+    iterations_per_epoch,
     layout_independent_init,
     log_train_loss,
     warmup_cosine_factor,
@@ -57,8 +59,10 @@ STAGE1_FILES = {
     "text_head": "stage1_text_head.pth",
 }
 CHOICES = {  # the values each option takes
-    "uncertain": ("mask", "positive", "negative"),
-    "unmentioned": ("mask", "negative"),
+    **{name: tuple(values) for name, values in CODING.items()},
+    "lr_interval": ("step", "epoch"),
+    "stage1.weight_decay_on": ("all", "matrices"),
+    "stage2.weight_decay_on": ("all", "matrices"),
     "stage2.start": ("random", "stage1_heads"),
     "stage2.projection_init": ("default", "unit_norm"),
 }
@@ -122,34 +126,35 @@ def symmetric_contrastive_loss(image_latents: torch.Tensor, text_latents: torch.
 
 class MUST(PretrainingModule):
     """Args: image_encoder, text_encoder, latent_dim (768), stage1_epochs, stage1 / stage2 (lr,
-    weight_decay, min_lr; stage 1 also text_lr, stage 2 classifier_lr, gradient_clip_val and start (random |
-    stage1_heads)), uncertain (mask | positive | negative), unmentioned (mask | negative),
-    stage1_weights (folder)."""
+    weight_decay, weight_decay_on (all | matrices), min_lr; stage 1 also text_lr, stage 2 classifier_lr,
+    gradient_clip_val and start (random | stage1_heads)), lr_interval (step | epoch), uncertain (target | mask |
+    positive | negative), unmentioned (negative | mask), stage1_weights (folder)."""
 
     requires = (ReportsSource,)  # the reports of the training studies fit the random BERT's vocabulary
     reads_reports = True
     compiled = ("image_encoder",)  # the steps call the encoders; the text side tokenises lists of strings
 
     def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, latent_dim: int, stage1_epochs: int,
-                 stage1: dict, stage2: dict, uncertain: str, unmentioned: str,
+                 stage1: dict, stage2: dict, lr_interval: str, uncertain: str, unmentioned: str,
                  stage1_weights: str | None):  # fmt: skip
         super().__init__()
         self.save_hyperparameters(ignore=["image_encoder", "text_encoder"])
         self.image_encoder, self.text_encoder = image_encoder, text_encoder
         self.stage1_epochs = 0 if stage1_weights else stage1_epochs
         self.settings = {"stage1": dict(stage1), "stage2": dict(stage2)}
-        for name, value in (("uncertain", uncertain), ("unmentioned", unmentioned),
-                            ("stage2.start", self.settings["stage2"]["start"]),
-                            ("stage2.projection_init", self.settings["stage2"]["projection_init"])):  # fmt: skip
-            if value not in CHOICES[name]:
-                raise ValueError(f"{name} must be one of {CHOICES[name]}, not {value!r}")
+        options = {"uncertain": uncertain, "unmentioned": unmentioned, "lr_interval": lr_interval,
+                   **{f"{stage}.{key}": self.settings[stage][key] for stage, key in (
+                       ("stage1", "weight_decay_on"), ("stage2", "weight_decay_on"), ("stage2", "start"),
+                       ("stage2", "projection_init"))}}  # fmt: skip
+        for name, value in options.items():
+            check_choice(name, value, CHOICES)
         self.image_head = self.text_head = self.aligned = None
 
     def run_notes(self) -> dict:
         hp = self.hparams
         return {"stage1_epochs": self.stage1_epochs, "uncertain_labels": hp.uncertain,
                 "unmentioned_labels": hp.unmentioned, "stage1_weights": hp.stage1_weights,
-                "stage_settings": self.settings}  # fmt: skip
+                "stage_settings": self.settings, "stage1_subset": STAGE1_SUBSET}  # fmt: skip
 
     @property
     def stage(self) -> str:
@@ -197,8 +202,8 @@ class MUST(PretrainingModule):
     def on_train_epoch_start(self) -> None:
         for optimizer in self.trainer.optimizers:  # each stage's weight decay (official stage 2: none)
             for group in optimizer.param_groups:
-                if group.get("decayed"):
-                    group["weight_decay"] = self.settings[self.stage]["weight_decay"]
+                if "decayed" in group:
+                    group["weight_decay"] = self.weight_decay(self.stage, group["decayed"])
         if self.current_epoch != self.stage1_epochs:
             return
         if self.stage1_epochs > 0:  # the switch to stage 2
@@ -223,24 +228,29 @@ class MUST(PretrainingModule):
             torch.save(state, path)
         self.text_encoder.save_tokenizer(directory / "text_tokenizer")
 
+    def weight_decay(self, stage: str, matrix: bool) -> float:
+        """The weight decay of a group of weight matrices (``matrix``) or of the other parameters (biases,
+        norms) in ``stage``: the stage's, or 0 for the others under ``weight_decay_on=matrices``."""
+        s = self.settings[stage]
+        return s["weight_decay"] if matrix or s["weight_decay_on"] == "all" else 0.0
+
     # --- the maths -------------------------------------------------------------------------------------
-    def targets(self, labels: torch.Tensor) -> torch.Tensor:
-        """Labels for BCE_m: uncertain -> masked (-1), or 1 / 0 per ``uncertain``; unmentioned (missing) ->
-        masked, or 0 per ``unmentioned``."""
-        value = {"mask": MISSING, "positive": 1, "negative": 0}[self.hparams.uncertain]
-        targets = torch.where(labels == UNCERTAIN, torch.full_like(labels, value), labels)
-        if self.hparams.unmentioned == "negative":
-            targets = torch.where(labels == MISSING, torch.zeros_like(labels), targets)
-        return targets
+    def targets(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(targets, known) for BCE_m (``code_labels``): uncertain -> -1 kept as a target (official), 1 / 0,
+        or masked per ``uncertain``; unmentioned (missing) -> 0 (official) or masked per ``unmentioned``."""
+        return code_labels(labels, self.hparams.uncertain, self.hparams.unmentioned)
 
     def training_step(self, batch, batch_idx):
         volumes, reports, labels = batch["paired"] if isinstance(batch, dict) else batch
         extra_reports, extra_labels = batch["text_only"] if isinstance(batch, dict) else ([], labels[:0])
-        y = self.targets(labels)
+        y, known = self.targets(labels)
         if self.stage == "stage1":
-            image_loss = masked_bce(self.image_head(self.image_encoder(volumes)), y)
-            texts, text_y = list(reports) + list(extra_reports), torch.cat([y, self.targets(extra_labels)])
-            text_loss = masked_bce(self.text_head(self.text_encoder(texts)), text_y)
+            image_loss = masked_bce(self.image_head(self.image_encoder(volumes)), y, known)
+            extra_y, extra_known = self.targets(extra_labels)
+            texts, text_y = list(reports) + list(extra_reports), torch.cat([y, extra_y])
+            text_loss = masked_bce(
+                self.text_head(self.text_encoder(texts)), text_y, torch.cat([known, extra_known])
+            )
             loss = image_loss + text_loss
             parts = {"train/image_bce": image_loss, "train/text_bce": text_loss}
         else:
@@ -248,7 +258,8 @@ class MUST(PretrainingModule):
             v = self.aligned.text_projection(self.text_encoder(reports))
             contrastive = symmetric_contrastive_loss(u, v)
             bce = 0.5 * (
-                masked_bce(self.aligned.classifier(u), y) + masked_bce(self.aligned.classifier(v), y)
+                masked_bce(self.aligned.classifier(u), y, known)
+                + masked_bce(self.aligned.classifier(v), y, known)
             )
             loss = contrastive + bce
             parts = {"train/contrastive": contrastive, "train/shared_bce": bce}
@@ -263,9 +274,11 @@ class MUST(PretrainingModule):
 
     def configure_optimizers(self):
         """One AdamW over every part; a part without gradients in a stage (the stage-1 heads in stage 2,
-        the projections and classifier in stage 1) is left untouched by it. lr per epoch below; the text
-        side (encoder + head) runs at ``stage1.text_lr`` in stage 1, the shared classifier at
-        ``stage2.classifier_lr`` in stage 2 (default: the stage's lr)."""
+        the projections and classifier in stage 1) is left untouched by it. Per part a group of weight
+        matrices and one of the other parameters, their weight decay the stage's (``weight_decay``). lr below,
+        stepped per optimiser step (``lr_interval=step``, the official CosineAnnealingLR's scheduler.step() per
+        batch) or per epoch; the text side (encoder + head) runs at ``stage1.text_lr`` in stage 1, the shared
+        classifier at ``stage2.classifier_lr`` in stage 2 (default: the stage's lr)."""
         projections = [self.aligned.image_projection, self.aligned.text_projection]
         parts = {
             "image": [self.image_encoder, self.image_head, *projections],
@@ -274,14 +287,17 @@ class MUST(PretrainingModule):
         }
         groups, schedules = [], []
         for part, modules in parts.items():
-            part_groups = decay_param_groups(modules, self.settings["stage1"]["weight_decay"])
-            part_groups[0]["decayed"] = True  # set to the stage's weight decay at each epoch's start
+            part_groups = decay_param_groups(modules, 0.0)
+            for group, matrix in zip(part_groups, (True, False)):  # set to the stage's at each epoch's start
+                group["decayed"], group["weight_decay"] = matrix, self.weight_decay(self.stage, matrix)
             groups += part_groups
             schedules += [partial(self.lr_at_epoch, part=part)] * len(part_groups)
-        return adamw(groups, 1.0, schedules)
+        steps = iterations_per_epoch(self.trainer) if self.hparams.lr_interval == "step" else None
+        return adamw(groups, 1.0, schedules, steps_per_epoch=steps)
 
-    def lr_at_epoch(self, epoch: int, part: str = "image") -> float:
-        """Stage 1: cosine lr -> min_lr over stage1_epochs; stage 2: cosine lr -> min_lr over the rest;
+    def lr_at_epoch(self, epoch: float, part: str = "image") -> float:
+        """At ``epoch`` (steps / steps per epoch under ``lr_interval=step``). Stage 1: cosine lr -> min_lr over
+        stage1_epochs; stage 2: cosine lr -> min_lr over the rest (official: none, min_lr = lr);
         scaled by text_lr / lr for the text ``part`` in stage 1, classifier_lr / lr for the classifier
         ``part`` in stage 2."""
         if epoch < self.stage1_epochs:

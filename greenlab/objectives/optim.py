@@ -1,5 +1,5 @@
-"""Pieces shared by the objectives: weight-decay groups, AdamW (or LAMB) with a per-epoch schedule, loss
-logging."""
+"""Pieces shared by the objectives: weight-decay groups, AdamW (or LAMB) with a schedule stepped per epoch or
+per iteration (optimiser step), loss logging."""
 
 from __future__ import annotations
 
@@ -14,14 +14,19 @@ from torch.optim.lr_scheduler import LambdaLR
 
 
 def decay_param_groups(
-    modules: list[nn.Module], weight_decay: float, no_decay_names: tuple[str, ...] = ()
+    modules: list[nn.Module],
+    weight_decay: float,
+    no_decay_names: tuple[str, ...] = (),
+    model_skip_list: bool = True,
 ) -> list[dict]:
-    """AdamW groups: weight decay on weight matrices only; biases, norms, tokens and position embeddings
-    (1-D tensors, names listed by a timm model's ``no_weight_decay()``, and parameters whose last name is
-    in ``no_decay_names``) are not decayed."""
+    """AdamW groups [decayed, not decayed]: weight decay on weight matrices only; biases, norms, tokens and
+    position embeddings (1-D tensors, names listed by a timm model's ``no_weight_decay()`` unless not
+    ``model_skip_list``, and parameters whose last name is in ``no_decay_names``) are not decayed."""
     decay, no_decay = [], []
     for module in modules:
-        skip = set(module.no_weight_decay()) if hasattr(module, "no_weight_decay") else set()
+        skip = (
+            set(module.no_weight_decay()) if model_skip_list and hasattr(module, "no_weight_decay") else set()
+        )
         for name, param in module.named_parameters():
             if not param.requires_grad:
                 continue
@@ -31,7 +36,7 @@ def decay_param_groups(
 
 
 def warmup_cosine_factor(
-    epoch: int,
+    epoch: float,
     base_lr: float,
     start_lr: float,
     min_lr: float,
@@ -39,7 +44,8 @@ def warmup_cosine_factor(
     cosine_epochs: int,
     cosine_from_zero: bool = False,
 ) -> float:
-    """Multiplier of ``base_lr`` at ``epoch`` (0-based, stepped once per epoch).
+    """Multiplier of ``base_lr`` at ``epoch`` (0-based; a whole number when stepped once per epoch, the
+    fraction iteration / iterations per epoch when stepped per iteration, as MAE's ``lr_sched``).
 
     Linear warm-up from ``start_lr`` to ``base_lr`` over ``warmup_epochs``, then a half cosine down to
     ``min_lr`` ending at epoch ``cosine_epochs`` (warm-up included), and ``min_lr`` after that. The cosine
@@ -80,17 +86,42 @@ def optimizer(
 def adamw(
     groups: list[dict],
     lr: float,
-    lr_factor: Callable[[int], float] | list[Callable[[int], float]],
+    lr_factor: Callable[[float], float] | list[Callable[[float], float]],
     betas: tuple[float, float] = (0.9, 0.999),
     algorithm: str = "adamw",
+    steps_per_epoch: int | None = None,
 ) -> dict:
     """Lightning's optimiser config: ``optimizer(algorithm)`` (AdamW by default) over ``groups`` at ``lr``,
-    times ``lr_factor(epoch)`` (one callable, or one per group), stepped once per epoch."""
+    times ``lr_factor(epoch)`` (one callable, or one per group): stepped once per epoch, or, given
+    ``steps_per_epoch``, after every optimiser step with ``epoch`` = steps so far / ``steps_per_epoch``."""
     built = optimizer(groups, lr, betas, algorithm)
-    return {
-        "optimizer": built,
-        "lr_scheduler": {"scheduler": LambdaLR(built, lr_factor), "interval": "epoch"},
-    }
+    if steps_per_epoch is None:
+        return {
+            "optimizer": built,
+            "lr_scheduler": {"scheduler": LambdaLR(built, lr_factor), "interval": "epoch"},
+        }
+    factors = lr_factor if isinstance(lr_factor, list) else [lr_factor] * len(groups)
+    per_step = [partial(_at_step, factor=f, steps_per_epoch=steps_per_epoch) for f in factors]
+    return {"optimizer": built, "lr_scheduler": {"scheduler": LambdaLR(built, per_step), "interval": "step"}}
+
+
+def _at_step(step: int, factor: Callable[[float], float], steps_per_epoch: int) -> float:
+    return factor(step / steps_per_epoch)
+
+
+def iterations_per_epoch(module) -> int:
+    """Optimiser steps in one training epoch of ``module``'s trainer (its batches / gradient accumulation,
+    rounded up), for schedules stepped per iteration; readable in ``configure_optimizers``. 1 outside a
+    Trainer (an optimiser built by hand steps its schedule per call)."""
+    trainer = getattr(module, "_trainer", module)  # a LightningModule (attached or not), or a Trainer
+    if trainer is None:
+        return 1
+    if trainer.train_dataloader is None:
+        trainer.fit_loop.setup_data()  # what estimated_stepping_batches does (it skips it under max_steps)
+    batches = trainer.num_training_batches
+    if math.isinf(batches):
+        raise ValueError("a per-iteration schedule needs a training loader of known length")
+    return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
 
 
 def adamw_warmup_cosine(
@@ -103,13 +134,15 @@ def adamw_warmup_cosine(
     betas: tuple[float, float] = (0.9, 0.999),
     cosine_from_zero: bool = False,
     algorithm: str = "adamw",
+    steps_per_epoch: int | None = None,
 ) -> dict:
-    """``adamw`` with the per-epoch linear warm-up + cosine of ``warmup_cosine_factor``."""
+    """``adamw`` with the linear warm-up + cosine of ``warmup_cosine_factor``, per epoch or (given
+    ``steps_per_epoch``) per iteration."""
     factor = partial(
         warmup_cosine_factor, base_lr=lr, start_lr=start_lr, min_lr=min_lr, warmup_epochs=warmup_epochs,
         cosine_epochs=cosine_epochs, cosine_from_zero=cosine_from_zero,
     )  # fmt: skip
-    return adamw(groups, lr, factor, betas, algorithm)
+    return adamw(groups, lr, factor, betas, algorithm, steps_per_epoch)
 
 
 @contextmanager

@@ -30,16 +30,19 @@ from __future__ import annotations
 
 import copy
 import math
+from functools import partial
 from pathlib import Path
 
 import torch
 from timm.layers import LayerNorm2d
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 
 from greenlab.backbones.hierarchy import first_conv, forward_hierarchy, spatial_dims, to_network
 from greenlab.contracts import require_fit
 from greenlab.objectives.base import PretrainingModule
-from greenlab.objectives.optim import adamw_warmup_cosine, decay_param_groups, log_train_loss
+from greenlab.objectives.optim import decay_param_groups, iterations_per_epoch, log_train_loss
+from greenlab.objectives.optim import optimizer as build_optimizer
 from greenlab.objectives.patches import (
     masked_patch_mse,
     normalised_patches,
@@ -73,6 +76,51 @@ def masked_patch_loss(prediction: torch.Tensor, images: torch.Tensor, visible: t
     patch = images.shape[2] // visible.shape[2]
     target = normalised_patches(patchify(images, patch))
     return masked_patch_mse(patchify(prediction.float(), patch), target.float(), ~visible.flatten(1))
+
+
+def lr_wd_annealing(
+    step: int,
+    warmup_steps: int,
+    total_steps: int,
+    start_ratio: float,
+    min_ratio: float,
+    weight_decay: float,
+    weight_decay_end: float,
+) -> tuple[float, float]:
+    """(multiplier of the peak lr, weight decay) at optimiser step ``step``, SparK's per-iteration schedule
+    (pretrain/utils/lr_control.py ``lr_wd_annealing``): lr linear from ``start_ratio`` x peak to the peak over
+    ``warmup_steps``, then a half cosine to ``min_ratio`` x peak at the last step (``total_steps`` - 1); weight
+    decay a half cosine from ``weight_decay`` to ``weight_decay_end`` over all steps. Past the last step both
+    stay at their final values."""
+    step = min(step, total_steps - 1)
+    if step < warmup_steps:
+        lr = start_ratio + (1 - start_ratio) * step / warmup_steps
+    else:
+        ratio = (step - warmup_steps) / max(1, total_steps - 1 - warmup_steps)
+        lr = min_ratio + (1 - min_ratio) * (0.5 + 0.5 * math.cos(math.pi * ratio))
+    ratio = step / max(1, total_steps - 1)
+    return lr, weight_decay_end + (weight_decay - weight_decay_end) * (0.5 + 0.5 * math.cos(math.pi * ratio))
+
+
+def lr_at_step(step: int, **schedule) -> float:
+    """The lr multiplier of ``lr_wd_annealing`` (a LambdaLR factor)."""
+    return lr_wd_annealing(step, **schedule)[0]
+
+
+def init_decoder(module: nn.Module) -> None:
+    """SparK's ``LightDecoder.initialize`` (pretrain/decoder.py): convolutions and linear layers truncated
+    normal (std 0.02), transposed convolutions Kaiming normal (fan out, ReLU), biases 0, norms weight 1 bias 0."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv3d)):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+        elif isinstance(m, (nn.ConvTranspose2d, nn.ConvTranspose3d)):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm)):
+            nn.init.ones_(m.weight)
+        else:
+            continue
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
 
 
 class UpsampleBlock(nn.Module):
@@ -128,7 +176,10 @@ class SparKPretraining(PretrainingModule):
     base_lr: lr = base_lr x the global batch / 256 (``effective_batch_size``).
     optimizer: ``adamw`` | ``lamb`` (SparK's ImageNet recipe: LAMB, global gradient norm clipped to 5 in its
         step).
-    weight_decay -> weight_decay_end: cosine weight-decay schedule.
+    weight_decay -> weight_decay_end, warmup_epochs, cosine_epochs, start_lr_ratio, min_lr_ratio: SparK's
+        per-iteration schedule (``lr_wd_annealing``) over cosine_epochs x the steps per epoch.
+    encoder_dropout: the rate of the encoder's dropout layers while pre-training (nn-MobileNet's spatial
+        dropout; SparK pre-trains with none), restored in ``trained_backbone``; None keeps the backbone's.
     figure_dir / figure_every_n_epochs: reconstruction figures (input / masked / prediction), also logged to
         W&B.
     """
@@ -149,8 +200,9 @@ class SparKPretraining(PretrainingModule):
         weight_decay_end: float,
         warmup_epochs: int,
         cosine_epochs: int,
-        start_lr: float,
-        min_lr: float,
+        start_lr_ratio: float,
+        min_lr_ratio: float,
+        encoder_dropout: float | None,
         figure_dir: str | None,
         figure_every_n_epochs: int,
     ):
@@ -161,6 +213,12 @@ class SparKPretraining(PretrainingModule):
         self.save_hyperparameters(ignore=["backbone"])
         self.hparams.sparse_backend = sparse_backend
         self.encoder = backbone
+        self.backbone_dropout = {  # restored in trained_backbone
+            name: m.p for name, m in backbone.named_modules() if isinstance(m, nn.modules.dropout._DropoutNd)
+        }
+        if encoder_dropout is not None:
+            for name in self.backbone_dropout:
+                self.encoder.get_submodule(name).p = encoder_dropout
         if sparse_backend == "minkowski":
             from greenlab.sparse import minkowski
 
@@ -188,6 +246,8 @@ class SparKPretraining(PretrainingModule):
         )
         in_chans = first_conv(backbone).in_channels
         self.to_pixels = LAYERS[self.dims][0](widths[-1], in_chans, kernel_size=1)
+        init_decoder(self.decoder)
+        init_decoder(self.to_pixels)
 
     def encode(self, images: torch.Tensor, visible: torch.Tensor) -> list[torch.Tensor]:
         """Hierarchical features of the visible cells, dense (B, C_s, *spatial / s), zero where masked; images
@@ -233,34 +293,51 @@ class SparKPretraining(PretrainingModule):
             self.save_reconstruction(images, visible, prediction)
         return loss
 
-    def on_train_epoch_start(self) -> None:
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        """Weight decay of the decayed group at this optimiser step (the lr follows the LambdaLR)."""
         hp = self.hparams
-        progress = min(1.0, self.current_epoch / max(1, hp.cosine_epochs))
-        wd = hp.weight_decay_end + 0.5 * (hp.weight_decay - hp.weight_decay_end) * (
-            1 + math.cos(math.pi * progress)
-        )
+        _, wd = lr_wd_annealing(self.global_step, self.warmup_steps, self.total_steps, hp.start_lr_ratio,
+                                hp.min_lr_ratio, hp.weight_decay, hp.weight_decay_end)  # fmt: skip
         for group in self.trainer.optimizers[0].param_groups:
-            if group["weight_decay"] > 0:
+            if group["decayed"]:
                 group["weight_decay"] = wd
-        self.log("train/weight_decay", wd, on_step=False, on_epoch=True)
+        self.log("train/weight_decay", wd, on_step=True, on_epoch=False)
 
     def configure_optimizers(self):
+        """SparK's optimiser (AdamW or LAMB) over its parameter groups (pretrain/utils/lr_control.py
+        ``get_param_groups``: no decay on 1-D parameters, biases and mask tokens), the lr and weight decay of
+        ``lr_wd_annealing`` set before every optimiser step."""
         hp = self.hparams
         lr = hp.base_lr * self.effective_batch_size / 256
-        groups = decay_param_groups(  # SparK: mask tokens, biases and norms are never decayed
+        groups = decay_param_groups(
             [self.encoder, self.densify, self.decoder, self.to_pixels], hp.weight_decay, ("mask_token",)
         )
-        return adamw_warmup_cosine(
-            groups, lr, hp.start_lr, hp.min_lr, hp.warmup_epochs, hp.cosine_epochs, hp.betas,
-            algorithm=hp.optimizer,
+        groups[0]["decayed"], groups[1]["decayed"] = True, False
+        per_epoch = iterations_per_epoch(self)
+        self.warmup_steps, self.total_steps = (
+            hp.warmup_epochs * per_epoch,
+            max(1, hp.cosine_epochs * per_epoch),
+        )
+        built = build_optimizer(groups, lr, hp.betas, hp.optimizer)
+        factor = partial(
+            lr_at_step, warmup_steps=self.warmup_steps,
+            total_steps=self.total_steps, start_ratio=hp.start_lr_ratio, min_ratio=hp.min_lr_ratio,
+            weight_decay=hp.weight_decay, weight_decay_end=hp.weight_decay_end,
         )  # fmt: skip
+        return {
+            "optimizer": built,
+            "lr_scheduler": {"scheduler": LambdaLR(built, factor), "interval": "step"},
+        }
 
     def run_notes(self) -> dict:
         return self.backend_choice
 
     def trained_backbone(self) -> nn.Module:
         """A dense copy of the encoder: the plain network (nn-MobileNet, timm's CNN) with the pre-trained weights."""
-        return masked_dense.densify(copy.deepcopy(self.encoder))
+        dense = masked_dense.densify(copy.deepcopy(self.encoder))
+        for name, rate in self.backbone_dropout.items():
+            dense.get_submodule(name).p = rate
+        return dense
 
     # --- reconstruction figures
     def _figure_due(self) -> bool:

@@ -14,6 +14,19 @@ reproduce the teacher's output tokens through a small residual prediction head::
     y   = ViT_teacher(x)                             final-LayerNorm output, [CLS] + registers + patches
     L   = mean_{tokens, dims} (ŷ - y)²               (distance and token subset configurable)
 
+Clipping (``clip``), the official loop (TokenReconstructionPretraining.ipynb): bf16 autocast with a GradScaler
+of scale S (2^16, x 2 after every 2,000 finite steps), the token an ``nn.Parameter`` outside AdamW, then
+``clip_grad_norm_(model.parameters(), 0.1)``. The token's gradient is never zeroed nor unscaled, so with
+g_t = dL_t/dc and G_t the token's gradient after step t's clipping, and s_t the student's unscaled gradient::
+
+    G'_t = G_{t-1} + S_t g_t                         accumulated, scaled (clip=official reproduces this)
+    k_t  = min(1, 0.1 / (sqrt(|s_t|² + |G'_t|²) + 1e-6)),   s_t ← k_t s_t,   G_t = k_t G'_t
+
+|G'_t| ≈ S_t |g_t| dwarfs |s_t|, so k_t ≈ 0.1 / (S_t |g_t|): the clipped student gradient falls below AdamW's
+eps (1e-8) an element and the update shrinks, more with every doubling of S (measured at tiny size:
+experiments/retfound_green/README.md, clip_evidence.py). ``clip=student``: k_t = min(1, 0.1 / |s_t|), greenlab's (Lightning's clipping of the
+optimiser's gradients).
+
 Shapes: images (B, 3, H, W); tokens (B, T, D), T = 1 + 4 + (H/14)(W/14) = 789 at 392 px, D = 384.
 
 On a CNN, 2D or 3D (greenlab's extension; the ViT path above is the paper's): the corruption acts on the
@@ -67,7 +80,12 @@ class TokenReconstruction(PretrainingModule):
         target_tokens: ``all`` (paper), ``patch`` (patch tokens only) or ``prefix`` ([CLS] + registers; a
             CNN has none: its tokens are all "patch").
         distance: ``mse`` (paper), ``smooth_l1`` or ``cosine`` (1 - cosine similarity per token).
-        lr, betas, weight_decay: AdamW; weight decay skips biases, norms and tokens.
+        corruption_token: ``zeros`` (official: zeros, never trained) or ``learned`` (greenlab: trained, N(0, 0.02)).
+        clip: ``official`` (the official GradScaler loop's clipping, above; needs ``corruption_token=zeros``) or
+            ``student`` (clip the optimiser's gradients alone); the max norm is ``trainer.gradient_clip_val``.
+        lr, betas, weight_decay: AdamW; weight decay skips biases and norms (1-D tensors; timm
+            ``param_groups_weight_decay`` without a skip list, as the official notebook: the [CLS], register
+            and position tokens are decayed).
         warmup_epochs, cosine_epochs, start_lr, min_lr: per-epoch schedule, see ``warmup_cosine_factor``.
     """
 
@@ -79,6 +97,7 @@ class TokenReconstruction(PretrainingModule):
         noise_std: float,
         max_corruption_ratio: float,
         corruption_token: str,
+        clip: str,
         target_tokens: str,
         distance: str,
         head_layer_scale_init: float,
@@ -97,6 +116,13 @@ class TokenReconstruction(PretrainingModule):
             raise ValueError(f"target_tokens must be all, patch or prefix, not {target_tokens!r}")
         if corruption_token not in ("zeros", "learned"):
             raise ValueError(f"corruption_token must be zeros or learned, not {corruption_token!r}")
+        if clip not in ("official", "student"):
+            raise ValueError(f"clip must be official or student, not {clip!r}")
+        if clip == "official" and corruption_token == "learned":
+            raise ValueError(
+                "clip=official reproduces the official token (zeros, outside the optimiser): use "
+                "corruption_token=zeros, or clip=student with a learned token"
+            )
         if distance not in ("mse", "smooth_l1", "cosine"):
             raise ValueError(f"distance must be mse, smooth_l1 or cosine, not {distance!r}")
         self.is_vit = hasattr(backbone, "patch_embed")
@@ -116,9 +142,15 @@ class TokenReconstruction(PretrainingModule):
         if corruption_token == "learned":
             self.corruption_token = nn.Parameter(torch.zeros(corruption_dim))
             nn.init.normal_(self.corruption_token, std=0.02)
-        else:  # outside every parameter group: all zeros for the whole run
+        elif clip == "official" and max_corruption_ratio > 0:
+            # the official nn.Parameter: it has a gradient, and sits outside every parameter group
+            self.corruption_token = nn.Parameter(torch.zeros(corruption_dim))
+        else:  # outside every parameter group: all zeros for the whole run (no corruption: never in the graph)
             self.register_buffer("corruption_token", torch.zeros(corruption_dim), persistent=False)
         self.head = ResidualPredictionHead(dim, head_layer_scale_init)
+        self.scaler: torch.amp.GradScaler | None = None  # clip=official: made on the loss's device
+        self.restored: dict | None = None  # clip=official: the scaler and token gradient of a checkpoint
+        self.last_clip: dict = {}  # clip=official: the latest step's coefficient, norms and scale
 
     # --- the teacher is a fixed function of the initial weights: always eval, never trained, never saved
     def train(self, mode: bool = True):
@@ -130,9 +162,16 @@ class TokenReconstruction(PretrainingModule):
         checkpoint["state_dict"] = {
             k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")
         }
+        if self.hparams.clip == "official" and self.scaler is not None:  # a resumed run: the same loop
+            grad = self.corruption_token.grad
+            checkpoint["official_clip"] = {
+                "scaler": self.scaler.state_dict(),
+                "token_grad": None if grad is None else grad.detach().cpu().clone(),
+            }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
+        self.restored = checkpoint.get("official_clip")
 
     # --- corruption
     def add_pixel_noise(self, images: torch.Tensor) -> torch.Tensor:
@@ -243,10 +282,61 @@ class TokenReconstruction(PretrainingModule):
         log_train_loss(self, loss, images.shape[0])
         return loss
 
+    # --- clip=official: the official GradScaler loop inside Lightning's step (see the module docstring)
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if self.hparams.clip == "official" and str(self.trainer.precision).startswith("16"):
+            raise ValueError(
+                "objective.clip=official emulates the official loop's own GradScaler (bf16 autocast); "
+                f"trainer.precision={self.trainer.precision} brings Lightning's: use bf16-mixed or 32-true, "
+                "or objective.clip=student"
+            )
+
+    def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
+        """clip=official: ``scaler.scale(loss).backward()``; the token's gradient adds to the one it kept."""
+        if self.hparams.clip == "official":
+            if self.scaler is None:
+                self.scaler = torch.amp.GradScaler(loss.device.type)  # torch's defaults, as the notebook's
+                restored, self.restored = self.restored, None
+                if restored:
+                    self.scaler.load_state_dict(restored["scaler"])
+                    token, grad = self.corruption_token, restored["token_grad"]
+                    token.grad = None if grad is None else grad.to(token.device)
+            loss = self.scaler.scale(loss)
+        super().backward(loss, *args, **kwargs)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """clip=official: ``scaler.unscale_(optim)`` (the optimiser's gradients only), ``clip_grad_norm_`` over
+        every parameter (the student's, the head's and the token's scaled, accumulated gradient), the step
+        skipped on a non-finite gradient (``scaler.step``), then ``scaler.update()``."""
+        if self.hparams.clip != "official":
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        self.scaler.unscale_(optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        student = torch.nn.utils.get_total_norm([p.grad for p in params])
+        token = self.corruption_token.grad
+        record = {"loss_scale": self.scaler.get_scale(), "student_grad_norm": student.item(),
+                  "token_grad_norm": 0.0 if token is None else token.norm().item(), "clip_coef": 1.0}  # fmt: skip
+        if gradient_clip_val:
+            total = torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
+            record["clip_coef"] = min(1.0, gradient_clip_val / (total.item() + 1e-6))
+        if not torch.isfinite(student):  # GradScaler.step skips the step: AdamW skips grads of None
+            for p in params:
+                p.grad = None
+        self.scaler.update()
+        self.last_clip = record
+        if self._trainer is not None:
+            self.log_dict({f"train/{k}": v for k, v in record.items()}, on_step=True, on_epoch=False)
+
+    def run_notes(self) -> dict:
+        return {"clip": {"mode": "official", **self.last_clip}} if self.hparams.clip == "official" else {}
+
     def configure_optimizers(self):
+        """AdamW over the student and the head, groups as timm ``param_groups_weight_decay`` (the official
+        notebook's, without a skip list); a learned token undecayed."""
         hp = self.hparams
-        groups = decay_param_groups([self.student, self.head], hp.weight_decay)
-        if isinstance(self.corruption_token, nn.Parameter):
+        groups = decay_param_groups([self.student, self.head], hp.weight_decay, model_skip_list=False)
+        if hp.corruption_token == "learned":  # the official token (clip=official) stays outside
             groups[1]["params"].append(self.corruption_token)
         return adamw_warmup_cosine(
             groups, hp.lr, hp.start_lr, hp.min_lr, hp.warmup_epochs, hp.cosine_epochs, hp.betas,

@@ -18,7 +18,7 @@ NOT_RECIPE = (  # keys (and everything below them) that do not change the method
     "name", "scale_name", "seed", "paths", "hydra", "logger", "callbacks", "compute", "evaluate_initial_backbone",
     "compile", "channels_last", "resume",  # the same maths, another speed or memory layout; how a run resumes
     "ddp_find_unused_parameters", "trainer.accelerator", "trainer.devices", "trainer.num_nodes",
-    "trainer.strategy", "trainer.precision", "trainer.sync_batchnorm", "trainer.use_distributed_sampler",
+    "trainer.strategy", "trainer.sync_batchnorm", "trainer.use_distributed_sampler",
     "trainer.default_root_dir", "trainer.log_every_n_steps", "trainer.fast_dev_run", "trainer.deterministic",
     "data._target_", "data.num_workers", "data.output_dir", "data.cache_dir", "data.pixel_cache_dir", "data.eval_batch_size",
     "objective.figure_dir", "objective.figure_every_n_epochs", "evaluation.num_workers",
