@@ -93,8 +93,9 @@ def test_evaluate_only_gives_the_training_runs_probe_numbers(main_run, data_dir,
     """python -m greenlab.evaluate on the run's backbone.pth = the evaluation inside the training run."""
     run_dir, _ = main_run
     tiny = [o for o in TINY_RUN if not o.startswith(("trainer.", "data.batch_size"))]
+    # the run scored with RETFound-Green's official preprocessing (experiment/retfound_green.yaml): say so here too
     run_cli(*tiny, f"backbone.weights={run_dir / 'backbone.pth'}", f"paths.data_dir={data_dir}", "compute.region=FRA",
-            f"hydra.run.dir={tmp_path / 'eval'}", module="greenlab.evaluate")  # fmt: skip
+            "evaluation.preprocessing=official", f"hydra.run.dir={tmp_path / 'eval'}", module="greenlab.evaluate")  # fmt: skip
     trained, evaluated = (json.loads((d / "results.json").read_text()) for d in (run_dir, tmp_path / "eval"))
     assert evaluated["init"]["used"] == "file" and evaluated["objective"] is None
     assert (

@@ -95,7 +95,7 @@ def test_spark_3d_training_lowers_the_loss_and_draws_mid_slices(tmp_path):
     volumes = torch.randn(4, 1, 32, 32, 32).cumsum(2) / 8  # smooth along one axis: learnable from context
     visible = random_visible_mask(4, (2, 2, 2), 0.6, "cpu")
     losses = []
-    for _ in range(12):
+    for _ in range(16):
         optimizer.zero_grad()
         loss, prediction = objective.train()(volumes, visible)
         loss.backward()

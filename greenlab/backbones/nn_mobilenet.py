@@ -8,7 +8,7 @@ add, as nn-MobileNet's released ``model/resnext.py`` (``LinearBottleneck.drop``,
 ``weights=cached | hub`` are timm's ImageNet ReXNet weights (``timm/rexnet_300.nav_in1k``, nn-MobileNet's
 fine-tuning start ``rexnet_3.0.pth``) from the local Hugging Face cache / the hub
 (greenlab/backbones/weights.py). A path may also hold the original layout: clovaai/rexnet's ``rexnet_3.0.pth``
-(nn-MobileNet main.py: ``model.load_state_dict(torch.load('rexnet_3.0.pth'), strict=False)``) or a checkpoint of
+(nn-MobileNet main.py loads it with ``strict=False``) or a checkpoint of
 nn-MobileNet's own code (``features.<i>...``): the same tensors in the same order, renamed by position
 (``from_original_layout``), every shape checked, the classifier left out as there.
 """

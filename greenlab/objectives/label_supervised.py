@@ -136,7 +136,7 @@ class LabelSupervised(PretrainingModule):
     def configure_optimizers(self):
         hp = self.hparams
         groups = param_groups([self.encoder, self.head], hp.weight_decay, hp.weight_decay_on)
-        steps = iterations_per_epoch(self.trainer) if hp.lr_interval == "step" else None
+        steps = iterations_per_epoch(self) if hp.lr_interval == "step" else None
         return adamw_warmup_cosine(groups, hp.lr, hp.lr, hp.min_lr, hp.warmup_epochs, hp.cosine_epochs,
                                    steps_per_epoch=steps)  # fmt: skip
 

@@ -292,7 +292,7 @@ class MUST(PretrainingModule):
                 group["decayed"], group["weight_decay"] = matrix, self.weight_decay(self.stage, matrix)
             groups += part_groups
             schedules += [partial(self.lr_at_epoch, part=part)] * len(part_groups)
-        steps = iterations_per_epoch(self.trainer) if self.hparams.lr_interval == "step" else None
+        steps = iterations_per_epoch(self) if self.hparams.lr_interval == "step" else None
         return adamw(groups, 1.0, schedules, steps_per_epoch=steps)
 
     def lr_at_epoch(self, epoch: float, part: str = "image") -> float:
