@@ -39,8 +39,8 @@ INTENTIONAL = {  # dotted key: the (before, now) pairs allowed
         ("${oc.select:data.labeller.findings,null}", None),
     ],  # paper: finding names
     "evaluation.templates": [
-        (DEMO_TEMPLATES, ["p1"])
-    ],  # GreenRFM's official prompt pair p1 (demo: three pairs)
+        (DEMO_TEMPLATES, ["p3"]),
+    ],  # GreenRFM's official prompt pair: p3, run_zero_shot.py's default (demo: three pairs)
     "evaluation.retrieval_similarity": [(None, "cosine")],  # official report_to_volume.py
     "evaluation.bf16": [(True, False)],  # fp32 embeddings for probes, as RETFound-Green's evaluation
     "evaluation.pooling": [("mean_patch", "fc_norm_mean_patch")],  # MAE / RETFound-MEH global-pool feature
@@ -136,6 +136,10 @@ INTENTIONAL = {  # dotted key: the (before, now) pairs allowed
     "objective.stage1.weight_decay_on": [(None, "all")],
     "objective.stage2.weight_decay_on": [(None, "matrices")],
     "evaluation.population": [(None, "official"), (None, "labelled")],
+    # run_zero_shot.py's CT_PATHOLOGIES (sentence case); the demo's phrases as the vocabulary writes them
+    "evaluation.finding_case": [(None, "sentence"), (None, "plain")],
+    # data/ct_rate.py, data/merlin.py: every label column kept (greenlab dropped never-labelled findings)
+    "data.unlabelled_findings": [(None, "keep")],
     "trainer.precision": [
         # GreenRFM and SparK: fp32 as their official code; MAE: fp16 autocast + loss scaler on a GPU
         ("${greenlab.auto_precision:}", "32-true"),

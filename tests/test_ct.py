@@ -128,13 +128,23 @@ def test_labels_distilled_from_reports_cached_and_checked(tmp_path):
     (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
     small = {"pad_size": (16, 16, 8), "crop_size": (8, 8, 4), "num_workers": 0, "held_out_fraction": 0.0}
     run = tmp_path / "run"
-    make = lambda: build("data/ct", cache_dir=None, manifest=str(tmp_path / "manifest.csv"), labeller=RuleLabeller("ctrate18"),  # noqa: E731
-                                pair_reports=True, output_dir=str(run), **small)  # fmt: skip
-    data = make()
+    make = lambda **more: build("data/ct", cache_dir=None, manifest=str(tmp_path / "manifest.csv"), labeller=RuleLabeller("ctrate18"),  # noqa: E731
+                                pair_reports=True, output_dir=str(run), **small, **more)  # fmt: skip
+    dropping = make(unlabelled_findings="drop")  # greenlab's option
+    dropping.setup()
+    assert [t.name for t in dropping.tasks] == [
+        "lung_nodule",
+        "pleural_effusion",
+    ]  # the others: never labelled
+    assert "medical_material" in dropping.dropped_findings
+    data = make()  # official (data/ct_rate.py: every label column kept, blanks 0 under unmentioned=negative)
     data.setup()
-    assert [t.name for t in data.tasks] == ["lung_nodule", "pleural_effusion"]  # the others: never labelled
-    assert "medical_material" in data.dropped_findings
-    by_report = {data.pretrain_set[i][1]: data.pretrain_set[i][2].tolist() for i in range(4)}
+    assert len(data.tasks) == 18 and not data.dropped_findings and "medical_material" in data.unlabelled
+    names = [t.name for t in data.tasks]
+    nodule, effusion = names.index("lung_nodule"), names.index("pleural_effusion")
+    by_report = {
+        data.pretrain_set[i][1]: data.pretrain_set[i][2][[nodule, effusion]].tolist() for i in range(4)
+    }
     assert by_report[reports[0]] == [0, 1] and by_report[reports[1]] == [-2, 0]  # -2: uncertain
     image, report, labels = data.pretrain_set[0]
     assert image.shape == (1, 8, 8, 4) and isinstance(report, str)

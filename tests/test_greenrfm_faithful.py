@@ -149,7 +149,7 @@ class ScoreModel(OracleModel):
         out = torch.zeros(len(texts), len(self.names))
         for i, text in enumerate(texts):
             for k, name in enumerate(self.names):
-                if text == f"{name}.":  # p1's positive prompt, "{finding}."
+                if text == f"There is {name.capitalize()}.":  # p3's positive prompt, sentence case
                     out[i, k] = 1.0
         return out
 

@@ -146,11 +146,26 @@ def test_cache_means_no_repeat_calls(server, tmp_path):
 def test_interrupted_run_keeps_what_was_extracted(server, tmp_path):
     reports = REPORTS + ["poison report"]
     with pytest.raises(LLMError, match=r"1 report\(s\) could not be labelled") as error:
-        labeller(server, tmp_path, retries=2).label_many(reports, ids=["a", "b", "c", "d", "e"])
+        labeller(server, tmp_path, retries=2, on_failure="error").label_many(
+            reports, ids=["a", "b", "c", "d", "e"]
+        )
     assert "report e" in str(error.value) and SECRET not in str(error.value)
     assert len((tmp_path / "cache.jsonl").read_text().splitlines()) == 4, "the four good answers are saved"
     resumed = labeller(server, tmp_path)
     assert resumed.label_many(REPORTS) and resumed.calls == 0
+
+
+def test_a_failed_report_is_left_blank_as_the_official_pipeline(server, tmp_path, capsys):
+    """extraction.py: after max_retry=3 attempts the row keeps pd.NA (no labels); greenlab lists it."""
+    model = labeller(server, tmp_path)
+    assert (model.retries, model.backoff_s, model.on_failure) == (2, 0.01, "blank")  # 3 attempts in all
+    rows = model.label_many(REPORTS + ["poison report"], ids=["a", "b", "c", "d", "e"])
+    assert rows[-1] == dict.fromkeys(VOCAB.names) and rows[0]["pleural_effusion"] == 1
+    assert model.calls == len(REPORTS) + 3, "the poison report: three attempts"
+    failed = (tmp_path / "cache.failed.csv").read_text().splitlines()
+    assert failed[0] == "id,error,report" and failed[1].startswith("e,gave up after 3 attempts")
+    assert "1 of 5 report(s) could not be labelled" in capsys.readouterr().err
+    assert len((tmp_path / "cache.jsonl").read_text().splitlines()) == 4, "the failure is not cached"
 
 
 def test_validation_is_strict():

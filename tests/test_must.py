@@ -342,14 +342,15 @@ def test_zero_shot_scores_an_oracle_perfectly():
     metrics = build("evaluation/zero_shot", linear_probe=None, vocabulary=None, population="labelled")(
         model, Data(), torch.device("cpu")
     ).metrics
-    assert encoded.count(("not pleural effusion.",)) == 1, (
-        "the configured templates, p1, are not scored twice"
+    assert encoded.count(("There is no Pleural effusion.",)) == 1, (
+        "the configured templates, p3 over the names in sentence case, are not scored twice"
     )
     assert metrics["zero_shot_auroc/pleural_effusion"] == 1.0 and metrics["zero_shot_auroc_macro"] == 1.0
     assert metrics["zero_shot_findings_scored"] == 2 and metrics["report_to_volume_recall@5"] == 1.0
     by_prompt = metrics["zero_shot_auroc_macro_by_prompt"]  # each official pair, and the five averaged
     assert list(by_prompt) == ["p1", "p2", "p3", "p4", "p5", "p1-p5 averaged"]
-    assert by_prompt["p1"] == metrics["zero_shot_auroc_macro"]  # the configured templates are [p1]
+    assert by_prompt["p3"] == metrics["zero_shot_auroc_macro"]  # the configured templates are [p3]
+    assert metrics["prompt_finding_case"] == "sentence"
     assert metrics["report_to_volume_chance@1"] == 0.2 and metrics["report_to_volume_chance@10"] == 1.0
 
 
@@ -414,10 +415,18 @@ def test_retrieval_ranks_by_cosine_when_latents_have_unequal_norms():
 
 
 def test_official_prompt_pairs_are_selectable_by_name():
-    """SadVoxel/GreenRFM inference/zero_shot.py: p1-p5, p1 the default."""
+    """SadVoxel/GreenRFM inference/zero_shot.py: p1-p5; inference/run_zero_shot.py runs p3 (its --prompt
+    default) over CT_PATHOLOGIES, the names in sentence case ("Arterial wall calcification")."""
     from greenlab.evaluation.zero_shot import prompt_pairs
 
-    assert build("evaluation/zero_shot", linear_probe=None).templates == [("{finding}.", "not {finding}.")]
+    zero_shot = build("evaluation/zero_shot", linear_probe=None)
+    assert zero_shot.templates == [("There is {finding}.", "There is no {finding}.")]
+    assert prompts("arterial_wall_calcification", zero_shot.templates, case=zero_shot.finding_case) == (
+        ["There is Arterial wall calcification."],
+        ["There is no Arterial wall calcification."],
+    )
+    with pytest.raises(ValueError, match="finding_case"):
+        prompts("lung_nodule", zero_shot.templates, case="title")
     pairs = prompt_pairs(["p2", "p5", ["A {finding}.", "No {finding}."]])
     assert pairs[1] == (
         "Findings are compatible with {finding}.",

@@ -32,6 +32,7 @@ from greenlab.data.base import MISSING, UNCERTAIN, ImageDataModule, ResumableLoa
 from greenlab.data.transforms3d import volume_crops
 from greenlab.labels import label_reports, tables
 
+UNLABELLED_FINDINGS = ("keep", "drop")
 log = logging.getLogger(__name__)
 
 
@@ -168,15 +169,24 @@ class VolumeDataModule(ImageDataModule):
     training batch is then {"paired": (volumes, reports, labels), "text_only": (reports, labels)}, the
     text-only part ``text_only_batch_size`` reports drawn at random; for training a text encoder alone).
 
-    Label tensors: 1 present, 0 absent, -2 uncertain, -1 missing. Findings with no present / absent label
-    in the training split are dropped (logged)."""
+    unlabelled_findings: a finding with no present / absent label in the training split is kept (``keep``, as
+    the official data/ct_rate.py and data/merlin.py, which take every label column: a column of zeros once
+    unmentioned = 0) or dropped (``drop``, greenlab: no head for a finding nothing teaches); logged either way.
+
+    Label tensors: 1 present, 0 absent, -2 uncertain, -1 missing."""
 
     def __init__(self, manifest: str, volumes: dict[str, str], preprocessing: mt.Compose, crop_size,
                  volume_augmentation: dict | None, geometry: dict, report_column: str | None,
                  label_columns: list[str] | None, labeller, cache_dir: str | None, group_column: str | None,
                  held_out_fraction: float, split_seed: int, skip_bad: bool, text_only_reports: str | None,
-                 text_only_batch_size: int, pair_reports: bool = False, **loader_kwargs):  # fmt: skip
+                 text_only_batch_size: int, unlabelled_findings: str, pair_reports: bool = False,
+                 **loader_kwargs):  # fmt: skip
         super().__init__(**loader_kwargs)
+        if unlabelled_findings not in UNLABELLED_FINDINGS:
+            raise ValueError(
+                f"data.unlabelled_findings must be one of {UNLABELLED_FINDINGS}, not {unlabelled_findings!r}"
+            )
+        self.unlabelled_findings = unlabelled_findings
         self.manifest = Path(manifest).expanduser()
         self.volumes, self.report_column = dict(volumes), report_column
         self.label_columns, self.labeller, self.pair_reports = label_columns, labeller, pair_reports
@@ -193,6 +203,7 @@ class VolumeDataModule(ImageDataModule):
         self.train_reports: list[str] = []
         self.test_reports: list[str] = []
         self.dropped_findings: list[str] = []
+        self.unlabelled: list[str] = []
         self.test_ids: list[str] = []  # the held-out studies' ids (the manifest's id column), in loader order
         self.text_only_reports, self.text_only_batch_size = text_only_reports, text_only_batch_size
         self.text_only_set: list[tuple[str, torch.Tensor]] = []
@@ -262,12 +273,15 @@ class VolumeDataModule(ImageDataModule):
             test, self.split = splits.by_id(ids, self.held_out_fraction, self.split_seed)
         train = torch.tensor([not t for t in test])
         labelled = ((labels[train] == 0) | (labels[train] == 1)).any(0)
-        self.dropped_findings = [n for n, ok in zip(names, labelled.tolist()) if not ok]
+        self.unlabelled = [n for n, ok in zip(names, labelled.tolist()) if not ok]
+        self.dropped_findings = self.unlabelled if self.unlabelled_findings == "drop" else []
+        if self.unlabelled:
+            log.warning("findings with no present/absent label in the training split, %s (data.unlabelled_"
+                        "findings=%s): %s", "dropped" if self.dropped_findings else "kept",
+                        self.unlabelled_findings, self.unlabelled)  # fmt: skip
         if self.dropped_findings:
-            log.warning("findings with no present/absent label in the training split, dropped: %s",
-                        self.dropped_findings)  # fmt: skip
-        self.tasks = [Task(n, 2) for n, ok in zip(names, labelled.tolist()) if ok]
-        labels = labels[:, labelled]
+            names, labels = [n for n, ok in zip(names, labelled.tolist()) if ok], labels[:, labelled]
+        self.tasks = [Task(n, 2) for n in names]
         items = [{"index": row, "labels": labels[i], "report": reports[i]} for i, row in enumerate(keep)]
         self.test_ids = [i for i, t in zip(ids, test) if t]
         train_items = [it for it, t in zip(items, test) if not t]
@@ -350,6 +364,7 @@ class VolumeDataModule(ImageDataModule):
 
     def describe(self) -> dict:
         return {**super().describe(), "dropped_findings": self.dropped_findings,
+                "unlabelled_findings": {"rule": self.unlabelled_findings, "findings": self.unlabelled},
                 "labels_from": f"reports ({self.labeller})" if self.labeller else "manifest columns",
                 "text_only_reports": len(self.text_only_set), "crop_size": self.crop_size,
                 "volume_augmentation": self.volume_augmentation}  # fmt: skip

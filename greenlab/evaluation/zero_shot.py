@@ -21,7 +21,10 @@ scored by AUROC per finding over ``population`` (raw dot products, as the offici
 Retrieval: each held-out report ranks all held-out volumes by cosine similarity (the official
 ``report_to_volume.py`` L2-normalises both sides; ``retrieval_similarity=dot`` ranks by u·v); Recall@K =
 fraction whose own volume is in the top K. Templates are pairs of format strings or the official pairs by
-name, ``OFFICIAL_PROMPTS`` p1-p5 (p1 is the official default).
+name, ``OFFICIAL_PROMPTS`` p1-p5. The official entry point ``inference/run_zero_shot.py`` scores p3
+(``--prompt`` default; ``ZeroShotEvaluator.evaluate``'s own default, p1, is not what it runs) over the finding
+names in sentence case ("Pleural effusion", its ``CT_PATHOLOGIES``): ``finding_case=sentence``; ``plain``
+fills {finding} with the name in lower-case words ("pleural effusion") or the vocabulary's phrase as written.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from greenlab.results.model import MACRO, Comparison, Embedding, Evaluated
 from greenlab.warnings_banner import loud_warning
 
 POPULATIONS = ("official", "labelled")
+FINDING_CASES = ("sentence", "plain")
 
 OFFICIAL_PROMPTS = {  # SadVoxel/GreenRFM inference/zero_shot.py
     "p1": ("{finding}.", "not {finding}."),
@@ -65,13 +69,18 @@ def prompt_pairs(templates) -> list[tuple[str, str]]:
     return pairs
 
 
-def prompts(finding: str, templates, phrases: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
+def prompts(
+    finding: str, templates, phrases: tuple[str, ...] = (), case: str = "plain"
+) -> tuple[list[str], list[str]]:
     """(positive prompts, negative prompts) for a snake_case finding name, over ``phrases`` (default: the
-    name in words) x templates."""
-    fills = [
-        {"finding": words, "Finding": words[:1].upper() + words[1:]}
-        for words in (phrases or [finding.replace("_", " ")])
-    ]
+    name in words) x templates; {finding} in ``case`` (plain: as written; sentence: first letter upper-case),
+    {Finding} always in sentence case."""
+    if case not in FINDING_CASES:
+        raise ValueError(f"finding_case must be one of {FINDING_CASES}, not {case!r}")
+    fills = []
+    for words in phrases or [finding.replace("_", " ")]:
+        sentence = words[:1].upper() + words[1:]
+        fills.append({"finding": sentence if case == "sentence" else words, "Finding": sentence})
     positive = [p.format(**f) for f in fills for p, _ in templates]
     return positive, [n.format(**f) for f in fills for _, n in templates]
 
@@ -139,6 +148,7 @@ def _mean(scores: dict) -> float:
 
 class ZeroShot:
     """Args: templates (official pair names p1-p5, or pairs of format strings with {finding} / {Finding}),
+    finding_case (sentence | plain: how {finding} is written),
     population (official | labelled: the held-out studies and labels each finding's AUROC is over),
     vocabulary (a labeller vocabulary, name or YAML: its mention phrases fill {finding}; None: the finding
     names), retrieval_similarity (cosine | dot), linear_probe (also probe the frozen image latents with
@@ -148,13 +158,16 @@ class ZeroShot:
     requires = (ReportsSource,)
     optimized_metric = "zero_shot_auroc_macro"
 
-    def __init__(self, templates: list, vocabulary: str | None, retrieval_similarity: str, population: str,
-                 linear_probe: LinearProbe | None, bootstrap: int, bf16: bool, seed: int = 42):  # fmt: skip
+    def __init__(self, templates: list, finding_case: str, vocabulary: str | None, retrieval_similarity: str,
+                 population: str, linear_probe: LinearProbe | None, bootstrap: int, bf16: bool,
+                 seed: int = 42):  # fmt: skip
         if retrieval_similarity not in ("cosine", "dot"):
             raise ValueError(f"retrieval_similarity must be cosine or dot, not {retrieval_similarity!r}")
         if population not in POPULATIONS:
             raise ValueError(f"population must be one of {POPULATIONS}, not {population!r}")
-        self.population = population
+        if finding_case not in FINDING_CASES:
+            raise ValueError(f"finding_case must be one of {FINDING_CASES}, not {finding_case!r}")
+        self.population, self.finding_case = population, finding_case
         self.templates, self.retrieval_similarity = prompt_pairs(templates), retrieval_similarity
         self.phrases = {}
         if vocabulary:
@@ -201,7 +214,7 @@ class ZeroShot:
             )
             choices = {name: prompt_pairs([name]) for name in OFFICIAL_PROMPTS}
             choices["p1-p5 averaged"] = prompt_pairs(OFFICIAL_PROMPTS)
-            by_prompt = {  # the configured templates (the paper's: [p1]) are not scored twice
+            by_prompt = {  # the configured templates (the paper's: [p3]) are not scored twice
                 name: scores
                 if pairs == self.templates
                 else self.diagnose(model, image, labels, datamodule.tasks, pairs)[0]
@@ -232,6 +245,7 @@ class ZeroShot:
             "retrieval_pool_size": pool,
             **{f"report_to_volume_chance@{k}": min(k, pool) / pool for k in (1, 5, 10)},
             "prompt_templates": [list(t) for t in self.templates],
+            "prompt_finding_case": self.finding_case,
             "prompt_phrases": {
                 t.name: list(self.phrases.get(t.name, ())) or [t.name] for t in datamodule.tasks
             },
@@ -257,7 +271,9 @@ class ZeroShot:
         absent one (population=official)}) of the zero-shot rule with these prompt pairs."""
         scores, probabilities, fallbacks = {}, np.zeros(labels.shape), {}
         for k, task in enumerate(tasks):
-            positive, negative = prompts(task.name, templates, self.phrases.get(task.name, ()))
+            positive, negative = prompts(
+                task.name, templates, self.phrases.get(task.name, ()), self.finding_case
+            )
             v_pos = model.encode_text(positive).float().mean(0).cpu().numpy()
             v_neg = model.encode_text(negative).float().mean(0).cpu().numpy()
             logits = np.stack([image @ v_pos, image @ v_neg], axis=1)

@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     llm.add_argument("--llm-retries", type=int, default=defaults.retries)
     llm.add_argument("--llm-max-connection-failures", type=int, default=defaults.max_connection_failures,
                      help="connection failures in a row before giving up on the endpoint")  # fmt: skip
+    llm.add_argument("--llm-on-failure", choices=["blank", "error"], default=defaults.on_failure,
+                     help="a report still failing after the retries: blank (extraction.py; listed in "
+                          "<cache>.failed.csv) or error (stop)")  # fmt: skip
     llm.add_argument("--cache", type=Path, help="persistent answer cache (default: <output>.llm_cache.jsonl)")
     args = parser.parse_args(argv)
     if args.output.exists():
@@ -108,7 +111,7 @@ def label_file(args, parser, defaults) -> int:
             cache_path=args.cache or args.output.with_name(args.output.name + ".llm_cache.jsonl"),
             api_key_env=args.llm_api_key_env, concurrency=args.llm_concurrency, retries=args.llm_retries,
             timeout_s=defaults.timeout_s, backoff_s=defaults.backoff_s,
-            max_connection_failures=args.llm_max_connection_failures,
+            max_connection_failures=args.llm_max_connection_failures, on_failure=args.llm_on_failure,
         )  # fmt: skip
     frame = label_reports(ids, texts, labeller)
     frame = frame.rename(columns={"id": args.id_column})

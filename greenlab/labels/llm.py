@@ -16,6 +16,10 @@
   0 / 1 / -1); reports under 5 characters are not sent (extraction.py skips them: no labels). ``json``
   (greenlab): a JSON object ``{"labels": {finding: value}}`` with exactly the vocabulary's findings and values
   ``present`` / ``absent`` / ``uncertain`` / ``not_mentioned``, validated strictly.
+- A report still unlabelled after the retries (``on_failure``): ``blank``, as extraction.py (its row keeps
+  ``pd.NA``: no labels, read as unmentioned), with a loud warning and the reports and errors listed in
+  ``<cache>.failed.csv``, not cached (a re-run asks again), unless every report asked failed (then it stops:
+  no labels at all is no run); ``error`` (greenlab) stops the run naming them.
 - A persistent cache (JSON lines, appended and flushed per report) keyed by sha256(model, prompt, report
   text, temperature unless 0): a re-run makes no repeat call, and an interrupted run loses nothing already
   extracted.
@@ -23,6 +27,7 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import logging
@@ -40,11 +45,13 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from greenlab.labels.vocabulary import Vocabulary, load_vocabulary
+from greenlab.warnings_banner import loud_warning
 
 log = logging.getLogger(__name__)
 
 VALUES = {"present": 1, "absent": 0, "uncertain": -1, "not_mentioned": None}
 PROMPTS = ("official", "json")
+ON_FAILURE = ("blank", "error")
 # SadVoxel/GreenRFM llm_pipeline/extraction.py SYSTEM_PROMPT_18 and SYSTEM_PROMPT_30 (two trailing spaces after
 # "imaging." and "Example:" as there), their finding list and example line as fields
 OFFICIAL_PROMPT = (
@@ -212,9 +219,13 @@ class LLMLabeller:
 
     def __init__(self, vocabulary: Vocabulary | str, base_url: str, model: str, prompt: str,
                  temperature: float | None, cache_path: str | Path, api_key_env: str, concurrency: int,
-                 retries: int, timeout_s: float, backoff_s: float, max_connection_failures: int):  # fmt: skip
+                 retries: int, timeout_s: float, backoff_s: float, max_connection_failures: int,
+                 on_failure: str):  # fmt: skip
         if prompt not in PROMPTS:
             raise ValueError(f"data.labeller.prompt must be one of {PROMPTS}, not {prompt!r}")
+        if on_failure not in ON_FAILURE:
+            raise ValueError(f"data.labeller.on_failure must be one of {ON_FAILURE}, not {on_failure!r}")
+        self.on_failure = on_failure
         vocabulary = load_vocabulary(vocabulary) if isinstance(vocabulary, str) else vocabulary
         if not base_url or not model:
             raise ValueError(
@@ -279,13 +290,32 @@ class LLMLabeller:
                     raise EndpointUnreachable(f"{err}; {done} of {len(texts)} reports labelled, kept in "
                                               f"{self.cache.path}") from None  # fmt: skip
                 except LLMError as err:
-                    failures.append(f"report {ids[i]}: {err}")
-        if failures:
+                    failures.append((i, str(err)))
+        if failures and (self.on_failure == "error" or len(failures) == len(todo)):  # blank: not all of them
             raise LLMError(
                 f"{len(failures)} report(s) could not be labelled (the others are saved in {self.cache.path}): "
-                + "; ".join(failures[:5])
+                + "; ".join(f"report {ids[i]}: {why}" for i, why in failures[:5])
             )
+        if failures:
+            self.write_failures(failures, texts, ids, unlabelled, results)
         return results
+
+    def write_failures(self, failures, texts, ids, unlabelled: dict, results: list) -> None:
+        """on_failure=blank: the failed reports get no labels (as extraction.py's ``pd.NA`` rows), listed in
+        ``<cache>.failed.csv`` (id, error, report), with a loud warning."""
+        path = self.cache.path.with_name(self.cache.path.stem + ".failed.csv")
+        with path.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["id", "error", "report"])
+            for i, why in failures:
+                results[i] = dict(unlabelled)
+                writer.writerow([ids[i], why, texts[i]])
+        loud_warning(
+            f"{len(failures)} of {len(texts)} report(s) could not be labelled by {self.model} and are left "
+            f"blank (no labels: unmentioned), as the official extraction.py (data.labeller.on_failure=blank); "
+            f"listed in {path}; on_failure=error stops instead. First: report {ids[failures[0][0]]}: "
+            f"{failures[0][1]}"
+        )
 
     def label_one(self, text: str) -> dict:
         key = self.cache_key(text)
