@@ -76,6 +76,31 @@ def test_main_command_writes_complete_results(main_run):
     assert "Linear probes" in (run_dir / "results.md").read_text()
 
 
+def test_predictions_reproduce_the_reported_aurocs_and_calibration(main_run, tmp_path):
+    """predictions.csv (one row per held-out case and task) gives back each probe's point AUROC exactly, and the
+    calibration results.json reports; ``greenlab.compare --recompute`` writes the same."""
+    from greenlab.analysis import recompute
+    from greenlab.analysis.compare import main as compare
+    from greenlab.results.model import MACRO, Results
+
+    run_dir, _ = main_run
+    results = Results.from_folder(run_dir)
+    reported = {c.task: c.auroc_point for c in results.comparisons if c.comparison == MACRO}
+    rows = recompute.recompute(run_dir)
+    assert {r["task"]: r["auroc"] for r in rows} == reported and len(reported) == 3
+    for row in rows:
+        record = results.metrics["calibration"][f"linear_probe/{row['dataset']}/{row['task']}"]
+        assert (row["ece_width"], row["ece_mass"], row["brier"]) == pytest.approx(
+            (record["ece_width"], record["ece_mass"], record["brier"])
+        )
+    assert sorted(p.name for p in (run_dir / "calibration").glob("*.png")) == [
+        f"linear_probe_embedded_fundus_{t}.png" for t in ("grade", "haemorrhages", "hard_exudates")
+    ]
+    assert "## Calibration" in (run_dir / "results.md").read_text()
+    assert compare(["--recompute", str(run_dir), "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "recomputed.csv").read_text().count("linear_probe") == 3
+
+
 def test_student_weights_saved_alone_and_timm_loadable(main_run):
     run_dir, _ = main_run
     state = torch.load(run_dir / "backbone.pth", map_location="cpu", weights_only=True)
@@ -253,6 +278,18 @@ def test_experiment_runs_fast_dev_run(experiment, tmp_path, data_dir):
     run_cli(f"+experiment={experiment}", *overrides, "trainer.fast_dev_run=true", f"paths.data_dir={data_dir}",
             f"hydra.run.dir={tmp_path / 'run'}")  # fmt: skip
     assert (tmp_path / "run" / "results.json").is_file()
+    if experiment == "sparse_cnn_mae":  # k-fold fine-tuning: every labelled image scored once, by its fold
+        from greenlab.analysis import recompute
+        from greenlab.results.model import Results
+
+        results = Results.from_folder(tmp_path / "run")
+        (scored,) = results.predictions
+        folds = results.metrics["finetune_folds"]
+        assert len(set(scored.ids)) == len(scored.ids) == sum(f["n_test"] for f in folds)
+        per_fold = {
+            r["fold"]: r["auroc"] for r in recompute.recompute(tmp_path / "run") if r["fold"] != "all"
+        }
+        assert per_fold == pytest.approx({k: f["auroc"] for k, f in enumerate(folds)}, nan_ok=True)
 
 
 ON_MEDMNIST_3D = {  # the experiment files' own data=medmnist command lines, at tiny size

@@ -21,7 +21,7 @@ PROBE_IN_ZERO_SHOT_BEFORE = {"_target_": "greenlab.evaluation.linear_probe.Linea
                              "bootstrap": 100}  # fmt: skip
 PROBE_IN_ZERO_SHOT_NOW = {"_target_": "greenlab.evaluation.linear_probe.LinearProbe", "pooling": "mean_all", "C": 1.0,
                           "max_iter": 20000, "bootstrap_resamples": 100, "ci_resamples": 1000, "seed": 42,
-                          "bf16": False, "preprocessing": "greenlab", "datasets": {}}  # fmt: skip
+                          "bf16": False, "preprocessing": "greenlab", "datasets": {}, "knn": None}  # fmt: skip
 DEMO_TEMPLATES = [["There is {finding}.", "There is no {finding}."], ["{Finding} is present.", "{Finding} is not present."],
                   ["Findings consistent with {finding}.", "No evidence of {finding}."]]  # fmt: skip
 INTENTIONAL = {  # dotted key: the (before, now) pairs allowed
@@ -139,7 +139,7 @@ INTENTIONAL = {  # dotted key: the (before, now) pairs allowed
     # run_zero_shot.py's CT_PATHOLOGIES (sentence case); the demo's phrases as the vocabulary writes them
     "evaluation.finding_case": [(None, "sentence"), (None, "plain")],
     # data/ct_rate.py, data/merlin.py: every label column kept (greenlab dropped never-labelled findings)
-    "data.unlabelled_findings": [(None, "keep")],
+    "data.unlabelled_findings": [(None, "keep"), (None, "drop")],  # the demo: drop (greenlab, with its masking)
     "trainer.precision": [
         # GreenRFM and SparK: fp32 as their official code; MAE: fp16 autocast + loss scaler on a GPU
         ("${greenlab.auto_precision:}", "32-true"),

@@ -166,6 +166,9 @@ def zero_shot(population: str, labels: torch.Tensor, scores: torch.Tensor):
         def probe_dataloaders(self):
             return None, loader
 
+        def held_out_ids(self):
+            return [f"study{i}" for i in range(len(labels))]
+
     evaluation = build("evaluation/zero_shot", linear_probe=None, population=population, bootstrap=20)
     return evaluation(ScoreModel(names), Data(), torch.device("cpu"))
 

@@ -337,6 +337,9 @@ def test_zero_shot_scores_an_oracle_perfectly():
         def probe_dataloaders(self):
             return None, loader
 
+        def held_out_ids(self):
+            return [f"study{i}" for i in range(5)]
+
     encoded, encode_text = [], model.encode_text
     model.encode_text = lambda texts: encoded.append(tuple(texts)) or encode_text(texts)
     metrics = build("evaluation/zero_shot", linear_probe=None, vocabulary=None, population="labelled")(
@@ -360,6 +363,20 @@ def greenrfm_run(tmp_path_factory, data_dir):
     run = tmp_path_factory.mktemp("greenrfm") / "run"
     run_cli("+experiment=greenrfm", *TINY_GREENRFM, f"paths.data_dir={data_dir}", f"hydra.run.dir={run}")
     return run
+
+
+def test_zero_shot_predictions_reproduce_the_reported_aurocs(greenrfm_run):
+    """predictions.csv's zero-shot rows (the studies of the scored population) give each finding's AUROC."""
+    from greenlab.analysis import recompute
+    from greenlab.results.model import Results
+
+    results = Results.from_folder(greenrfm_run)
+    rows = {
+        r["task"]: r["auroc"] for r in recompute.recompute(greenrfm_run) if r["evaluation"] == "zero_shot"
+    }
+    reported = {k.split("/", 1)[1]: v for k, v in results.metrics.items() if k.startswith("zero_shot_auroc/")}
+    finite = {k: v for k, v in reported.items() if v is not None}  # results.json: NaN as null
+    assert finite and {k: rows[k] for k in finite} == pytest.approx(finite)
 
 
 def test_greenrfm_main_command_end_to_end(greenrfm_run):

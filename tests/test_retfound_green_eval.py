@@ -116,7 +116,7 @@ def test_bootstrap_medians_equal_the_official_code_on_the_same_predictions():
     y_train, y_test = rng.integers(0, 3, 120), rng.integers(0, 3, 60)
     signal = lambda y: rng.normal(0, 1, (len(y), 8)) + 0.8 * np.eye(3)[y] @ rng.normal(0, 1, (3, 8))  # noqa: E731
     x_train, x_test = signal(y_train), signal(y_test)
-    record, draws = build("evaluation/linear_probe").probe_task(x_train, y_train, x_test, y_test)
+    record, draws, _ = build("evaluation/linear_probe").probe_task(x_train, y_train, x_test, y_test)
     # the official probe and its one-vs-rest calls (Eval_IDRiD.ipynb: y_test == grade, preds[:, grade])
     clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=20_000, random_state=42))
     preds = clf.fit(x_train, y_train).predict_proba(x_test)

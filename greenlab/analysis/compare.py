@@ -2,6 +2,7 @@
 Wilcoxon signed-rank tests on the paired bootstrap vectors, and wins / ties / losses at p < 0.05.
 
     python -m greenlab.compare RUN_DIR RUN_DIR ... --out DIR [--reference RUN_DIR] [--names A B ...]
+    python -m greenlab.compare --recompute RUN_DIR ... --out DIR   # every metric from predictions.csv
 
 Each RUN_DIR is a training or ``greenlab.evaluate`` run with linear probes (results.json + bootstrap.npz). A
 comparison is one binary task, or one class (one-vs-rest) or the macro mean of a multi-class task, on one
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from greenlab.analysis import recompute
 from greenlab.analysis.study import SPENT
 from greenlab.evaluation.statistics import wilcoxon_p
 from greenlab.results.model import RESULTS_FILE, Results
@@ -232,9 +234,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--names", nargs="+", help="model names, one per run (default: experiment:folder)")
     parser.add_argument("--alpha", type=float, default=0.05, help="significance level of a win (paper: 0.05)")
     parser.add_argument("--wandb", choices=("offline", "online", "disabled"), default="offline")
+    parser.add_argument("--recompute", action="store_true",
+                        help="recompute every metric of each run from its predictions.csv (recomputed.csv in --out)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.out.exists():
         parser.error(f"{args.out} already exists: greenlab.compare never overwrites an earlier comparison")
+    if args.recompute:
+        return recompute_runs(args.runs, args.out)
     paths = list(dict.fromkeys([*([args.reference] if args.reference else []), *args.runs]))
     if len(paths) < 2:
         parser.error("give at least two runs")
@@ -254,6 +260,19 @@ def main(argv: list[str] | None = None) -> int:
     log_wandb(runs, outcome, files, args.out, args.wandb)
     print(files["md"].read_text())
     print(f"greenlab.compare: {', '.join(str(f) for f in files.values())}")
+    return 0
+
+
+def recompute_runs(paths: list[Path], out: Path) -> int:
+    """``--recompute``: recomputed.csv (greenlab/analysis/recompute.py) in ``out``, printed."""
+    try:
+        rows = [row for path in paths for row in recompute.recompute(path)]
+    except (FileNotFoundError, ValueError) as err:
+        print(f"greenlab.compare: {err}", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True)
+    recompute.write(rows, out / "recomputed.csv")
+    print((out / "recomputed.csv").read_text())
     return 0
 
 

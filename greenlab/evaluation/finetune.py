@@ -38,7 +38,7 @@ from greenlab.data.base import ItemDataset
 from greenlab.evaluation.embeddings import pool
 from greenlab.evaluation.statistics import one_vs_rest_auroc
 from greenlab.objectives.optim import decay_param_groups, warmup_cosine_factor
-from greenlab.results.model import MACRO, Comparison, Embedding, Evaluated
+from greenlab.results.model import MACRO, Comparison, Embedding, Evaluated, Predictions
 
 METRICS = ("accuracy", "auroc", "kappa", "f1_weighted", "auroc_micro", "f1_micro")
 SELECTIONS = ("last", "official_best_on_scored_fold")
@@ -99,11 +99,12 @@ class KFoldFineTune:
         train_tf, eval_tf = datamodule.fold_transforms(self.img_size)
         sources = [datamodule.probe_train_set, datamodule.probe_test_set]
         labels = torch.cat([s.labels[:, column] for s in sources]).numpy()
+        ids = np.asarray([i for s in sources for i in s.ids], dtype=str)
         labelled = np.flatnonzero(labels >= 0)
         augmented = ConcatDataset([_with_transform(s, train_tf) for s in sources])
         plain = ConcatDataset([_with_transform(s, eval_tf) for s in sources])
         splitter = StratifiedKFold(self.folds, shuffle=True, random_state=self.seed)
-        folds, throughput = [], []
+        folds, throughput, cases = [], [], []
         for fold, (train_idx, test_idx) in enumerate(splitter.split(labelled, labels[labelled])):
             torch.manual_seed(self.seed + fold)
             model = Classifier(
@@ -120,6 +121,7 @@ class KFoldFineTune:
                 scored_fold if self.selection == "official_best_on_scored_fold" else None,
             )
             y, proba, img_s = self._predict(scored, scored_fold, column, device)
+            cases.append((labelled[test_idx], y, proba, np.full(len(y), fold)))
             throughput.append(img_s)
             folds.append(self._score(y, proba, task.num_classes))
         metrics = {
@@ -142,7 +144,10 @@ class KFoldFineTune:
         )
         row = Comparison("finetune", datamodule.dataset_name, task.name, MACRO, metrics["finetune_auroc_mean"],
                          n_test=len(labelled))  # fmt: skip
-        return Evaluated(metrics, [row], embedding=embedding)
+        rows, y, proba, fold_of = (np.concatenate(parts) for parts in zip(*cases))
+        scored = Predictions("finetune", datamodule.dataset_name, task.name,
+                             [str(c) for c in range(task.num_classes)], ids[rows], y, proba, fold_of)  # fmt: skip
+        return Evaluated(metrics, [row], embedding=embedding, predictions=[scored])
 
     def _autocast(self, device):
         return (

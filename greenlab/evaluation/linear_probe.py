@@ -32,11 +32,35 @@ from tqdm.auto import tqdm
 
 from greenlab.evaluation import statistics
 from greenlab.evaluation.embeddings import embed
-from greenlab.results.model import MACRO, Comparison, Embedding, Evaluated, HeldOut, probe_comparisons
+from greenlab.results.model import (
+    MACRO,
+    Comparison,
+    Embedding,
+    Evaluated,
+    HeldOut,
+    Predictions,
+    probe_comparisons,
+)
 
 log = logging.getLogger(__name__)
 PREPROCESSING = ("official", "greenlab")
 OWN = "the data's own (it offers no choice)"
+
+
+def knn_probabilities(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, classes: np.ndarray, k: int,
+                      temperature: float) -> np.ndarray:  # fmt: skip
+    """(N_test, K) class probabilities of a weighted k-nearest-neighbour vote, as DINO's ``eval_knn``
+    (facebookresearch/dino eval_knn.py ``knn_classifier``): embeddings L2-normalised, the k training
+    embeddings of highest cosine similarity s, each voting exp(s / temperature) for its class; the votes
+    normalised to sum to 1 (DINO takes their argmax)."""
+    train = x_train / np.linalg.norm(x_train, axis=1, keepdims=True).clip(1e-12)
+    test = x_test / np.linalg.norm(x_test, axis=1, keepdims=True).clip(1e-12)
+    similarity = test @ train.T
+    k = min(k, len(train))
+    nearest = np.argsort(-similarity, axis=1, kind="stable")[:, :k]
+    weights = np.exp(np.take_along_axis(similarity, nearest, 1) / temperature)
+    votes = (weights[:, :, None] * (y_train[nearest][:, :, None] == classes[None, None, :])).sum(1)
+    return votes / votes.sum(1, keepdims=True)
 
 
 class LinearProbe:
@@ -44,19 +68,22 @@ class LinearProbe:
     (the headline median and the saved vectors; 0 = point estimates only), ci_resamples (the 95 % interval),
     seed, bf16 (autocast the embedding pass on GPU), preprocessing (``official`` | ``greenlab``: how photographs
     become tensors, see the module docstring), datasets ({key: datamodule}: labelled probe sets, each reported
-    under its own ``dataset_name``, e.g. a MedMNIST file's stem; empty: the run's own held-out split)."""
+    under its own ``dataset_name``, e.g. a MedMNIST file's stem; empty: the run's own held-out split), knn
+    (None, or {k, temperature}: a weighted kNN probe beside each logistic regression, ``knn_probabilities``,
+    scored the same way as comparisons of evaluation ``knn_probe``)."""
 
     requires = ()
     optimized_metric = "probe_auroc_macro"
 
     def __init__(self, pooling: str, C: float, max_iter: int, bootstrap_resamples: int, ci_resamples: int,
-                 seed: int, bf16: bool, preprocessing: str, datasets: dict | None):  # fmt: skip
+                 seed: int, bf16: bool, preprocessing: str, datasets: dict | None, knn: dict | None):  # fmt: skip
         if preprocessing not in PREPROCESSING:
             raise ValueError(f"evaluation.preprocessing must be official or greenlab, not {preprocessing!r}")
         self.pooling, self.C, self.max_iter, self.seed, self.bf16 = pooling, C, max_iter, seed, bf16
         self.preprocessing = preprocessing
         self.bootstrap_resamples, self.ci_resamples = bootstrap_resamples, ci_resamples
         self.datasets = list((datasets or {}).values())  # known by their own names (``dataset_name``)
+        self.knn = dict(knn) if knn else None
 
     def __call__(self, backbone: nn.Module, datamodule, device: torch.device) -> Evaluated:
         """The probes' metrics, one ``Comparison`` per task / class (with its bootstrap draws), the held-out
@@ -68,6 +95,7 @@ class LinearProbe:
             )
         bf16 = self.bf16 and device.type == "cuda"
         tasks, rows, held_out, embedding, started = {}, [], {}, None, time.perf_counter()
+        predictions, knn_tasks = [], {}
         preprocessed = {}
         for name, source in sources.items():
             preprocessed[name] = self.preprocess(source, name)
@@ -84,11 +112,18 @@ class LinearProbe:
             )
             held_out[name] = HeldOut(np.asarray(source.held_out_ids(), dtype=str), y_test)
             for t, task in enumerate(tqdm(source.tasks, desc=f"{name}: fitting probes", unit="task")):
-                result, draws = self.probe_task(x_train, y_train[:, t], x_test, y_test[:, t])
-                record = {"dataset": name, "task": task.name, **result}
-                tasks[task.name if len(sources) == 1 else f"{name}/{task.name}"] = record
-                if "skipped" not in record:
-                    rows += [Comparison("linear_probe", name, task.name, c, r["auroc"], r["auroc_ci95"], r["auroc_point"],
+                probes = [("linear_probe", tasks, self.probe_task)]
+                probes += [("knn_probe", knn_tasks, self.knn_task)] if self.knn else []
+                for evaluation, records, probe in probes:
+                    result, draws, scored = probe(x_train, y_train[:, t], x_test, y_test[:, t])
+                    record = {"dataset": name, "task": task.name, **result}
+                    records[task.name if len(sources) == 1 else f"{name}/{task.name}"] = record
+                    if not scored:
+                        continue
+                    test, proba, classes = scored
+                    predictions.append(Predictions(evaluation, name, task.name, [str(c) for c in classes],
+                                                   held_out[name].ids[test], y_test[test, t], proba))  # fmt: skip
+                    rows += [Comparison(evaluation, name, task.name, c, r["auroc"], r["auroc_ci95"], r["auroc_point"],
                                         r["auprc"], record["n_test"], draws.get(c))
                              for c, r in probe_comparisons(record)]  # fmt: skip
             embedding = embedding or self.embedding_record(
@@ -110,7 +145,12 @@ class LinearProbe:
             "probe_datasets": {n: s.describe() for n, s in sources.items() if s is not datamodule},
             "probe_tasks": tasks,
         }
-        return Evaluated(metrics, rows, held_out, embedding)
+        if self.knn:
+            scored_knn = [m["auroc"] for m in knn_tasks.values() if not np.isnan(m.get("auroc", np.nan))]
+            metrics["knn_auroc_macro"] = float(np.mean(scored_knn)) if scored_knn else float("nan")
+            metrics["knn"] = self.knn
+            metrics["knn_tasks"] = knn_tasks
+        return Evaluated(metrics, rows, held_out, embedding, predictions)
 
     def preprocess(self, source, name: str) -> str:
         """Give ``source`` this evaluation's photograph preprocessing; returns what its probe sets use."""
@@ -137,19 +177,41 @@ class LinearProbe:
             f"{device.type}{', bf16 autocast' if bf16 else ', fp32'}",
         )
 
-    def probe_task(self, x_train, y_train, x_test, y_test) -> tuple[dict, dict[str, np.ndarray]]:
+    def probe_task(
+        self, x_train, y_train, x_test, y_test
+    ) -> tuple[dict, dict[str, np.ndarray], tuple | None]:
         """Fit on labelled train rows (label >= 0), score on labelled held-out rows. Returns the task's
-        record and {comparison: its ``bootstrap_resamples`` AUROC draws}."""
+        record, {comparison: its ``bootstrap_resamples`` AUROC draws} and the scored cases (held-out mask,
+        (n, K) probabilities, the K classes; None when skipped)."""
         train, test = y_train >= 0, y_test >= 0
         if len(np.unique(y_train[train])) < 2 or test.sum() == 0:
-            skipped = {"skipped": "fewer than two classes in probe-train or no held-out labels"}
-            return {**skipped, "n_train": int(train.sum())}, {}
+            return self.skipped(train)
         probe = make_pipeline(
             StandardScaler(), LogisticRegression(C=self.C, max_iter=self.max_iter, random_state=42)
         )
         probe.fit(x_train[train], y_train[train])
-        y, proba = y_test[test], probe.predict_proba(x_test[test])
-        classes, predicted = probe.classes_, probe.classes_[proba.argmax(1)]
+        return self.score(y_test, test, probe.predict_proba(x_test[test]), probe.classes_, int(train.sum()))
+
+    def knn_task(self, x_train, y_train, x_test, y_test) -> tuple[dict, dict[str, np.ndarray], tuple | None]:
+        """As ``probe_task`` with the weighted kNN vote (``knn_probabilities``) instead of the regression."""
+        train, test = y_train >= 0, y_test >= 0
+        classes = np.unique(y_train[train])
+        if len(classes) < 2 or test.sum() == 0:
+            return self.skipped(train)
+        proba = knn_probabilities(x_train[train], y_train[train], x_test[test], classes, **self.knn)
+        return self.score(y_test, test, proba, classes, int(train.sum()))
+
+    @staticmethod
+    def skipped(train: np.ndarray) -> tuple[dict, dict, None]:
+        skipped = {"skipped": "fewer than two classes in probe-train or no held-out labels"}
+        return {**skipped, "n_train": int(train.sum())}, {}, None
+
+    def score(self, y_test: np.ndarray, test: np.ndarray, proba: np.ndarray, classes: np.ndarray,
+              n_train: int) -> tuple[dict, dict[str, np.ndarray], tuple]:  # fmt: skip
+        """The task's record (AUROC headline, interval, point, AUPRC, accuracies), its bootstrap draws and
+        the scored cases, from the held-out probabilities ``proba`` of the labelled rows ``test``."""
+        y = y_test[test]
+        predicted = classes[proba.argmax(1)]
         point = statistics.one_vs_rest_auroc(y, proba, classes)
         auprc = statistics.one_vs_rest_auprc(y, proba, classes)
         resamples = max(self.bootstrap_resamples, self.ci_resamples) if self.bootstrap_resamples else 0
@@ -162,7 +224,7 @@ class LinearProbe:
             comparisons[key] = {"auroc": headline, "auroc_point": value, "auroc_ci95": summary["ci95"],
                                 "auprc": auprc[key], "resamples_scored": summary["resamples_scored"]}  # fmt: skip
         record = {
-            "n_train": int(train.sum()),
+            "n_train": n_train,
             "n_test": int(test.sum()),
             "num_classes": int(len(classes)),
             **comparisons.pop(MACRO),
@@ -170,7 +232,8 @@ class LinearProbe:
             "balanced_accuracy": float(balanced_accuracy_score(y, predicted)),
             "per_class": comparisons,  # one-vs-rest, multi-class tasks only
         }
-        return record, {k: v[: self.bootstrap_resamples].astype(np.float32) for k, v in draws.items()}
+        draws = {k: v[: self.bootstrap_resamples].astype(np.float32) for k, v in draws.items()}
+        return record, draws, (test, proba, classes)
 
     def markdown(self, results) -> list[str]:
         """The probes' own section of results.md (the comparisons are the report's table): per task the
@@ -195,6 +258,9 @@ class LinearProbe:
             f"Mean over tasks: AUROC **{m['probe_auroc_macro']:.3f}** (point {m['probe_auroc_point_macro']:.3f}), "
             f"AUPRC {m['probe_auprc_macro']:.3f}, balanced accuracy {m['probe_balanced_accuracy_macro']:.3f}.",
         ]
+        if "knn_auroc_macro" in m:
+            lines += [f"\nkNN probe (k {m['knn']['k']}, temperature {m['knn']['temperature']}, DINO's eval_knn): "
+                      f"mean AUROC over tasks **{m['knn_auroc_macro']:.3f}** (rows `knn_probe` above)."]  # fmt: skip
         preprocessed = ", ".join(f"`{n}` {how}" for n, how in m.get("probe_preprocessing", {}).items())
         lines += [f"\nPreprocessing of the probe sets: {preprocessed}."] if preprocessed else []
         splits = {n: d.get("split", {}).get("method") for n, d in m.get("probe_datasets", {}).items()}

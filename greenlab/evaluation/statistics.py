@@ -89,3 +89,48 @@ def _auroc(positive: np.ndarray, score: np.ndarray) -> float:
 
 def _auprc(positive: np.ndarray, score: np.ndarray) -> float:
     return float(average_precision_score(positive, score)) if positive.any() else float("nan")
+
+
+CALIBRATION_BINS = 15
+
+
+def top_label(y: np.ndarray, proba: np.ndarray, classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(confidence (N,): the largest class probability, correct (N,): whether that class is the label)."""
+    return proba.max(1), np.asarray(classes)[proba.argmax(1)] == y
+
+
+def calibration_bins(confidence: np.ndarray, bins: int, strategy: str) -> np.ndarray:
+    """Bin index (N,) of each confidence: ``width`` = ``bins`` equal intervals of [0, 1] (right-closed, the
+    first one closed: (0, 1/15] ... as Guo et al. 2017), ``mass`` = ``bins`` groups of (nearly) equal size in
+    confidence order (ties kept in their order; ``np.array_split`` sizes)."""
+    if strategy == "width":
+        return np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+    if strategy == "mass":
+        index = np.empty(len(confidence), int)
+        for b, part in enumerate(np.array_split(np.argsort(confidence, kind="stable"), bins)):
+            index[part] = b
+        return index
+    raise ValueError(f"calibration bins: strategy must be width or mass, not {strategy!r}")
+
+
+def reliability(y: np.ndarray, proba: np.ndarray, classes: np.ndarray, bins: int = CALIBRATION_BINS,
+                strategy: str = "width") -> dict:  # fmt: skip
+    """Top-label reliability: per non-empty bin its count, mean confidence and accuracy, and the expected
+    calibration error ECE = sum_b (n_b / N) |accuracy_b - confidence_b|."""
+    confidence, correct = top_label(y, proba, classes)
+    index = calibration_bins(confidence, bins, strategy)
+    rows = [(int((index == b).sum()), float(confidence[index == b].mean()), float(correct[index == b].mean()))
+            for b in range(bins) if (index == b).any()]  # fmt: skip
+    ece = sum(n * abs(acc - conf) for n, conf, acc in rows) / len(y) if len(y) else float("nan")
+    return {"ece": float(ece), "count": [r[0] for r in rows], "confidence": [r[1] for r in rows],
+            "accuracy": [r[2] for r in rows]}  # fmt: skip
+
+
+def brier_score(y: np.ndarray, proba: np.ndarray, classes: np.ndarray) -> float:
+    """Mean squared error of the probabilities against the one-hot label: binary, (p_1 - y)^2 averaged
+    (= scikit-learn's ``brier_score_loss``); multi-class, the sum over classes averaged over cases (Brier 1950;
+    scikit-learn's multi-class ``brier_score_loss``)."""
+    onehot = (np.asarray(y)[:, None] == np.asarray(classes)[None, :]).astype(np.float64)
+    if len(classes) == 2:
+        return float(np.mean((proba[:, 1] - onehot[:, 1]) ** 2))
+    return float(np.mean(((proba - onehot) ** 2).sum(1)))

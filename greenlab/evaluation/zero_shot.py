@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from greenlab.contracts import ReportsSource, TextAligned
 from greenlab.data.base import MISSING, UNCERTAIN
 from greenlab.evaluation.linear_probe import LinearProbe
-from greenlab.results.model import MACRO, Comparison, Embedding, Evaluated
+from greenlab.results.model import MACRO, Comparison, Embedding, Evaluated, Predictions
 from greenlab.warnings_banner import loud_warning
 
 POPULATIONS = ("official", "labelled")
@@ -259,10 +259,15 @@ class ZeroShot:
             throughput_method=f"image encoder + projection (no data loading), {device.type}",
         )
         known = labels >= 0 if self.population == "labelled" else np.ones(labels.shape, dtype=bool)
+        ids = np.asarray(datamodule.held_out_ids(), dtype=str)
+        predictions = [Predictions("zero_shot", datamodule.dataset_name, task.name, ["0", "1"], ids[known[:, k]],
+                                   labels[known[:, k], k], np.stack([1 - probabilities[:, k], probabilities[:, k]], 1)[known[:, k]])
+                       for k, task in enumerate(datamodule.tasks)]  # fmt: skip
         rows = [Comparison("zero_shot", datamodule.dataset_name, name, MACRO, value, auroc_point=value,
                            n_test=int(known[:, k].sum()))
                 for k, (name, value) in enumerate(scores.items())]  # fmt: skip
-        return Evaluated(metrics, probed.comparisons + rows, probed.held_out, embedding)
+        return Evaluated(metrics, probed.comparisons + rows, probed.held_out, embedding,
+                         probed.predictions + predictions)  # fmt: skip
 
     def diagnose(
         self, model, image: np.ndarray, labels: np.ndarray, tasks, templates

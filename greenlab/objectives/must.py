@@ -110,6 +110,9 @@ class AlignedEncoders(nn.Module):
         + the other coordinates' small random part, and a prompt pair scores u·(v⁺_c - v⁻_c), which is
         about (H_i f)_c times how much the stage-1 text head tells the two prompts apart."""
         c = self.classifier.out_features
+        if c > self.image_projection.out_features:
+            raise ValueError(f"objective.stage2.start=stage1_heads needs a latent of at least {c} dimensions (one "
+                             f"per finding); objective.latent_dim is {self.image_projection.out_features}")  # fmt: skip
         self.image_projection.weight[:c] = image_head.weight
         self.text_projection.weight[:c] = text_head.weight
         self.classifier.weight.zero_()

@@ -39,6 +39,7 @@ from greenlab.backbones import weights
 from greenlab.callbacks.interruption import EXIT_SIGTERM
 from greenlab.compute.budget import Budget
 from greenlab.compute.monitor import ComputeMonitor
+from greenlab.evaluation import calibration
 from greenlab.objectives.base import use_channels_last
 from greenlab.pipeline.run_folder import (
     RunLock,
@@ -49,7 +50,7 @@ from greenlab.pipeline.run_folder import (
     resumed_files,
 )
 from greenlab.results import recipe, report, wandb_run
-from greenlab.results.model import BOOTSTRAP_FILE, Recipe, Results
+from greenlab.results.model import BOOTSTRAP_FILE, PREDICTIONS_FILE, Recipe, Results
 
 log = logging.getLogger("greenlab")
 
@@ -141,10 +142,12 @@ def train_and_evaluate(cfg: DictConfig, output_dir: Path) -> Results | None:
         artifacts={**pretrained.artifacts, "wandb_dir": str(output_dir / "wandb")},
         config=OmegaConf.to_container(cfg, resolve=True),
         held_out=evaluated.held_out,
+        predictions=evaluated.predictions,
         pretraining=None if trains else EVALUATION_ONLY,
         preprocessing=preprocessing,
     )
     results.artifacts["bootstrap"] = str(output_dir / BOOTSTRAP_FILE) if results.arrays() else None
+    results.artifacts["predictions"] = str(output_dir / PREDICTIONS_FILE) if results.predictions else None
     write_report(results, evaluation, loggers, pretrained.step, output_dir)
     return results
 
@@ -308,6 +311,8 @@ def evaluate(evaluation, backbone, initial_backbone, datamodule, device: torch.d
     measured, not claimed: ``metrics.initial_backbone``)."""
     datamodule.setup("fit")
     evaluated = evaluation(backbone, datamodule, device)
+    if evaluated.predictions:
+        evaluated.metrics["calibration"] = calibration.summary(evaluated.predictions)
     if initial_backbone is not None:
         initial = evaluation(initial_backbone, datamodule, device).metrics
         initial.pop("probe_datasets", None)  # described once, above
@@ -329,7 +334,11 @@ def write_report(results: Results, evaluation, loggers: list, step: int, output_
     """results.json + bootstrap.npz, results.md (the evaluation's sections inside), the final values to every
     logger, as read back from the run folder (what W&B shows is what the files hold)."""
     json_path, _ = results.write(output_dir)
-    md_path = report.write_markdown(results, evaluation.markdown(results), output_dir)
+    calibrated = results.metrics.get("calibration") or {}
+    calibration.plot(calibrated, output_dir)
+    md_path = report.write_markdown(
+        results, evaluation.markdown(results) + calibration.markdown(calibrated), output_dir
+    )
     log_final(loggers, step, Results.from_folder(output_dir))
     weights_line = (
         f"\n  weights: {results.artifacts['backbone_weights']}" if results.pretraining is None else ""

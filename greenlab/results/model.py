@@ -1,7 +1,8 @@
 """A run's results, typed: what results.json and bootstrap.npz hold, written and read by this module alone.
 
 ``Results.write(folder)`` writes results.json (``to_json``) and, when there are bootstrap draws,
-bootstrap.npz; ``Results.from_folder(folder)`` reads both back, results.json files from before
+bootstrap.npz, and, when the evaluation gave per-case scores, predictions.csv; ``Results.from_folder(folder)``
+reads them back, results.json files from before
 ``schema_version`` (version 1) included. The npz keys are built and parsed here only (``NpzKeys``): the
 names of datasets, tasks and classes live in results.json, the npz holds arrays by position, so any name
 (one with a ``/`` too) round-trips.
@@ -9,6 +10,7 @@ names of datasets, tasks and classes live in results.json, the npz holds arrays 
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import math
@@ -20,7 +22,8 @@ import numpy as np
 MACRO = "macro"  # the comparison of a binary task, or the mean over a multi-class task's classes
 SCHEMA_VERSION = 2  # 1: results.json without schema_version, bootstrap keys auroc/<dataset>/<task>/<class>
 
-RESULTS_FILE, BOOTSTRAP_FILE = "results.json", "bootstrap.npz"
+RESULTS_FILE, BOOTSTRAP_FILE, PREDICTIONS_FILE = "results.json", "bootstrap.npz", "predictions.csv"
+PREDICTION_KEYS = ("evaluation", "dataset", "task", "fold", "id", "label")  # then score_<class> per class
 
 
 @dataclass
@@ -56,6 +59,64 @@ class HeldOut:
 
 
 @dataclass
+class Predictions:
+    """One scored task's cases: ``ids`` (N,), ``labels`` (N,) as greenlab codes them (class index; a finding
+    1 / 0, -2 uncertain, -1 missing), ``scores`` (N, K) the class probabilities in ``classes`` order, ``folds``
+    (N,) the fold that scored each case (k-fold fine-tuning) or None. predictions.csv holds one row per case."""
+
+    evaluation: str
+    dataset: str
+    task: str
+    classes: list[str]
+    ids: np.ndarray
+    labels: np.ndarray
+    scores: np.ndarray
+    folds: np.ndarray | None = None
+
+    def rows(self) -> list[dict]:
+        """predictions.csv's rows of this task (``PREDICTION_KEYS``, then ``score_<class>``)."""
+        folds = self.folds if self.folds is not None else [""] * len(self.ids)
+        return [{"evaluation": self.evaluation, "dataset": self.dataset, "task": self.task, "fold": fold,
+                 "id": str(case), "label": int(label),
+                 **{f"score_{c}": float(v) for c, v in zip(self.classes, scores)}}
+                for case, label, scores, fold in zip(self.ids, self.labels, self.scores, folds)]  # fmt: skip
+
+
+def write_predictions(predictions: list[Predictions], path: Path) -> None:
+    """predictions.csv: one row per scored case of every task; a score column per class any task has (blank
+    where a task has no such class)."""
+    rows = [row for p in predictions for row in p.rows()]
+    scores = list(dict.fromkeys(f"score_{c}" for p in predictions for c in p.classes))
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, [*PREDICTION_KEYS, *scores], restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def read_predictions(path: Path) -> list[Predictions]:
+    """predictions.csv back as one ``Predictions`` per (evaluation, dataset, task); errors name the file."""
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = [k for k in PREDICTION_KEYS if k not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: not a greenlab predictions file (no column {missing[0]!r})")
+        groups: dict[tuple, list[dict]] = {}
+        for row in reader:
+            groups.setdefault((row["evaluation"], row["dataset"], row["task"]), []).append(row)
+    found = []
+    for (evaluation, dataset, task), rows in groups.items():
+        columns = [k for k in rows[0] if k.startswith("score_") and rows[0][k] != ""]
+        folds = [r["fold"] for r in rows]
+        found.append(Predictions(
+            evaluation, dataset, task, [c.removeprefix("score_") for c in columns],
+            np.array([r["id"] for r in rows], dtype=str), np.array([int(r["label"]) for r in rows]),
+            np.array([[float(r[c]) for c in columns] for r in rows], dtype=np.float64).reshape(len(rows), len(columns)),
+            np.array([int(f) for f in folds]) if all(folds) else None,
+        ))  # fmt: skip
+    return found
+
+
+@dataclass
 class Embedding:
     """The frozen embedding an evaluation used: ``dim`` floats of ``dtype`` per image; throughput in img/s."""
 
@@ -76,6 +137,7 @@ class Evaluated:
     comparisons: list[Comparison] = field(default_factory=list)
     held_out: dict[str, HeldOut] = field(default_factory=dict)
     embedding: Embedding | None = None
+    predictions: list[Predictions] = field(default_factory=list)
 
 
 @dataclass
@@ -143,6 +205,7 @@ class Results:
     pretraining: str | None = None
     preprocessing: dict | None = None
     schema_version: int = SCHEMA_VERSION
+    predictions: list[Predictions] = field(default_factory=list, repr=False, compare=False)  # predictions.csv
 
     def headline(self) -> dict[str, float]:
         """The metrics that are single numbers (what loggers and sweepers take)."""
@@ -152,7 +215,11 @@ class Results:
 
     def to_json(self) -> dict:
         """results.json's content (no arrays: those are bootstrap.npz's; NaN / inf as null)."""
-        content = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "held_out"}
+        content = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in ("held_out", "predictions")
+        }
         content["comparisons"] = [
             {k: v for k, v in dataclasses.asdict(c).items() if k != "draws"} for c in self.comparisons
         ]
@@ -167,9 +234,10 @@ class Results:
         return arrays
 
     def write(self, folder: Path) -> tuple[Path, Path | None]:
-        """results.json (and bootstrap.npz when there are arrays) in ``folder``; never replaces either."""
+        """results.json (and bootstrap.npz when there are arrays, predictions.csv when there are per-case
+        scores) in ``folder``; never replaces any of them."""
         json_path, npz_path = folder / RESULTS_FILE, folder / BOOTSTRAP_FILE
-        for path in (json_path, npz_path):
+        for path in (json_path, npz_path, folder / PREDICTIONS_FILE):
             if path.exists():
                 raise FileExistsError(
                     f"{path} already exists: greenlab never overwrites an earlier run's results"
@@ -177,6 +245,8 @@ class Results:
         arrays = self.arrays()
         if arrays:
             np.savez_compressed(npz_path, **arrays)
+        if self.predictions:
+            write_predictions(self.predictions, folder / PREDICTIONS_FILE)
         json_path.write_text(json.dumps(self.to_json(), indent=2, default=str))
         return json_path, npz_path if arrays else None
 
@@ -217,11 +287,15 @@ class Results:
             with np.load(npz_path) as npz:
                 arrays = {key: npz[key] for key in npz.files}
         try:
-            return cls.from_json(content, arrays)
+            results = cls.from_json(content, arrays)
         except (KeyError, TypeError) as err:
             raise ValueError(
                 f"{json_path} is not a greenlab results file: {type(err).__name__}: {err}"
             ) from err
+        predictions_path = Path(folder) / PREDICTIONS_FILE
+        if predictions_path.is_file():
+            results.predictions = read_predictions(predictions_path)
+        return results
 
 
 class NpzKeys:
