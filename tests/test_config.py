@@ -139,7 +139,10 @@ INTENTIONAL = {  # dotted key: the (before, now) pairs allowed
     # run_zero_shot.py's CT_PATHOLOGIES (sentence case); the demo's phrases as the vocabulary writes them
     "evaluation.finding_case": [(None, "sentence"), (None, "plain")],
     # data/ct_rate.py, data/merlin.py: every label column kept (greenlab dropped never-labelled findings)
-    "data.unlabelled_findings": [(None, "keep"), (None, "drop")],  # the demo: drop (greenlab, with its masking)
+    "data.unlabelled_findings": [
+        (None, "keep"),
+        (None, "drop"),
+    ],  # the demo: drop (greenlab, with its masking)
     "trainer.precision": [
         # GreenRFM and SparK: fp32 as their official code; MAE: fp16 autocast + loss scaler on a GPU
         ("${greenlab.auto_precision:}", "32-true"),
