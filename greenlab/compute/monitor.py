@@ -74,6 +74,11 @@ class ComputeMonitor(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         self.train_seconds, self.joules = self._totals()
 
+    def spent(self) -> tuple[float, float]:
+        """(train seconds, joules) of this process so far, resumed attempts included; (0, 0) before training
+        (read during training, e.g. by ``greenlab.callbacks.probe_monitor``)."""
+        return self._totals() if self._started is not None else (0.0, 0.0)
+
     def _totals(self) -> tuple[float, float]:
         """(train seconds, joules) of this attempt plus the checkpointed ones before it."""
         return (
@@ -84,7 +89,7 @@ class ComputeMonitor(L.Callback):
     def state_dict(self) -> dict:
         """Saved in every checkpoint, so a resumed run's budget includes the work before the interruption
         (up to that checkpoint: what ran after it and was lost is not counted)."""
-        seconds, joules = self._totals() if self._started is not None else (0.0, 0.0)
+        seconds, joules = self.spent()
         return {"images_seen": self.images_seen, "flops_per_image": self.flops_per_image, "train_seconds": seconds,
                 "joules": joules, "attempts": self.earlier["attempts"] + 1}  # fmt: skip
 

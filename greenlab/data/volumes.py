@@ -205,6 +205,7 @@ class VolumeDataModule(ImageDataModule):
         self.dropped_findings: list[str] = []
         self.unlabelled: list[str] = []
         self.test_ids: list[str] = []  # the held-out studies' ids (the manifest's id column), in loader order
+        self.train_ids: list[str] = []  # the probe-train studies' ids, likewise
         self.text_only_reports, self.text_only_batch_size = text_only_reports, text_only_batch_size
         self.text_only_set: list[tuple[str, torch.Tensor]] = []
 
@@ -284,6 +285,7 @@ class VolumeDataModule(ImageDataModule):
         self.tasks = [Task(n, 2) for n in names]
         items = [{"index": row, "labels": labels[i], "report": reports[i]} for i, row in enumerate(keep)]
         self.test_ids = [i for i, t in zip(ids, test) if t]
+        self.train_ids = [i for i, t in zip(ids, test) if not t]
         train_items = [it for it, t in zip(items, test) if not t]
         test_items = [it for it, t in zip(items, test) if t]
         self.train_reports = [it["report"] for it in train_items]

@@ -59,8 +59,10 @@ def embed(
     device: torch.device,
     bf16: bool = False,
     desc: str = "embedding",
+    on_batch=None,
 ) -> tuple[np.ndarray, np.ndarray, float]:
-    """(embeddings (N, E) float32, labels (N, T) int64, seconds spent in the backbone forward).
+    """(embeddings (N, E) float32, labels (N, T) int64, seconds spent in the backbone forward); ``on_batch(i,
+    vectors, labels)``, when given, receives each batch's as it is computed (``greenlab.embed`` saves them).
 
     The time excludes data loading; it is synchronised on CUDA so it measures the model alone.
     """
@@ -80,6 +82,8 @@ def embed(
         seconds += time.perf_counter() - start
         vectors.append(vector.cpu().numpy())
         labels.append(batch_labels.numpy())
+        if on_batch is not None:
+            on_batch(len(vectors) - 1, vectors[-1], labels[-1])
     backbone.train(was_training)
     return np.concatenate(vectors), np.concatenate(labels), seconds
 

@@ -386,7 +386,7 @@ def follow_backbone(cfg: DictConfig) -> dict:
     """Evaluation only: give the data (and each probe dataset) the backbone config's ``FOLLOWED`` values,
     except those the command line sets; returns {key: value used, "from": ...} for results.json."""
     given = {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
-    probe_sets = cfg.evaluation.get("datasets") or {}
+    probe_sets = (cfg.get("evaluation") or {}).get("datasets") or {}
     backbone, used = OmegaConf.to_container(cfg.backbone, resolve=True), {}
     for key in FOLLOWED:
         if key not in backbone:
