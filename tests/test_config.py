@@ -21,7 +21,8 @@ PROBE_IN_ZERO_SHOT_BEFORE = {"_target_": "greenlab.evaluation.linear_probe.Linea
                              "bootstrap": 100}  # fmt: skip
 PROBE_IN_ZERO_SHOT_NOW = {"_target_": "greenlab.evaluation.linear_probe.LinearProbe", "pooling": "mean_all", "C": 1.0,
                           "max_iter": 20000, "bootstrap_resamples": 100, "ci_resamples": 1000, "seed": 42,
-                          "bf16": False, "preprocessing": "greenlab", "datasets": {}, "knn": None}  # fmt: skip
+                          "bf16": False, "preprocessing": "greenlab", "datasets": {}, "knn": None, "label_fractions": [],
+                          "label_counts": [], "label_repeats": 5}  # fmt: skip
 DEMO_TEMPLATES = [["There is {finding}.", "There is no {finding}."], ["{Finding} is present.", "{Finding} is not present."],
                   ["Findings consistent with {finding}.", "No evidence of {finding}."]]  # fmt: skip
 INTENTIONAL = {  # dotted key: the (before, now) pairs allowed
@@ -139,6 +140,10 @@ INTENTIONAL = {  # dotted key: the (before, now) pairs allowed
     # run_zero_shot.py's CT_PATHOLOGIES (sentence case); the demo's phrases as the vocabulary writes them
     "evaluation.finding_case": [(None, "sentence"), (None, "plain")],
     # data/ct_rate.py, data/merlin.py: every label column kept (greenlab dropped never-labelled findings)
+    # --- issue #28, the lab evaluations: label efficiency, off unless asked for
+    "evaluation.label_fractions": [(None, [])],
+    "evaluation.label_counts": [(None, [])],
+    "evaluation.label_repeats": [(None, 5)],
     "data.unlabelled_findings": [
         (None, "keep"),
         (None, "drop"),
@@ -170,6 +175,10 @@ INTENTIONAL = {  # dotted key: the (before, now) pairs allowed
     # and the inference notebooks' resize of the raw photograph for the probes (greenlab's crop the option)
     "objective.clip": [(None, "official")],
     "evaluation.preprocessing": [(None, "greenlab"), (None, "official")],
+    # #28, watching pre-training: a probe every N epochs (greenlab/callbacks/probe_monitor.py), off by default
+    "callbacks.probe_monitor": [
+        (None, yaml.safe_load((CONFIG_DIR / "callbacks" / "default.yaml").read_text())["probe_monitor"])
+    ],
 }
 
 

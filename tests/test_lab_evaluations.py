@@ -3,13 +3,17 @@ kNN probe; checked against hand computations and scikit-learn on fixed data."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sklearn.metrics import brier_score_loss, roc_auc_score
 
 from greenlab.analysis import recompute
 from greenlab.config import build
-from greenlab.evaluation import calibration
+from greenlab.evaluation import calibration, label_efficiency
 from greenlab.evaluation.linear_probe import knn_probabilities
 from greenlab.evaluation.statistics import brier_score, calibration_bins, reliability
 from greenlab.results.model import Predictions, read_predictions, write_predictions
@@ -117,3 +121,69 @@ def test_a_bad_predictions_file_is_named(tmp_path):
     path.write_text("id,score\n1,0.5\n")
     with pytest.raises(ValueError, match=r"predictions.csv: not a greenlab predictions file"):
         read_predictions(path)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 2), st.integers(0, 12)), min_size=6, max_size=80),
+    st.integers(0, 10_000),
+)
+def test_label_subsets_are_nested_stratified_and_keep_patients_whole(rows, seed):
+    """Property: for every repeat, the subsets of growing fractions contain each other, hold at least
+    ceil(fraction x n_c) items of each class c (at least one), and take a patient whole or not at all."""
+    labels = np.array([label for label, _ in rows])
+    groups = [f"p{patient}" for _, patient in rows]
+    labels[::7] = -1  # some items unlabelled
+    fractions = [0.1, 0.25, 0.5, 1.0]
+    chosen = label_efficiency.subsets(labels, groups, fractions, [2], repeats=3, seed=seed)
+    labelled = labels >= 0
+    for repeat in range(3):
+        previous = set()
+        for f in fractions:
+            subset = set(chosen[f"fraction={f:g}"][repeat].tolist())
+            assert previous <= subset and all(labelled[i] for i in subset)
+            for c in np.unique(labels[labelled]):
+                assert sum(labels[i] == c for i in subset) >= max(1, math.ceil(f * (labels == c).sum()))
+            patients = {groups[i] for i in subset}
+            assert subset == {i for i in np.flatnonzero(labelled) if groups[i] in patients}
+            previous = subset
+        assert set(chosen["fraction=1"][repeat].tolist()) == set(np.flatnonzero(labelled).tolist())
+
+
+def test_label_efficiency_refits_on_the_subsets():
+    rng = np.random.default_rng(3)
+    y_train, y_test = rng.integers(0, 2, 200), rng.integers(0, 2, 80)
+    signal = lambda y: rng.normal(0, 1, (len(y), 8)) + 1.5 * y[:, None]  # noqa: E731
+    probe = build("evaluation/linear_probe", bootstrap_resamples=20, label_fractions=[0.05, 1.0],
+                  label_counts=[3], label_repeats=4)  # fmt: skip
+    x_train, x_test = signal(y_train), signal(y_test)
+    points = probe.label_efficiency(x_train, y_train, x_test, y_test, None)
+    assert list(points) == ["fraction=0.05", "fraction=1", "count=3"]
+    assert points["fraction=1"]["labels"] == 200 and points["count=3"]["labels"] == 6
+    assert points["fraction=1"]["auroc"] > 0.8 and points["fraction=1"]["repeats"] == 4
+    full = probe.probe_task(x_train, y_train, x_test, y_test)[0]
+    assert points["fraction=1"]["auroc_point_mean"] == pytest.approx(full["auroc_point"])
+    low, high = points["fraction=0.05"]["auroc_ci95"]
+    assert low <= points["fraction=0.05"]["auroc"] <= high and points["fraction=0.05"]["fit_seconds"] > 0
+
+
+def test_label_efficiency_table_and_plot(tmp_path):
+    from types import SimpleNamespace
+
+    from greenlab.evaluation.linear_probe import LinearProbe
+    from greenlab.results.model import Phase
+
+    point = {"labels": 6.0, "auroc": 0.7, "auroc_ci95": [0.6, 0.8], "auroc_point_mean": 0.71, "fit_seconds": 2.0,
+             "repeats": 5}  # fmt: skip
+    results = SimpleNamespace(
+        experiment="x",
+        metrics={
+            "probe_label_efficiency": {
+                "grade": {"fraction=0.1": point, "fraction=1": {**point, "labels": 60}}
+            }
+        },
+        phases={"evaluate": Phase(seconds=100.0, kwh=0.001, co2e_kg=0.0, energy_method="estimate")},
+    )
+    lines = LinearProbe.efficiency_markdown(results)
+    assert "| grade | fraction=0.1 | 6 | 0.700 [0.600, 0.800] | 0.710 | 2.00 | 2.00e-05 |" in lines
+    assert LinearProbe.figures(results, tmp_path) == [tmp_path / "label_efficiency.png"]

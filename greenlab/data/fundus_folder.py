@@ -170,6 +170,10 @@ class FundusFolderDataModule(ImageDataModule):
         if self.tasks:
             self.probe_train_set = subset(probe_train_idx, self.probe_transform, self.load_probe)
             self.probe_test_set = subset(test_idx, self.probe_transform, self.load_probe)
+        if (
+            "group" in meta
+        ):  # the patient of each probe-train image (label-efficiency subsets keep them whole)
+            self.train_groups = [str(meta["group"][1][i]) for i in probe_train_idx]
 
     def use_probe_preprocessing(self, name: str) -> None:
         """Preprocess the probe sets' photographs the ``greenlab`` or the ``official`` way (``PROBE_PREPROCESSING``),

@@ -1,6 +1,7 @@
 """2D image transforms, for photographs and any other 2D images (fundus folders, MedMNIST 2D): the pre-training
-augmentations by method (RETFound-Green, SparK, none), nn-MobileNet's fine-tuning pair, the evaluation resizes
-(greenlab's and RETFound-Green's official one), and the normalisation of uint8 training batches on the device.
+augmentations by method (RETFound-Green, SparK, none), nn-MobileNet's and RETFound's fine-tuning pairs, the
+evaluation resizes (greenlab's and RETFound-Green's official one), and the normalisation of uint8 training
+batches on the device.
 """
 
 from __future__ import annotations
@@ -105,6 +106,34 @@ def finetune_transforms(
 ) -> tuple[v2.Compose, v2.Compose]:
     """(training, scoring) transforms of k-fold fine-tuning on photographs: nn-MobileNet's pair (above)."""
     return finetune_transform(img_size, mean, std), finetune_eval_transform(img_size, mean, std)
+
+
+def retfound_finetune_transforms(img_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> tuple:
+    """(training, scoring) transforms of RETFound's fine-tuning, ``util/datasets.py`` ``build_transform`` with
+    main_finetune.py's defaults: training, timm ``create_transform`` (RandomResizedCrop scale 0.08-1, ratio
+    3/4-4/3, bicubic; horizontal flip 0.5; RandAugment ``rand-m9-mstd0.5-inc1``, ``--aa``; no colour jitter,
+    ``--color_jitter None``; normalisation; random erasing p 0.25, per-pixel, once: ``--reprob``, ``--remode``,
+    ``--recount``); scoring, the short side resized (bicubic) to img_size / crop_pct (crop_pct 224/256 up to 224
+    px, else 1), a centre crop, normalisation."""
+    from timm.data import create_transform
+
+    training = create_transform(input_size=img_size, is_training=True, color_jitter=None,
+                                auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic", re_prob=0.25,
+                                re_mode="pixel", re_count=1, mean=tuple(mean), std=tuple(std))  # fmt: skip
+    crop_pct = 224 / 256 if img_size <= 224 else 1.0
+    scoring = v2.Compose(
+        [
+            v2.Resize(int(img_size / crop_pct), interpolation=v2.InterpolationMode.BICUBIC),
+            v2.CenterCrop(img_size),
+            *_to_normalised_tensor(mean, std),
+        ]
+    )
+    return training, scoring
+
+
+# k-fold fine-tuning's (training, scoring) pairs for 2D images by recipe (``evaluation.augmentation``; null: the
+# data's ``fold_transforms``, nn-MobileNet's for photographs)
+FINETUNE_TRANSFORMS = {"nn_mobilenet": finetune_transforms, "retfound": retfound_finetune_transforms}
 
 
 def eval_transform(img_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> v2.Compose:

@@ -286,6 +286,7 @@ class VolumeDataModule(ImageDataModule):
         items = [{"index": row, "labels": labels[i], "report": reports[i]} for i, row in enumerate(keep)]
         self.test_ids = [i for i, t in zip(ids, test) if t]
         self.train_ids = [i for i, t in zip(ids, test) if not t]
+        self.train_groups = [g for g, t in zip(groups, test) if not t] if group else None
         train_items = [it for it, t in zip(items, test) if not t]
         test_items = [it for it, t in zip(items, test) if t]
         self.train_reports = [it["report"] for it in train_items]

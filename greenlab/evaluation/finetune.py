@@ -15,6 +15,15 @@ step, a per-step linear warm-up from 0 then cosine to ``min_lr``, mixup / CutMix
 (``data/transforms2d.finetune_transform``), and an exponential moving average of the weights, which is what is
 scored (``--model_ema_eval``). Volumes (MedMNIST 3D) take the same recipe with the data's 3D crops and
 augmentation (``fold_transforms``) and no CutMix (timm's cuts a 2D box; recorded as ``finetune_cutmix``).
+
+RETFound's recipe for ViTs (``evaluation=finetune_retfound``; values and sources in its YAML) takes the same
+loop with named options, each off (null) in nn-MobileNet's: layer-wise lr decay (``layer_decay``,
+``objectives/optim.layer_decay_param_groups``), stochastic depth (``drop_path``, ``set_drop_path``), the lr rule
+lr x batch / 256 (``lr_reference_batch``), the global-pool head (``pooling: fc_norm_mean_patch``: the mean patch
+token before the final norm, a new LayerNorm, the head initialised with std ``head_init_std``), RETFound's
+augmentation (``augmentation: retfound``, ``data/transforms2d.retfound_finetune_transforms``), and the epoch
+chosen on a validation part held out of each fold's training images (``selection: best_on_validation``,
+``validation_fraction``) by RETFound's score (``retfound_score``).
 """
 
 from __future__ import annotations
@@ -28,45 +37,83 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, cohen_kappa_score, f1_score, roc_auc_score
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import StratifiedKFold, train_test_split
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Subset
 from tqdm.auto import tqdm
 
 from greenlab.contracts import FoldSource
 from greenlab.data.base import ItemDataset
+from greenlab.data.transforms2d import FINETUNE_TRANSFORMS
 from greenlab.evaluation.embeddings import pool
 from greenlab.evaluation.statistics import one_vs_rest_auroc
-from greenlab.objectives.optim import decay_param_groups, warmup_cosine_factor
+from greenlab.objectives.optim import decay_param_groups, layer_decay_param_groups, warmup_cosine_factor
 from greenlab.results.model import MACRO, Comparison, Embedding, Evaluated, Predictions
 
 METRICS = ("accuracy", "auroc", "kappa", "f1_weighted", "auroc_micro", "f1_micro")
-SELECTIONS = ("last", "official_best_on_scored_fold")
+SELECTIONS = ("last", "official_best_on_scored_fold", "best_on_validation")
+POOLINGS = (None, "fc_norm_mean_patch")
 
 
 class Classifier(nn.Module):
-    """backbone.forward_features -> pooled vector -> dropout -> linear."""
+    """backbone.forward_features -> pooled vector (the mean patch token, a CNN's average) -> dropout -> linear.
 
-    def __init__(self, backbone: nn.Module, num_features: int, num_classes: int, dropout: float):
+    ``pooling="fc_norm_mean_patch"`` (a timm ViT): RETFound's ``global_pool`` (models_vit.py): the final norm
+    removed (``del self.norm``), the mean patch token through a new LayerNorm ``fc_norm`` (eps 1e-6).
+    ``head_init_std``: the head's weight drawn from a truncated normal of that std, its bias 0 (main_finetune.py
+    ``trunc_normal_(model.head.weight, std=2e-5)``; timm's zero bias); None: torch's ``nn.Linear`` init."""
+
+    def __init__(self, backbone: nn.Module, num_features: int, num_classes: int, dropout: float,
+                 pooling: str | None = None, head_init_std: float | None = None):  # fmt: skip
         super().__init__()
         self.backbone, self.dropout, self.head = (
             backbone,
             nn.Dropout(dropout),
             nn.Linear(num_features, num_classes),
         )
+        self.fc_norm = None
+        if pooling == "fc_norm_mean_patch":
+            if not hasattr(backbone, "norm"):
+                raise ValueError(
+                    "evaluation.pooling=fc_norm_mean_patch needs a timm ViT backbone (its final norm)"
+                )
+            backbone.norm = nn.Identity()
+            self.fc_norm = nn.LayerNorm(num_features, eps=1e-6)
+        if head_init_std is not None:
+            nn.init.trunc_normal_(self.head.weight, std=head_init_std)
+            nn.init.zeros_(self.head.bias)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         features = self.backbone.forward_features(images)
         vector = pool(features, "mean_patch", getattr(self.backbone, "num_prefix_tokens", 0))
+        if self.fc_norm is not None:
+            vector = self.fc_norm(vector)
         return self.head(self.dropout(vector))
+
+
+def set_drop_path(vit: nn.Module, rate: float) -> None:
+    """Stochastic depth as timm's ``drop_path_rate=rate`` builds it (RETFound main_finetune.py ``--drop_path``):
+    block i drops its residual branches with probability ``linspace(0, rate, depth)[i]`` (timm ``DropPath``;
+    ``Identity`` at 0), in place."""
+    from timm.layers import DropPath
+
+    if not hasattr(vit, "blocks"):
+        raise ValueError("evaluation.drop_path needs a timm ViT backbone (blocks)")
+    for block, p in zip(vit.blocks, torch.linspace(0, rate, len(vit.blocks)).tolist(), strict=True):
+        for name in ("drop_path1", "drop_path2"):
+            setattr(block, name, DropPath(p) if p > 0 else nn.Identity())
 
 
 class KFoldFineTune:
     """Args: folds, epochs, batch_size, img_size (None: the data's), lr / min_lr / warmup_epochs (AdamW,
     warm-up + cosine per step), weight_decay (matrices only), clip_grad_norm (None: no clipping),
     head_dropout, label_smoothing, mixup / cutmix (alphas; 0 turns each off), ema_decay (None: score the
-    weights themselves), selection (``last`` epoch | ``official_best_on_scored_fold``), task (label column;
-    default the first), ordinal (quadratic kappa), seed, bf16 (autocast on GPU), num_workers."""
+    weights themselves), selection (``last`` epoch | ``official_best_on_scored_fold`` | ``best_on_validation``:
+    RETFound's score on ``validation_fraction`` of each fold's training images, stratified), task (label column;
+    default the first), ordinal (quadratic kappa), seed, bf16 (autocast on GPU), num_workers. A ViT's options
+    (None: off): layer_decay (per-layer lr scales), drop_path (stochastic depth rate), lr_reference_batch (lr x
+    batch_size / it), pooling, head_init_std (``Classifier``), augmentation (None: the data's
+    ``fold_transforms``; a ``transforms2d.FINETUNE_TRANSFORMS`` name for 2D images)."""
 
     requires = (FoldSource,)
     optimized_metric = "finetune_auroc_mean"
@@ -74,9 +121,24 @@ class KFoldFineTune:
     def __init__(self, folds: int, epochs: int, batch_size: int, img_size: int | None, lr: float, min_lr: float,
                  warmup_epochs: int, weight_decay: float, clip_grad_norm: float | None, head_dropout: float,
                  label_smoothing: float, mixup: float, cutmix: float, ema_decay: float | None, selection: str,
-                 task: str | None, ordinal: bool, seed: int, bf16: bool, num_workers: int):  # fmt: skip
+                 task: str | None, ordinal: bool, seed: int, bf16: bool, num_workers: int,
+                 layer_decay: float | None, drop_path: float | None, lr_reference_batch: int | None,
+                 pooling: str | None, head_init_std: float | None, augmentation: str | None,
+                 validation_fraction: float | None):  # fmt: skip
         if selection not in SELECTIONS:
             raise ValueError(f"evaluation.selection must be one of {SELECTIONS}, not {selection!r}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"evaluation.pooling must be one of {POOLINGS}, not {pooling!r}")
+        if augmentation is not None and augmentation not in FINETUNE_TRANSFORMS:
+            raise ValueError(f"evaluation.augmentation must be null or one of {tuple(FINETUNE_TRANSFORMS)}, "
+                             f"not {augmentation!r}")  # fmt: skip
+        if selection == "best_on_validation" and not (validation_fraction and 0 < validation_fraction < 1):
+            raise ValueError(
+                "evaluation.selection=best_on_validation needs evaluation.validation_fraction in (0, 1)"
+            )
+        self.layer_decay, self.drop_path, self.lr_reference_batch = layer_decay, drop_path, lr_reference_batch
+        self.pooling, self.head_init_std, self.augmentation = pooling, head_init_std, augmentation
+        self.validation_fraction = validation_fraction
         self.clip_grad_norm, self.selection = clip_grad_norm, selection
         self.folds, self.epochs, self.batch_size, self.img_size = folds, epochs, batch_size, img_size
         self.lr, self.min_lr, self.warmup_epochs, self.weight_decay = lr, min_lr, warmup_epochs, weight_decay
@@ -96,7 +158,7 @@ class KFoldFineTune:
         names = [t.name for t in datamodule.tasks]
         column = names.index(self.task) if self.task else 0
         task = datamodule.tasks[column]
-        train_tf, eval_tf = datamodule.fold_transforms(self.img_size)
+        train_tf, eval_tf = self.fold_transforms(datamodule)
         sources = [datamodule.probe_train_set, datamodule.probe_test_set]
         labels = torch.cat([s.labels[:, column] for s in sources]).numpy()
         ids = np.asarray([i for s in sources for i in s.ids], dtype=str)
@@ -107,18 +169,31 @@ class KFoldFineTune:
         folds, throughput, cases = [], [], []
         for fold, (train_idx, test_idx) in enumerate(splitter.split(labelled, labels[labelled])):
             torch.manual_seed(self.seed + fold)
-            model = Classifier(
-                copy.deepcopy(backbone), backbone.num_features, task.num_classes, self.head_dropout
-            ).to(device)
+            trained = copy.deepcopy(backbone)
+            if self.drop_path is not None:
+                set_drop_path(trained, self.drop_path)
+            model = Classifier(trained, backbone.num_features, task.num_classes, self.head_dropout, self.pooling,
+                               self.head_init_std).to(device)  # fmt: skip
             scored_fold = Subset(plain, labelled[test_idx].tolist())
+            train_rows, select_on = labelled[train_idx], None
+            if self.selection == "official_best_on_scored_fold":
+                select_on = scored_fold
+            elif self.selection == "best_on_validation":  # stratified, a fresh part in each fold
+                train_rows, validation = train_test_split(
+                    train_rows,
+                    test_size=self.validation_fraction,
+                    stratify=labels[train_rows],
+                    random_state=self.seed + fold,
+                )
+                select_on = Subset(plain, validation.tolist())
             scored = self._train(
                 model,
-                Subset(augmented, labelled[train_idx].tolist()),
+                Subset(augmented, train_rows.tolist()),
                 column,
                 task.num_classes,
                 device,
                 f"fold {fold + 1}/{self.folds}",
-                scored_fold if self.selection == "official_best_on_scored_fold" else None,
+                select_on,
             )
             y, proba, img_s = self._predict(scored, scored_fold, column, device)
             cases.append((labelled[test_idx], y, proba, np.full(len(y), fold)))
@@ -130,6 +205,8 @@ class KFoldFineTune:
             "finetune_cutmix": self.cutmix_for(plain),
             "finetune_selection": self.selection,
         }
+        if self.selection == "best_on_validation":
+            metrics["finetune_validation_fraction"] = self.validation_fraction
         for name in METRICS:
             values = [f[name] for f in folds]
             metrics[f"finetune_{name}_mean"] = float(np.nanmean(values))
@@ -149,6 +226,25 @@ class KFoldFineTune:
                              [str(c) for c in range(task.num_classes)], ids[rows], y, proba, fold_of)  # fmt: skip
         return Evaluated(metrics, [row], embedding=embedding, predictions=[scored])
 
+    def fold_transforms(self, datamodule) -> tuple:
+        """(training, scoring) transforms: the data's ``fold_transforms`` (nn-MobileNet's for photographs, the
+        data's own for volumes), or, given ``augmentation``, that 2D pair at ``img_size`` (None: the data's)
+        with the data's normalisation."""
+        if self.augmentation is None:
+            return datamodule.fold_transforms(self.img_size)
+        if getattr(datamodule, "is_3d", False):
+            raise ValueError(
+                f"evaluation.augmentation={self.augmentation} is for 2D images; use null for volumes"
+            )
+        size = self.img_size or datamodule.img_size
+        return FINETUNE_TRANSFORMS[self.augmentation](size, datamodule.mean, datamodule.std)
+
+    @property
+    def peak_lr(self) -> float:
+        """The lr after warm-up: ``lr``, or ``lr`` x ``batch_size`` / ``lr_reference_batch`` (RETFound
+        main_finetune.py: ``args.lr = args.blr * eff_batch_size / 256``)."""
+        return self.lr * self.batch_size / self.lr_reference_batch if self.lr_reference_batch else self.lr
+
     def _autocast(self, device):
         return (
             torch.autocast("cuda", dtype=torch.bfloat16)
@@ -160,8 +256,9 @@ class KFoldFineTune:
         self, model: nn.Module, dataset, column: int, num_classes: int, device, desc: str, select_on=None
     ) -> nn.Module:
         """Train ``model`` on ``dataset``; returns the model to score (its EMA when ``ema_decay``): after the
-        last epoch, or, given ``select_on`` (the scored fold: nn-MobileNet main.py ``--main_eval f1``), after the
-        epoch whose micro F1 on it was the highest (the first such epoch)."""
+        last epoch, or, given ``select_on``, after the epoch of the best ``selection_score`` on it (the first such
+        epoch): the scored fold's micro F1 (nn-MobileNet main.py ``--main_eval f1``), or RETFound's score on the
+        validation part (main_finetune.py: ``if max_score < val_score``, ``max_score`` from 0)."""
         from timm.data import Mixup
         from timm.utils import ModelEmaV2
 
@@ -172,8 +269,18 @@ class KFoldFineTune:
             num_workers=self.num_workers,
             drop_last=len(dataset) > self.batch_size,
         )
-        groups = decay_param_groups([model], self.weight_decay, model_skip_list=False)  # optim_factory.py
-        optimizer = torch.optim.AdamW(groups, lr=self.lr)
+        if self.layer_decay is None:
+            groups = decay_param_groups([model], self.weight_decay, model_skip_list=False)  # optim_factory.py
+        else:  # RETFound main_finetune.py: lrd.param_groups_lrd(model, wd, model.no_weight_decay(), layer_decay)
+            prefix = "backbone." if isinstance(model, Classifier) else ""
+            vit = model.backbone if prefix else model
+            if not hasattr(vit, "blocks"):
+                raise ValueError("evaluation.layer_decay needs a timm ViT backbone (blocks)")
+            skip = vit.no_weight_decay() if hasattr(vit, "no_weight_decay") else set()
+            groups = layer_decay_param_groups(model, self.weight_decay, self.layer_decay, skip, prefix)
+            for group in groups:  # lr_sched.py: param_group["lr"] = lr * param_group["lr_scale"]
+                group["lr"] = self.peak_lr * group["lr_scale"]
+        optimizer = torch.optim.AdamW(groups, lr=self.peak_lr)
         total, warmup = max(1, self.epochs * len(loader)), self.warmup_epochs * len(loader)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, partial(self.lr_factor, total=total, warmup=warmup)
@@ -184,7 +291,8 @@ class KFoldFineTune:
             mix = Mixup(mixup_alpha=self.mixup, cutmix_alpha=cutmix, prob=1.0, switch_prob=0.5, mode="batch",
                         label_smoothing=self.label_smoothing, num_classes=num_classes)  # fmt: skip
         ema = ModelEmaV2(model, decay=self.ema_decay) if self.ema_decay else None
-        best_f1, best = -1.0, None
+        best_score = 0.0 if self.selection == "best_on_validation" else -1.0
+        best = None
         for _ in tqdm(range(self.epochs), desc=f"fine-tuning {desc}", unit="epoch"):
             model.train()
             for images, labels in loader:
@@ -210,12 +318,18 @@ class KFoldFineTune:
                 y, proba, _ = self._predict(
                     ema.module if ema is not None else model, select_on, column, device
                 )
-                f1 = float(f1_score(y, proba.argmax(1), average="micro"))
-                if f1 > best_f1:  # main.py: `if max_accuracy < test_stats["f1"]`
-                    best_f1, best = f1, copy.deepcopy(ema.module if ema is not None else model)
+                score = self.selection_score(y, proba, num_classes)
+                if score > best_score:  # main.py: `if max_accuracy < test_stats["f1"]`; RETFound alike
+                    best_score, best = score, copy.deepcopy(ema.module if ema is not None else model)
         if best is not None:
             return best
         return ema.module if ema is not None else model
+
+    def selection_score(self, y: np.ndarray, proba: np.ndarray, num_classes: int) -> float:
+        """The epoch-selection score: micro F1 (``official_best_on_scored_fold``) or ``retfound_score``."""
+        if self.selection == "official_best_on_scored_fold":
+            return float(f1_score(y, proba.argmax(1), average="micro"))
+        return retfound_score(y, proba, num_classes)
 
     def cutmix_for(self, dataset) -> float:
         """``cutmix`` for images; 0 for volumes ((C, D, H, W) samples): timm's CutMix cuts a 2D box."""
@@ -223,8 +337,9 @@ class KFoldFineTune:
 
     def lr_factor(self, step: int, total: int, warmup: int) -> float:
         """Multiplier of ``lr`` at optimiser step ``step``: linear from 0 over ``warmup`` steps, then a half
-        cosine to ``min_lr`` at ``total`` (nn-MobileNet / ConvNeXt ``utils.cosine_scheduler``)."""
-        return warmup_cosine_factor(step, self.lr, 0.0, self.min_lr, warmup, total)
+        cosine to ``min_lr`` at ``total`` (nn-MobileNet / ConvNeXt ``utils.cosine_scheduler``; RETFound
+        ``util/lr_sched.adjust_learning_rate`` at epoch = step / steps per epoch). Relative to ``peak_lr``."""
+        return warmup_cosine_factor(step, self.peak_lr, 0.0, self.min_lr, warmup, total)
 
     @torch.no_grad()
     def _predict(
@@ -272,6 +387,16 @@ class KFoldFineTune:
                 if m.get("finetune_selection") == "official_best_on_scored_fold"
                 else []
             ),
+            *(
+                [
+                    f"Each fold's epoch was selected by RETFound's score ((macro F1 + macro AUROC + kappa) / 3) on a "
+                    f"stratified {m['finetune_validation_fraction']:.0%} of its training images "
+                    "(`evaluation.selection=best_on_validation`).",
+                    "",
+                ]
+                if m.get("finetune_selection") == "best_on_validation"
+                else []
+            ),
             "| metric | pre-trained (mean ± std) | same protocol before pre-training | difference |",
             "|---|---|---|---|",
         ]
@@ -294,6 +419,16 @@ def micro_auroc(y: np.ndarray, proba: np.ndarray) -> float:
     flattened (N, K) -> (N x K,); NaN when one class is all."""
     onehot = np.eye(proba.shape[1])[y].ravel()
     return float(roc_auc_score(onehot, proba.ravel())) if 0 < onehot.sum() < len(onehot) else float("nan")
+
+
+def retfound_score(y: np.ndarray, proba: np.ndarray, num_classes: int) -> float:
+    """RETFound engine_finetune.py ``evaluate``'s ``score = (f1 + roc_auc + kappa) / 3``: macro F1 over all
+    classes (zero when a class is neither true nor predicted), macro one-vs-rest AUROC (the binary AUROC for two
+    classes; classes absent from ``y`` skipped, where sklearn would raise), unweighted Cohen's kappa."""
+    predicted = proba.argmax(1)
+    f1 = f1_score(y, predicted, labels=np.arange(num_classes), average="macro", zero_division=0)
+    auroc = one_vs_rest_auroc(y, proba, np.arange(num_classes))[MACRO]
+    return float((f1 + auroc + cohen_kappa_score(y, predicted)) / 3)
 
 
 def _with_transform(dataset: ItemDataset, transform) -> ItemDataset:

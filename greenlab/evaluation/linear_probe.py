@@ -30,7 +30,7 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 from tqdm.auto import tqdm
 
-from greenlab.evaluation import statistics
+from greenlab.evaluation import label_efficiency, statistics
 from greenlab.evaluation.embeddings import embed
 from greenlab.results.model import (
     MACRO,
@@ -70,13 +70,16 @@ class LinearProbe:
     become tensors, see the module docstring), datasets ({key: datamodule}: labelled probe sets, each reported
     under its own ``dataset_name``, e.g. a MedMNIST file's stem; empty: the run's own held-out split), knn
     (None, or {k, temperature}: a weighted kNN probe beside each logistic regression, ``knn_probabilities``,
-    scored the same way as comparisons of evaluation ``knn_probe``)."""
+    scored the same way as comparisons of evaluation ``knn_probe``), label_fractions / label_counts /
+    label_repeats (label efficiency: the regression refitted on nested, stratified, patient-whole subsets of each
+    task's training labels, ``label_efficiency.py``; empty lists: none)."""
 
     requires = ()
     optimized_metric = "probe_auroc_macro"
 
     def __init__(self, pooling: str, C: float, max_iter: int, bootstrap_resamples: int, ci_resamples: int,
-                 seed: int, bf16: bool, preprocessing: str, datasets: dict | None, knn: dict | None):  # fmt: skip
+                 seed: int, bf16: bool, preprocessing: str, datasets: dict | None, knn: dict | None,
+                 label_fractions: list[float], label_counts: list[int], label_repeats: int):  # fmt: skip
         if preprocessing not in PREPROCESSING:
             raise ValueError(f"evaluation.preprocessing must be official or greenlab, not {preprocessing!r}")
         self.pooling, self.C, self.max_iter, self.seed, self.bf16 = pooling, C, max_iter, seed, bf16
@@ -84,6 +87,8 @@ class LinearProbe:
         self.bootstrap_resamples, self.ci_resamples = bootstrap_resamples, ci_resamples
         self.datasets = list((datasets or {}).values())  # known by their own names (``dataset_name``)
         self.knn = dict(knn) if knn else None
+        self.label_fractions, self.label_counts = list(label_fractions or []), list(label_counts or [])
+        self.label_repeats = label_repeats
 
     def __call__(self, backbone: nn.Module, datamodule, device: torch.device) -> Evaluated:
         """The probes' metrics, one ``Comparison`` per task / class (with its bootstrap draws), the held-out
@@ -95,7 +100,7 @@ class LinearProbe:
             )
         bf16 = self.bf16 and device.type == "cuda"
         tasks, rows, held_out, embedding, started = {}, [], {}, None, time.perf_counter()
-        predictions, knn_tasks = [], {}
+        predictions, knn_tasks, efficiency = [], {}, {}
         preprocessed = {}
         for name, source in sources.items():
             preprocessed[name] = self.preprocess(source, name)
@@ -112,6 +117,12 @@ class LinearProbe:
             )
             held_out[name] = HeldOut(np.asarray(source.held_out_ids(), dtype=str), y_test)
             for t, task in enumerate(tqdm(source.tasks, desc=f"{name}: fitting probes", unit="task")):
+                if self.label_fractions or self.label_counts:
+                    groups = getattr(source, "train_groups", None)
+                    key = task.name if len(sources) == 1 else f"{name}/{task.name}"
+                    efficiency[key] = self.label_efficiency(
+                        x_train, y_train[:, t], x_test, y_test[:, t], groups
+                    )
                 probes = [("linear_probe", tasks, self.probe_task)]
                 probes += [("knn_probe", knn_tasks, self.knn_task)] if self.knn else []
                 for evaluation, records, probe in probes:
@@ -145,6 +156,8 @@ class LinearProbe:
             "probe_datasets": {n: s.describe() for n, s in sources.items() if s is not datamodule},
             "probe_tasks": tasks,
         }
+        if efficiency:
+            metrics["probe_label_efficiency"] = efficiency
         if self.knn:
             scored_knn = [m["auroc"] for m in knn_tasks.values() if not np.isnan(m.get("auroc", np.nan))]
             metrics["knn_auroc_macro"] = float(np.mean(scored_knn)) if scored_knn else float("nan")
@@ -177,6 +190,55 @@ class LinearProbe:
             f"{device.type}{', bf16 autocast' if bf16 else ', fp32'}",
         )
 
+    @staticmethod
+    def efficiency_markdown(results) -> list[str]:
+        """The label-efficiency table: per task and point the labels used, AUROC [95 % CI], and the cost of a
+        fit (seconds; kWh at the evaluation phase's measured rate)."""
+        efficiency = results.metrics.get("probe_label_efficiency")
+        if not efficiency:
+            return []
+        phase = results.phases.get("evaluate")
+        rate = phase.kwh / phase.seconds if phase and phase.seconds else float("nan")
+        lines = ["", "## Label efficiency (linear probe refitted on subsets of the training labels)", "",
+                 "| task | subset | labels | AUROC [95% CI] | point (mean) | fit s | fit kWh |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for task, points in efficiency.items():
+            for point, r in points.items():
+                low, high = r["auroc_ci95"] or (float("nan"), float("nan"))
+                lines.append(f"| {task} | {point} | {r['labels']:.0f} | {r['auroc']:.3f} [{low:.3f}, {high:.3f}] | "
+                             f"{r['auroc_point_mean']:.3f} | {r['fit_seconds']:.2f} | {r['fit_seconds'] * rate:.2e} |")  # fmt: skip
+        repeats = next(iter(next(iter(efficiency.values())).values()))["repeats"]
+        return lines + [
+            "",
+            f"{repeats} subsets per point, the same held-out set throughout; plot: `label_efficiency.png`.",
+        ]
+
+    @staticmethod
+    def figures(results, folder) -> list:
+        """label_efficiency.png: AUROC (median, 95 % interval) against the labels used, one line per task."""
+        efficiency = results.metrics.get("probe_label_efficiency")
+        if not efficiency:
+            return []
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        figure, axis = plt.subplots(figsize=(5, 3.6))
+        for task, points in efficiency.items():
+            rows = sorted(points.values(), key=lambda r: r["labels"])
+            interval = [r["auroc_ci95"] or [r["auroc"], r["auroc"]] for r in rows]
+            axis.errorbar([r["labels"] for r in rows], [r["auroc"] for r in rows], marker="o", capsize=3, label=task,
+                          yerr=[[r["auroc"] - i[0] for r, i in zip(rows, interval)],
+                                [i[1] - r["auroc"] for r, i in zip(rows, interval)]])  # fmt: skip
+        axis.set(xscale="log", xlabel="training labels", ylabel="AUROC (median, 95% CI)",
+                 title=f"{results.experiment}: label efficiency")  # fmt: skip
+        axis.legend(fontsize=7)
+        figure.tight_layout()
+        path = folder / "label_efficiency.png"
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        return [path]
+
     def probe_task(
         self, x_train, y_train, x_test, y_test
     ) -> tuple[dict, dict[str, np.ndarray], tuple | None]:
@@ -200,6 +262,30 @@ class LinearProbe:
             return self.skipped(train)
         proba = knn_probabilities(x_train[train], y_train[train], x_test[test], classes, **self.knn)
         return self.score(y_test, test, proba, classes, int(train.sum()))
+
+    def label_efficiency(self, x_train, y_train, x_test, y_test, groups: list[str] | None) -> dict:
+        """{point: {labels (mean per subset), auroc (median of the pooled draws), auroc_ci95, auroc_point_mean,
+        fit_seconds (per subset), repeats}} of the regression refitted on ``label_efficiency.subsets``."""
+        test = y_test >= 0
+        indices = statistics.resample_indices(int(test.sum()), self.bootstrap_resamples, self.seed)
+        out = {}
+        for point, chosen in label_efficiency.subsets(y_train, groups, self.label_fractions, self.label_counts,
+                                                      self.label_repeats, self.seed).items():  # fmt: skip
+            draws, points, seconds = [], [], 0.0
+            for subset in chosen:
+                started = time.perf_counter()
+                probe = make_pipeline(
+                    StandardScaler(), LogisticRegression(C=self.C, max_iter=self.max_iter, random_state=42)
+                ).fit(x_train[subset], y_train[subset])
+                proba = probe.predict_proba(x_test[test])
+                seconds += time.perf_counter() - started
+                y, classes = y_test[test], probe.classes_
+                points.append(statistics.one_vs_rest_auroc(y, proba, classes)[MACRO])
+                draws.append(statistics.bootstrap_auroc(y, proba, classes, indices)[MACRO])
+            out[point] = {"labels": float(np.mean([len(c) for c in chosen])), **label_efficiency.pooled(draws),
+                          "auroc_point_mean": float(np.nanmean(points)), "fit_seconds": seconds / len(chosen),
+                          "repeats": len(chosen)}  # fmt: skip
+        return out
 
     @staticmethod
     def skipped(train: np.ndarray) -> tuple[dict, dict, None]:
@@ -261,6 +347,7 @@ class LinearProbe:
         if "knn_auroc_macro" in m:
             lines += [f"\nkNN probe (k {m['knn']['k']}, temperature {m['knn']['temperature']}, DINO's eval_knn): "
                       f"mean AUROC over tasks **{m['knn_auroc_macro']:.3f}** (rows `knn_probe` above)."]  # fmt: skip
+        lines += self.efficiency_markdown(results)
         preprocessed = ", ".join(f"`{n}` {how}" for n, how in m.get("probe_preprocessing", {}).items())
         lines += [f"\nPreprocessing of the probe sets: {preprocessed}."] if preprocessed else []
         splits = {n: d.get("split", {}).get("method") for n, d in m.get("probe_datasets", {}).items()}

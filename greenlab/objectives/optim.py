@@ -35,6 +35,52 @@ def decay_param_groups(
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def layer_decay_param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    layer_decay: float,
+    no_weight_decay_list: tuple[str, ...] | set[str] = (),
+    vit_prefix: str = "",
+) -> list[dict]:
+    """RETFound's (BEiT's) layer-wise lr decay, ``util/lr_decay.py`` ``param_groups_lrd``, for a timm ViT at
+    ``vit_prefix`` inside ``model`` (``""``: the model is the ViT): one AdamW group per (layer, decayed or not),
+    each with its ``lr_scale`` (its lr = the scheduled lr x ``lr_scale``) and ``weight_decay``.
+
+    With ``L = len(blocks)``: layer 0 is ``cls_token``, ``pos_embed`` and ``patch_embed.*`` (and timm's
+    ``reg_token``, which RETFound's ViTs do not have; timm's ``group_matcher`` puts it in the stem), layer
+    ``i + 1`` is ``blocks.i.*``, and the rest (final norm, ``fc_norm``, head: every parameter outside the ViT)
+    is layer ``L + 1``; ``lr_scale = layer_decay ** (L + 1 - layer)``. No weight decay on 1-D parameters
+    (biases, norms) nor on the ViT names in ``no_weight_decay_list`` (RETFound: the model's
+    ``no_weight_decay()``). Parameters that do not require gradients are left out."""
+    vit = model.get_submodule(vit_prefix.rstrip(".")) if vit_prefix else model
+    last = len(vit.blocks) + 1  # lr_decay.py: num_layers = len(model.blocks) + 1
+    groups: dict[str, dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        inner = name[len(vit_prefix) :] if name.startswith(vit_prefix) else None
+        undecayed = param.ndim == 1 or inner in no_weight_decay_list
+        layer = last if inner is None else vit_layer_id(inner, last)
+        key = f"layer_{layer}_{'no_decay' if undecayed else 'decay'}"
+        if key not in groups:
+            groups[key] = {
+                "lr_scale": layer_decay ** (last - layer),
+                "weight_decay": 0.0 if undecayed else weight_decay,
+                "params": [],
+            }
+        groups[key]["params"].append(param)
+    return list(groups.values())
+
+
+def vit_layer_id(name: str, last: int) -> int:
+    """RETFound ``util/lr_decay.py`` ``get_layer_id_for_vit`` (``last`` = its ``num_layers``, blocks + 1)."""
+    if name in ("cls_token", "pos_embed", "reg_token") or name.startswith("patch_embed"):
+        return 0
+    if name.startswith("blocks"):
+        return int(name.split(".")[1]) + 1
+    return last
+
+
 def warmup_cosine_factor(
     epoch: float,
     base_lr: float,

@@ -37,6 +37,9 @@ import greenlab.config
 from greenlab import contracts
 from greenlab.backbones import weights
 from greenlab.callbacks.interruption import EXIT_SIGTERM
+from greenlab.callbacks.probe_monitor import CSV_FILE as PROBE_CSV
+from greenlab.callbacks.probe_monitor import PLOT_FILE as PROBE_PLOT
+from greenlab.callbacks.probe_monitor import ProbeMonitor
 from greenlab.compute.budget import Budget
 from greenlab.compute.monitor import ComputeMonitor
 from greenlab.evaluation import calibration
@@ -50,7 +53,7 @@ from greenlab.pipeline.run_folder import (
     resumed_files,
 )
 from greenlab.results import recipe, report, wandb_run
-from greenlab.results.model import BOOTSTRAP_FILE, PREDICTIONS_FILE, Recipe, Results
+from greenlab.results.model import BOOTSTRAP_FILE, PREDICTIONS_FILE, Deviation, Recipe, Results
 
 log = logging.getLogger("greenlab")
 
@@ -123,7 +126,12 @@ def train_and_evaluate(cfg: DictConfig, output_dir: Path) -> Results | None:
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         greenlab_version=greenlab.__version__,
         run_dir=str(output_dir.resolve()),
-        recipe=paper_recipe(composed, backbone.init_record, pretrained.compute.get("world_size", 1))
+        recipe=paper_recipe(
+            composed,
+            backbone.init_record,
+            pretrained.compute.get("world_size", 1),
+            (pretrained.notes or {}).get("probe_monitor"),
+        )  # fmt: skip
         if trains
         else Recipe(None, None, note="evaluation only: no pre-training, no paper recipe to compare"),
         init=backbone.init_record,
@@ -191,7 +199,9 @@ def pretrain(cfg: DictConfig, objective, datamodule, loggers: list, budget: Budg
         "checkpoints": str(output_dir / "checkpoints"),
         "csv_metrics": str(output_dir / "csv" / "metrics.csv"),
     }
-    return Pretrained(backbone, trainer.strategy.root_device, initial, {**compute, **layout}, objective.run_notes(),
+    watcher = next((c for c in trainer.callbacks if isinstance(c, ProbeMonitor) and c.enabled), None)
+    notes = {**(objective.run_notes() or {}), **({"probe_monitor": watcher.summary()} if watcher else {})}
+    return Pretrained(backbone, trainer.strategy.root_device, initial, {**compute, **layout}, notes or None,
                       artifacts, trainer.global_step, _final_loss(trainer))  # fmt: skip
 
 
@@ -225,9 +235,11 @@ def sweep_value(results: Results | None) -> float | None:
     return float(metrics[key])
 
 
-def paper_recipe(composed: dict, init_record: dict, world_size: int) -> Recipe:
+def paper_recipe(
+    composed: dict, init_record: dict, world_size: int, probe_monitor: dict | None = None
+) -> Recipe:
     """This run's config (``composed``, on ``world_size`` processes) against its experiment's paper recipe
-    (greenlab/results/recipe.py)."""
+    (greenlab/results/recipe.py); a schedule the probe monitor's early stopping cut is a deviation too."""
     from hydra import compose
 
     hydra_cfg = HydraConfig.get()
@@ -242,9 +254,22 @@ def paper_recipe(composed: dict, init_record: dict, world_size: int) -> Recipe:
         OmegaConf.to_container(compose("config", overrides=[f"+experiment={experiment}", *s, *searchpath]))
         for s in scales
     )
-    return Recipe.from_json(
+    found = Recipe.from_json(
         {"experiment": experiment, **recipe.deviations(composed, paper, scaled, init_record, world_size)}
     )
+    if probe_monitor and probe_monitor.get("stopped_early_at_epoch"):
+        epochs = next((d for d in found.deviations if d.key == "trainer.max_epochs"), None)
+        why = f"stopped early by callbacks.probe_monitor at epoch {probe_monitor['stopped_early_at_epoch']}: "
+        if epochs:  # a scale had already shortened it
+            epochs.used, epochs.why = (
+                probe_monitor["stopped_early_at_epoch"],
+                f"{epochs.why}; then {why}{probe_monitor['stop_reason']}",
+            )
+        else:
+            found.deviations.append(Deviation("trainer.max_epochs", paper.get("trainer", {}).get("max_epochs"),
+                                              probe_monitor["stopped_early_at_epoch"], why + probe_monitor["stop_reason"]))  # fmt: skip
+        found.faithful = False
+    return found
 
 
 def build_objective(cfg: DictConfig):
@@ -336,8 +361,15 @@ def write_report(results: Results, evaluation, loggers: list, step: int, output_
     json_path, _ = results.write(output_dir)
     calibrated = results.metrics.get("calibration") or {}
     calibration.plot(calibrated, output_dir)
+    if hasattr(evaluation, "figures"):  # an evaluation's own figures (W&B takes the run folder's PNGs)
+        evaluation.figures(results, output_dir)
+    watched = (
+        ["", "## Probe during pre-training", "", f"![probe AUROC vs kWh]({PROBE_PLOT}) (rows: `{PROBE_CSV}`)"]
+        if (output_dir / PROBE_PLOT).exists()
+        else []
+    )
     md_path = report.write_markdown(
-        results, evaluation.markdown(results) + calibration.markdown(calibrated), output_dir
+        results, evaluation.markdown(results) + calibration.markdown(calibrated) + watched, output_dir
     )
     log_final(loggers, step, Results.from_folder(output_dir))
     weights_line = (
