@@ -187,3 +187,31 @@ def test_label_efficiency_table_and_plot(tmp_path):
     lines = LinearProbe.efficiency_markdown(results)
     assert "| grade | fraction=0.1 | 6 | 0.700 [0.600, 0.800] | 0.710 | 2.00 | 2.00e-05 |" in lines
     assert LinearProbe.figures(results, tmp_path) == [tmp_path / "label_efficiency.png"]
+
+
+def test_subgroup_aurocs_equal_scikit_learn_per_group():
+    """Per value: sklearn's AUROC on that value's cases; the largest gap's paired bootstrap p-value is small for
+    a real gap and large for none."""
+    from greenlab.evaluation import subgroups
+
+    rng = np.random.default_rng(4)
+    n = 300
+    y = rng.integers(0, 2, n)
+    site = np.array(["a", "b", "c"])[rng.integers(0, 3, n)]
+    noise = np.where(site == "c", 3.0, 0.5)  # site c: much noisier scores
+    p1 = 1 / (1 + np.exp(-(2 * y - 1 + rng.normal(0, 1, n) * noise)))
+    cases = Predictions("linear_probe", "set", "lesion", ["0", "1"], np.array([f"i{k}" for k in range(n)]), y,
+                        np.stack([1 - p1, p1], 1))  # fmt: skip
+    metadata = {f"i{k}": {"site": site[k], "sex": "F" if k % 2 else "M"} for k in range(n)}
+    metadata["i0"]["sex"] = ""  # unknown: left out of that column
+    found = subgroups.analyse([cases], metadata, ["site", "sex"], resamples=200)["linear_probe/set/lesion"]
+    for value in "abc":
+        rows = site == value
+        assert found["site"]["groups"][value]["auroc"] == roc_auc_score(y[rows], p1[rows])
+        assert found["site"]["groups"][value]["n"] == rows.sum()
+    gap = found["site"]["largest_gap"]
+    assert {gap["a"], gap["b"]} == {"a", "c"} or {gap["a"], gap["b"]} == {"b", "c"}
+    assert gap["p_value"] < 0.05 and abs(gap["gap"]) > 0.1
+    assert sum(g["n"] for g in found["sex"]["groups"].values()) == n - 1
+    assert found["sex"]["largest_gap"]["p_value"] > 0.05
+    assert any("site" in line for line in subgroups.markdown({"linear_probe/set/lesion": found}))

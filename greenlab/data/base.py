@@ -105,9 +105,9 @@ class ImageDataModule(L.LightningDataModule):
         self.probe_train_set: Dataset | None = None
         self.probe_test_set: Dataset | None = None
         self.split: dict = {}  # how the held-out images were chosen (greenlab/data/splits.py), for results.json
-        self.train_groups: list[str] | None = (
-            None  # the patient of each probe-train item (None: one per item)
-        )
+        # the patient of each probe-train item (None: one per item), for label-efficiency subsets
+        self.train_groups: list[str] | None = None
+        self.item_metadata: dict[str, dict] = {}  # {item id: {column: value}}, for evaluation.subgroups
 
     worker_init_fn = None  # a DataLoader worker_init_fn (None: Lightning seeds the workers)
 

@@ -106,9 +106,11 @@ class FundusFolderDataModule(ImageDataModule):
         pixel_cache_dir: str | None,
         verify: bool,
         skip_bad: bool,
+        metadata_columns: list[str],
         **loader_kwargs,
     ):
         super().__init__(**loader_kwargs)
+        self.metadata_columns = list(metadata_columns or [])
         self.root = Path(root).expanduser()
         self.labels_csv = Path(labels_csv).expanduser() if labels_csv else None
         self.id_column, self.label_columns, self.label_types = (
@@ -298,7 +300,7 @@ class FundusFolderDataModule(ImageDataModule):
             log.info(
                 "%s: images grouped by its %r column for the held-out split", self.labels_csv, group_column
             )
-        not_tasks = {self.id_column, group_column, self.split_column} - {None}
+        not_tasks = {self.id_column, group_column, self.split_column, *self.metadata_columns} - {None}
         columns = list(self.label_columns or [c for c in table.columns if c not in not_tasks])
         missing_cols = [c for c in [*columns, *not_tasks] if c not in table.columns]
         if missing_cols:
@@ -333,6 +335,12 @@ class FundusFolderDataModule(ImageDataModule):
                 skipped.append((str(path), reason))
                 continue
             labels[i] = torch.tensor([coded[c][row] for c in columns])
+            self.item_metadata[image_id] = {c: _text(table[c].iloc[row]) for c in self.metadata_columns}
             for column, values in meta.values():
                 values[i] = table[column].iloc[row]
         return labels, meta
+
+
+def _text(value) -> str:
+    """A metadata cell as text ("" when blank)."""
+    return "" if value is None or (isinstance(value, float) and value != value) else str(value)

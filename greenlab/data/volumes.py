@@ -179,14 +179,15 @@ class VolumeDataModule(ImageDataModule):
                  volume_augmentation: dict | None, geometry: dict, report_column: str | None,
                  label_columns: list[str] | None, labeller, cache_dir: str | None, group_column: str | None,
                  held_out_fraction: float, split_seed: int, skip_bad: bool, text_only_reports: str | None,
-                 text_only_batch_size: int, unlabelled_findings: str, pair_reports: bool = False,
+                 text_only_batch_size: int, unlabelled_findings: str, metadata_columns: list[str],
+                 pair_reports: bool = False,
                  **loader_kwargs):  # fmt: skip
         super().__init__(**loader_kwargs)
         if unlabelled_findings not in UNLABELLED_FINDINGS:
             raise ValueError(
                 f"data.unlabelled_findings must be one of {UNLABELLED_FINDINGS}, not {unlabelled_findings!r}"
             )
-        self.unlabelled_findings = unlabelled_findings
+        self.unlabelled_findings, self.metadata_columns = unlabelled_findings, list(metadata_columns or [])
         self.manifest = Path(manifest).expanduser()
         self.volumes, self.report_column = dict(volumes), report_column
         self.label_columns, self.labeller, self.pair_reports = label_columns, labeller, pair_reports
@@ -286,6 +287,13 @@ class VolumeDataModule(ImageDataModule):
         items = [{"index": row, "labels": labels[i], "report": reports[i]} for i, row in enumerate(keep)]
         self.test_ids = [i for i, t in zip(ids, test) if t]
         self.train_ids = [i for i, t in zip(ids, test) if not t]
+        absent = [c for c in self.metadata_columns if c not in table.columns]
+        if absent:
+            raise ValueError(
+                f"{self.manifest}: no column {absent[0]!r} for evaluation.subgroups (columns: {list(table.columns)})"
+            )
+        self.item_metadata = {i: {c: "" if pd.isna(v) else str(v) for c, v in zip(self.metadata_columns, row)}
+                              for i, row in zip(ids, table[self.metadata_columns].itertuples(index=False))}  # fmt: skip
         self.train_groups = [g for g, t in zip(groups, test) if not t] if group else None
         train_items = [it for it, t in zip(items, test) if not t]
         test_items = [it for it, t in zip(items, test) if t]
@@ -345,7 +353,13 @@ class VolumeDataModule(ImageDataModule):
         return list(self.test_ids)
 
     def _non_label_columns(self) -> set:
-        return {*self.volumes.values(), self.report_column, self.group_column, *splits.GROUP_COLUMNS}
+        return {
+            *self.volumes.values(),
+            self.report_column,
+            self.group_column,
+            *splits.GROUP_COLUMNS,
+            *self.metadata_columns,
+        }
 
     def _distilled_labels(self, table: pd.DataFrame, reports: list[str], path: Path) -> pd.DataFrame:
         """Labels from the report text (greenlab.labels), cached in the run folder's ``path``: never

@@ -79,7 +79,11 @@ class LinearProbe:
 
     def __init__(self, pooling: str, C: float, max_iter: int, bootstrap_resamples: int, ci_resamples: int,
                  seed: int, bf16: bool, preprocessing: str, datasets: dict | None, knn: dict | None,
-                 label_fractions: list[float], label_counts: list[int], label_repeats: int):  # fmt: skip
+                 label_fractions: list[float], label_counts: list[int], label_repeats: int,
+                 subgroups: list[str]):  # fmt: skip
+        self.subgroups = list(
+            subgroups or []
+        )  # metadata columns scored per value (greenlab/evaluation/subgroups.py)
         if preprocessing not in PREPROCESSING:
             raise ValueError(f"evaluation.preprocessing must be official or greenlab, not {preprocessing!r}")
         self.pooling, self.C, self.max_iter, self.seed, self.bf16 = pooling, C, max_iter, seed, bf16

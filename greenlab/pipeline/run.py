@@ -42,7 +42,7 @@ from greenlab.callbacks.probe_monitor import PLOT_FILE as PROBE_PLOT
 from greenlab.callbacks.probe_monitor import ProbeMonitor
 from greenlab.compute.budget import Budget
 from greenlab.compute.monitor import ComputeMonitor
-from greenlab.evaluation import calibration
+from greenlab.evaluation import calibration, subgroups
 from greenlab.objectives.base import use_channels_last
 from greenlab.pipeline.run_folder import (
     RunLock,
@@ -338,6 +338,11 @@ def evaluate(evaluation, backbone, initial_backbone, datamodule, device: torch.d
     evaluated = evaluation(backbone, datamodule, device)
     if evaluated.predictions:
         evaluated.metrics["calibration"] = calibration.summary(evaluated.predictions)
+    columns = getattr(evaluation, "subgroups", None)
+    if columns and evaluated.predictions:
+        evaluated.metrics["subgroups"] = subgroups.analyse(
+            evaluated.predictions, datamodule.item_metadata, columns
+        )
     if initial_backbone is not None:
         initial = evaluation(initial_backbone, datamodule, device).metrics
         initial.pop("probe_datasets", None)  # described once, above
@@ -369,7 +374,12 @@ def write_report(results: Results, evaluation, loggers: list, step: int, output_
         else []
     )
     md_path = report.write_markdown(
-        results, evaluation.markdown(results) + calibration.markdown(calibrated) + watched, output_dir
+        results,
+        evaluation.markdown(results)
+        + calibration.markdown(calibrated)
+        + subgroups.markdown(results.metrics.get("subgroups") or {})
+        + watched,
+        output_dir,
     )
     log_final(loggers, step, Results.from_folder(output_dir))
     weights_line = (
