@@ -97,6 +97,10 @@ def test_predictions_reproduce_the_reported_aurocs_and_calibration(main_run, tmp
         f"linear_probe_embedded_fundus_{t}.png" for t in ("grade", "haemorrhages", "hard_exudates")
     ]
     assert "## Calibration" in (run_dir / "results.md").read_text()
+    projected = results.metrics["probe_embedding_map"]  # PCA of the held-out embeddings, coloured per task
+    assert projected["method"] == "pca" and len(projected["xy"]) == len(results.held_out["embedded_fundus"].ids)
+    assert set(projected["labels"]) == set(reported) and (run_dir / "embedding_map.png").is_file()
+    assert "probe_embedding_map" not in results.metrics["initial_backbone"]
     assert compare(["--recompute", str(run_dir), "--out", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "recomputed.csv").read_text().count("linear_probe") == 3
 

@@ -22,7 +22,8 @@ PROBE_IN_ZERO_SHOT_BEFORE = {"_target_": "greenlab.evaluation.linear_probe.Linea
 PROBE_IN_ZERO_SHOT_NOW = {"_target_": "greenlab.evaluation.linear_probe.LinearProbe", "pooling": "mean_all", "C": 1.0,
                           "max_iter": 20000, "bootstrap_resamples": 100, "ci_resamples": 1000, "seed": 42,
                           "bf16": False, "preprocessing": "greenlab", "datasets": {}, "knn": None, "label_fractions": [],
-                          "label_counts": [], "label_repeats": 5, "subgroups": []}  # fmt: skip
+                          "label_counts": [], "label_repeats": 5, "subgroups": [],
+                          "embedding_map": "pca"}  # fmt: skip
 DEMO_TEMPLATES = [["There is {finding}.", "There is no {finding}."], ["{Finding} is present.", "{Finding} is not present."],
                   ["Findings consistent with {finding}.", "No evidence of {finding}."]]  # fmt: skip
 INTENTIONAL = {  # dotted key: the (before, now) pairs allowed
@@ -145,6 +146,7 @@ INTENTIONAL = {  # dotted key: the (before, now) pairs allowed
     "evaluation.label_counts": [(None, [])],
     "evaluation.label_repeats": [(None, 5)],
     "evaluation.subgroups": [(None, [])],
+    "evaluation.embedding_map": [(None, "pca")],
     "data.metadata_columns": [(None, "${oc.select:evaluation.subgroups,[]}")],
     "evaluation.linear_probe.subgroups": [(None, [])],
     "data.unlabelled_findings": [

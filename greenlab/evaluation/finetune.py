@@ -125,9 +125,7 @@ class KFoldFineTune:
                  layer_decay: float | None, drop_path: float | None, lr_reference_batch: int | None,
                  pooling: str | None, head_init_std: float | None, augmentation: str | None,
                  validation_fraction: float | None, subgroups: list[str]):  # fmt: skip
-        self.subgroups = list(
-            subgroups or []
-        )  # metadata columns scored per value (greenlab/evaluation/subgroups.py)
+        self.subgroups = list(subgroups or [])  # metadata columns scored per value (evaluation/subgroups.py)
         if selection not in SELECTIONS:
             raise ValueError(f"evaluation.selection must be one of {SELECTIONS}, not {selection!r}")
         if pooling not in POOLINGS:

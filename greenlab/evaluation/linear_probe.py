@@ -23,6 +23,7 @@ import time
 
 import numpy as np
 import torch
+from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, balanced_accuracy_score
 from sklearn.pipeline import make_pipeline
@@ -44,6 +45,8 @@ from greenlab.results.model import (
 
 log = logging.getLogger(__name__)
 PREPROCESSING = ("official", "greenlab")
+MAPS = ("pca", "umap", None)
+MAP_POINTS = 2000  # held-out embeddings drawn in the map at most (the first ones)
 OWN = "the data's own (it offers no choice)"
 
 
@@ -80,10 +83,11 @@ class LinearProbe:
     def __init__(self, pooling: str, C: float, max_iter: int, bootstrap_resamples: int, ci_resamples: int,
                  seed: int, bf16: bool, preprocessing: str, datasets: dict | None, knn: dict | None,
                  label_fractions: list[float], label_counts: list[int], label_repeats: int,
-                 subgroups: list[str]):  # fmt: skip
-        self.subgroups = list(
-            subgroups or []
-        )  # metadata columns scored per value (greenlab/evaluation/subgroups.py)
+                 subgroups: list[str], embedding_map: str | None):  # fmt: skip
+        if embedding_map not in MAPS:
+            raise ValueError(f"evaluation.embedding_map must be one of {MAPS}, not {embedding_map!r}")
+        self.embedding_map = embedding_map
+        self.subgroups = list(subgroups or [])  # metadata columns scored per value (evaluation/subgroups.py)
         if preprocessing not in PREPROCESSING:
             raise ValueError(f"evaluation.preprocessing must be official or greenlab, not {preprocessing!r}")
         self.pooling, self.C, self.max_iter, self.seed, self.bf16 = pooling, C, max_iter, seed, bf16
@@ -104,7 +108,7 @@ class LinearProbe:
             )
         bf16 = self.bf16 and device.type == "cuda"
         tasks, rows, held_out, embedding, started = {}, [], {}, None, time.perf_counter()
-        predictions, knn_tasks, efficiency = [], {}, {}
+        predictions, knn_tasks, efficiency, embedding_map = [], {}, {}, None
         preprocessed = {}
         for name, source in sources.items():
             preprocessed[name] = self.preprocess(source, name)
@@ -120,6 +124,8 @@ class LinearProbe:
                 backbone, test_loader, self.pooling, device, bf16, f"{name}: held-out"
             )
             held_out[name] = HeldOut(np.asarray(source.held_out_ids(), dtype=str), y_test)
+            if self.embedding_map and not embedding_map:
+                embedding_map = self.project(x_test[:MAP_POINTS], y_test[:MAP_POINTS], source.tasks, name)
             for t, task in enumerate(tqdm(source.tasks, desc=f"{name}: fitting probes", unit="task")):
                 if self.label_fractions or self.label_counts:
                     groups = getattr(source, "train_groups", None)
@@ -162,6 +168,8 @@ class LinearProbe:
         }
         if efficiency:
             metrics["probe_label_efficiency"] = efficiency
+        if embedding_map:
+            metrics["probe_embedding_map"] = embedding_map
         if self.knn:
             scored_knn = [m["auroc"] for m in knn_tasks.values() if not np.isnan(m.get("auroc", np.nan))]
             metrics["knn_auroc_macro"] = float(np.mean(scored_knn)) if scored_knn else float("nan")
@@ -216,16 +224,53 @@ class LinearProbe:
             f"{repeats} subsets per point, the same held-out set throughout; plot: `label_efficiency.png`.",
         ]
 
+    def project(self, x: np.ndarray, y: np.ndarray, tasks, dataset: str) -> dict:
+        """The held-out embeddings in 2D (``pca``: scikit-learn's PCA of the standardised embeddings; ``umap``:
+        umap-learn, cosine, seed), with each task's labels, for ``embedding_map.png``."""
+        x = StandardScaler().fit_transform(x)
+        if self.embedding_map == "umap":
+            try:
+                import umap
+            except ImportError as err:
+                raise ImportError(
+                    "evaluation.embedding_map=umap needs umap-learn (pip install umap-learn)"
+                ) from err
+            xy = umap.UMAP(metric="cosine", random_state=self.seed).fit_transform(x)
+        else:
+            xy = PCA(n_components=2, random_state=self.seed).fit_transform(x)
+        return {"method": self.embedding_map, "dataset": dataset, "xy": np.round(xy, 4).tolist(),
+                "labels": {t.name: y[:, k].tolist() for k, t in enumerate(tasks)}}  # fmt: skip
+
     @staticmethod
     def figures(results, folder) -> list:
-        """label_efficiency.png: AUROC (median, 95 % interval) against the labels used, one line per task."""
-        efficiency = results.metrics.get("probe_label_efficiency")
-        if not efficiency:
-            return []
+        """label_efficiency.png (AUROC, median and 95 % interval, against the labels used, one line per task) and
+        embedding_map.png (the held-out embeddings in 2D, one panel per task coloured by its label)."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+
+        written = []
+        projected = results.metrics.get("probe_embedding_map")
+        if projected:
+            xy, tasks = np.array(projected["xy"]), projected["labels"]
+            figure, axes = plt.subplots(1, len(tasks), figsize=(3.4 * len(tasks), 3.2), squeeze=False)
+            for axis, (task, labels) in zip(axes[0], tasks.items()):
+                labels = np.array(labels)
+                for value in np.unique(labels):
+                    shown = labels == value
+                    axis.scatter(*xy[shown].T, s=6, label="no label" if value < 0 else str(value))
+                axis.set(title=task, xticks=[], yticks=[])
+                axis.legend(fontsize=6, markerscale=2)
+            figure.suptitle(f"{results.experiment}: held-out embeddings of {projected['dataset']} "
+                            f"({projected['method'].upper()})", fontsize=9)  # fmt: skip
+            figure.tight_layout()
+            figure.savefig(folder / "embedding_map.png", dpi=110)
+            plt.close(figure)
+            written.append(folder / "embedding_map.png")
+        efficiency = results.metrics.get("probe_label_efficiency")
+        if not efficiency:
+            return written
 
         figure, axis = plt.subplots(figsize=(5, 3.6))
         for task, points in efficiency.items():
@@ -241,7 +286,7 @@ class LinearProbe:
         path = folder / "label_efficiency.png"
         figure.savefig(path, dpi=110)
         plt.close(figure)
-        return [path]
+        return [*written, path]
 
     def probe_task(
         self, x_train, y_train, x_test, y_test

@@ -161,9 +161,7 @@ class ZeroShot:
     def __init__(self, templates: list, finding_case: str, vocabulary: str | None, retrieval_similarity: str,
                  population: str, linear_probe: LinearProbe | None, bootstrap: int, bf16: bool,
                  subgroups: list[str], seed: int = 42):  # fmt: skip
-        self.subgroups = list(
-            subgroups or []
-        )  # metadata columns scored per value (greenlab/evaluation/subgroups.py)
+        self.subgroups = list(subgroups or [])  # metadata columns scored per value (evaluation/subgroups.py)
         if retrieval_similarity not in ("cosine", "dot"):
             raise ValueError(f"retrieval_similarity must be cosine or dot, not {retrieval_similarity!r}")
         if population not in POPULATIONS:

@@ -345,7 +345,8 @@ def evaluate(evaluation, backbone, initial_backbone, datamodule, device: torch.d
         )
     if initial_backbone is not None:
         initial = evaluation(initial_backbone, datamodule, device).metrics
-        initial.pop("probe_datasets", None)  # described once, above
+        for described_once in ("probe_datasets", "probe_embedding_map"):  # the trained backbone's, above
+            initial.pop(described_once, None)
         evaluated.metrics["initial_backbone"] = initial
     return evaluated
 
