@@ -215,3 +215,25 @@ def test_subgroup_aurocs_equal_scikit_learn_per_group():
     assert sum(g["n"] for g in found["sex"]["groups"].values()) == n - 1
     assert found["sex"]["largest_gap"]["p_value"] > 0.05
     assert any("site" in line for line in subgroups.markdown({"linear_probe/set/lesion": found}))
+
+
+def test_compare_overlays_label_efficiency(tmp_path):
+    from types import SimpleNamespace
+
+    from greenlab.analysis.compare import efficiency_table, plot_efficiency
+
+    point = {"labels": 10.0, "auroc": 0.6, "auroc_ci95": [0.5, 0.7], "auroc_point_mean": 0.6, "fit_seconds": 0.1,
+             "repeats": 5}  # fmt: skip
+    runs = [SimpleNamespace(name=name, results=SimpleNamespace(metrics=metrics)) for name, metrics in (
+        ("tr", {"probe_label_efficiency": {"grade": {"fraction=0.1": point, "fraction=1": {**point, "labels": 100}}}}),
+        ("resnet", {"probe_label_efficiency": {"grade": {"fraction=0.1": {**point, "auroc": 0.55}}}}),
+        ("none", {}),
+    )]  # fmt: skip
+    lines = efficiency_table(runs)
+    assert (
+        "| grade | fraction=0.1 | 0.600 [0.500, 0.700] (10 labels) | 0.550 [0.500, 0.700] (10 labels) |  |"
+        in lines
+    )
+    assert lines[-1].endswith("(100 labels) |  |  |")
+    plot_efficiency(runs, tmp_path / "overlay.png")
+    assert (tmp_path / "overlay.png").stat().st_size > 1000

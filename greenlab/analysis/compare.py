@@ -28,6 +28,7 @@ import numpy as np
 
 from greenlab.analysis import recompute
 from greenlab.analysis.study import SPENT
+from greenlab.evaluation import label_efficiency
 from greenlab.evaluation.statistics import wilcoxon_p
 from greenlab.results.model import RESULTS_FILE, Results
 
@@ -125,9 +126,42 @@ def write_outputs(runs: list[Run], outcome: dict, out: Path, alpha: float) -> di
         writer = csv.DictWriter(handle, fieldnames=list(outcome["pairwise"][0]))
         writer.writeheader()
         writer.writerows(outcome["pairwise"])
-    files["md"].write_text(markdown(runs, outcome, alpha))
+    files["md"].write_text(
+        markdown(runs, outcome, alpha) + "".join(f"{line}\n" for line in efficiency_table(runs))
+    )
     plot(runs, outcome["comparisons"], files["png"])
+    if any(efficiency_of(run) for run in runs):
+        files["label_efficiency"] = out / "label_efficiency.png"
+        plot_efficiency(runs, files["label_efficiency"])
     return files
+
+
+def efficiency_of(run: Run) -> dict:
+    """{task: {point: record}} of a run's label-efficiency probes (evaluation.label_fractions), {} without."""
+    return run.results.metrics.get("probe_label_efficiency") or {}
+
+
+def efficiency_table(runs: list[Run]) -> list[str]:
+    """Label efficiency side by side: per task and subset, each model's labels and AUROC [95 % CI]."""
+    if not any(efficiency_of(run) for run in runs):
+        return []
+    lines = ["", "## Label efficiency (probe refitted on subsets of the training labels)", "",
+             "| task | subset | " + " | ".join(r.name for r in runs) + " |", "|---|---|" + "---|" * len(runs)]  # fmt: skip
+    keys = dict.fromkeys((t, p) for r in runs for t, points in efficiency_of(r).items() for p in points)
+    for task, point in keys:
+        cells = []
+        for run in runs:
+            r = efficiency_of(run).get(task, {}).get(point)
+            low, high = (r or {}).get("auroc_ci95") or (math.nan, math.nan)
+            cells.append(f"{r['auroc']:.3f} [{low:.3f}, {high:.3f}] ({r['labels']:.0f} labels)" if r else "")
+        lines.append(f"| {task} | {point} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def plot_efficiency(runs: list[Run], path: Path) -> None:
+    """The runs' label-efficiency curves overlaid, one line per model and task."""
+    curves = {f"{run.name}: {task}": points for run in runs for task, points in efficiency_of(run).items()}
+    label_efficiency.plot(curves, path, "label efficiency")
 
 
 def markdown(runs: list[Run], outcome: dict, alpha: float) -> str:

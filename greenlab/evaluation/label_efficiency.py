@@ -62,3 +62,25 @@ def pooled(draws: list[np.ndarray]) -> dict:
         return {"auroc": float("nan"), "auroc_ci95": None}
     return {"auroc": float(np.median(every)),
             "auroc_ci95": [float(np.percentile(every, 2.5)), float(np.percentile(every, 97.5))]}  # fmt: skip
+
+
+def plot(curves: dict[str, dict], path, title: str) -> None:
+    """AUROC (median, 95 % interval) against the training labels used, one line per curve ({name: {point:
+    record}}: a task, or a model's task), log-scaled labels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for name, points in curves.items():
+        rows = sorted(points.values(), key=lambda r: r["labels"])
+        interval = [r["auroc_ci95"] or [r["auroc"], r["auroc"]] for r in rows]
+        axis.errorbar([r["labels"] for r in rows], [r["auroc"] for r in rows], marker="o", capsize=3, label=name,
+                      yerr=[[r["auroc"] - i[0] for r, i in zip(rows, interval)],
+                            [i[1] - r["auroc"] for r, i in zip(rows, interval)]])  # fmt: skip
+    axis.set(xscale="log", xlabel="training labels", ylabel="AUROC (median, 95% CI)", title=title)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

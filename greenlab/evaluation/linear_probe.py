@@ -269,24 +269,12 @@ class LinearProbe:
             plt.close(figure)
             written.append(folder / "embedding_map.png")
         efficiency = results.metrics.get("probe_label_efficiency")
-        if not efficiency:
-            return written
-
-        figure, axis = plt.subplots(figsize=(5, 3.6))
-        for task, points in efficiency.items():
-            rows = sorted(points.values(), key=lambda r: r["labels"])
-            interval = [r["auroc_ci95"] or [r["auroc"], r["auroc"]] for r in rows]
-            axis.errorbar([r["labels"] for r in rows], [r["auroc"] for r in rows], marker="o", capsize=3, label=task,
-                          yerr=[[r["auroc"] - i[0] for r, i in zip(rows, interval)],
-                                [i[1] - r["auroc"] for r, i in zip(rows, interval)]])  # fmt: skip
-        axis.set(xscale="log", xlabel="training labels", ylabel="AUROC (median, 95% CI)",
-                 title=f"{results.experiment}: label efficiency")  # fmt: skip
-        axis.legend(fontsize=7)
-        figure.tight_layout()
-        path = folder / "label_efficiency.png"
-        figure.savefig(path, dpi=110)
-        plt.close(figure)
-        return [*written, path]
+        if efficiency:
+            label_efficiency.plot(
+                efficiency, folder / "label_efficiency.png", f"{results.experiment}: label efficiency"
+            )
+            written.append(folder / "label_efficiency.png")
+        return written
 
     def probe_task(
         self, x_train, y_train, x_test, y_test
