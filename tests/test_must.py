@@ -47,7 +47,9 @@ def tiny_must(**kwargs) -> MUST:
 @pytest.fixture(scope="module")
 def ct_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("embedded_ct")
+    # the findings the reports label (the demo's drop: the stage-1-heads start needs a latent >= the findings)
     data = build("data/embedded_ct", root=str(root / "gen"), num_volumes=24, pair_reports=True, cache_dir=None, held_out_fraction=0.2,
+                 unlabelled_findings="drop",
                  num_text_only_reports=0, batch_size=6, eval_batch_size=6, num_workers=0,
                  output_dir=str(root / "run"), **TINY_CT)  # fmt: skip
     data.setup("fit")
