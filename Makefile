@@ -7,8 +7,10 @@ install:  ## greenlab + every dependency (MinkowskiEngine built from source); sa
 	$(PYTHON) -m pip install -e ".[dev,sweep,energy]"
 	PYTHON=$(PYTHON) bash scripts/install_minkowski.sh
 
-test:
-	$(PYTHON) -m pytest -q tests
+TEST_WORKERS ?= 2
+
+test:  ## the suite on TEST_WORKERS processes (pytest-xdist; a file with module-scoped runs stays on one worker)
+	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
 
 lint:
 	$(PYTHON) -m ruff check greenlab tests scripts benchmarks

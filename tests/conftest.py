@@ -175,6 +175,18 @@ def run_cli(
     return proc
 
 
+def run_tiny(run_dir, data_dir, *extra, check=True):
+    """The main command at tiny size into ``run_dir``."""
+    return run_cli(
+        "+experiment=retfound_green",
+        *TINY_RUN,
+        *extra,
+        f"paths.data_dir={data_dir}",
+        f"hydra.run.dir={run_dir}",
+        check=check,
+    )
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
     """One cache of generated embedded data for the whole session."""

@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 import timm
 import torch
-from hydra import compose, initialize_config_dir
 
 from greenlab.config import CONFIG_DIR
-from tests.conftest import TINY, TINY_RUN, run_cli, write_npz_3d
+from tests.conftest import TINY_RUN, run_cli, run_tiny
+
+# its module-scoped runs are made once: `make test` (pytest-xdist --dist loadgroup) keeps the file on one worker
+pytestmark = pytest.mark.xdist_group("cli")
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 RESULT_KEYS = {
@@ -21,18 +23,6 @@ RESULT_KEYS = {
     "energy": ["kwh", "co2e_kg", "method"],
     "embedding": ["dim", "bytes_per_image", "throughput_img_s"],
 }
-
-
-def run_tiny(run_dir, data_dir, *extra, check=True):
-    """The main command at tiny size into ``run_dir``."""
-    return run_cli(
-        "+experiment=retfound_green",
-        *TINY_RUN,
-        *extra,
-        f"paths.data_dir={data_dir}",
-        f"hydra.run.dir={run_dir}",
-        check=check,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +88,9 @@ def test_predictions_reproduce_the_reported_aurocs_and_calibration(main_run, tmp
     ]
     assert "## Calibration" in (run_dir / "results.md").read_text()
     projected = results.metrics["probe_embedding_map"]  # PCA of the held-out embeddings, coloured per task
-    assert projected["method"] == "pca" and len(projected["xy"]) == len(results.held_out["embedded_fundus"].ids)
+    assert projected["method"] == "pca" and len(projected["xy"]) == len(
+        results.held_out["embedded_fundus"].ids
+    )
     assert set(projected["labels"]) == set(reported) and (run_dir / "embedding_map.png").is_file()
     assert "probe_embedding_map" not in results.metrics["initial_backbone"]
     assert compare(["--recompute", str(run_dir), "--out", str(tmp_path / "out")]) == 0
@@ -251,154 +243,9 @@ def test_multirun_gives_separate_runs(tmp_path, data_dir):
     assert wandb_runs[0] != wandb_runs[1]
 
 
-@pytest.mark.parametrize("experiment", EXPERIMENTS)
-@pytest.mark.parametrize("scale", [None, "paper"])
-def test_experiment_config_composes(experiment, scale):
-    overrides = [f"+experiment={experiment}", "paths.output_dir=/tmp/x"] + (
-        [f"scale={scale}"] if scale else []
-    )
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
-    assert cfg.name == experiment and (
-        cfg.scale_name == scale if scale else cfg.scale_name in ("demo", "paper")
-    )
-    assert cfg.data.get("img_size", cfg.img_size) == cfg.img_size
-    backbone = cfg.objective.get("backbone") or cfg.objective.image_encoder
-    assert backbone.get("img_size", cfg.img_size) == cfg.img_size
-
-
-# whole tiny runs elsewhere (main_run; test_must.py; grid: tests/test_grid.py's sweep); greenrfm_lite is greenrfm
-# with the stem of backbone/resnet3d18 stem_kernel=4 (tests/test_label_supervised.py) and composes (test_config.py
-# snapshots); token_reconstruction_vit_base / _large are retfound_green with another backbone config, the same run
-# at tiny widths (they compose: test_experiment_config_composes)
-RUN_IN_FULL = ("retfound_green", "greenrfm", "greenrfm_lite", "grid", "token_reconstruction_vit_base",
-               "token_reconstruction_vit_large")  # fmt: skip
-
-
-@pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if e not in RUN_IN_FULL])
-def test_experiment_runs_fast_dev_run(experiment, tmp_path, data_dir):
-    write_npz_3d(tmp_path / "tiny3d.npz")
-    overrides = [o.format(npz_3d=tmp_path / "tiny3d.npz") for o in TINY[experiment]]
-    run_cli(f"+experiment={experiment}", *overrides, "trainer.fast_dev_run=true", f"paths.data_dir={data_dir}",
-            f"hydra.run.dir={tmp_path / 'run'}")  # fmt: skip
-    assert (tmp_path / "run" / "results.json").is_file()
-    if experiment == "sparse_cnn_mae":  # k-fold fine-tuning: every labelled image scored once, by its fold
-        from greenlab.analysis import recompute
-        from greenlab.results.model import Results
-
-        results = Results.from_folder(tmp_path / "run")
-        (scored,) = results.predictions
-        folds = results.metrics["finetune_folds"]
-        assert len(set(scored.ids)) == len(scored.ids) == sum(f["n_test"] for f in folds)
-        per_fold = {
-            r["fold"]: r["auroc"] for r in recompute.recompute(tmp_path / "run") if r["fold"] != "all"
-        }
-        assert per_fold == pytest.approx({k: f["auroc"] for k, f in enumerate(folds)}, nan_ok=True)
-
-
-ON_MEDMNIST_3D = {  # the experiment files' own data=medmnist command lines, at tiny size
-    "spark_3d": [
-        "data.volume_size=[32,32,32]",
-        "backbone.stem_kernel=2",
-    ],  # 2^3 mask cells at total stride 16
-    "token_reconstruction_3d": [],
-    "mae_3d": ["backbone.volume_size=[16,16,16]", "backbone.patch_size=8"],
-}
-
-
-@pytest.mark.parametrize("experiment", ON_MEDMNIST_3D)
-def test_3d_self_supervision_runs_on_a_medmnist_3d_file(experiment, tmp_path):
-    """``+experiment=<3D objective> data=medmnist data.path=... data.crop_size=null``, augmented, end to end."""
-    write_npz_3d(tmp_path / "tiny3d.npz")
-    tiny = [o for o in TINY[experiment] if not o.startswith(("data.num_volumes", "data.num_text_only"))]
-    run_cli(f"+experiment={experiment}", "data=medmnist", f"data.path={tmp_path / 'tiny3d.npz'}", "data.crop_size=null",
-            *tiny, *ON_MEDMNIST_3D[experiment], "data.batch_size=4", "trainer.fast_dev_run=true",
-            f"hydra.run.dir={tmp_path / 'run'}")  # fmt: skip
-    data = json.loads((tmp_path / "run" / "results.json").read_text())["data"]
-    assert data["is_3d"] and data["volume_augmentation"]["flip_prob"] == 0.5
-
-
 def test_same_seed_same_config_same_results(main_run, tmp_path, data_dir):
     """Determinism on CPU: a second run of the main run's config gives the same loss and probe metrics."""
     run_tiny(tmp_path / "again", data_dir)
     results = [json.loads((d / "results.json").read_text()) for d in (main_run[0], tmp_path / "again")]
     assert results[0]["metrics"]["final_train_loss"] == results[1]["metrics"]["final_train_loss"]
     assert results[0]["metrics"]["probe_tasks"] == results[1]["metrics"]["probe_tasks"]
-
-
-DETERMINISTIC = [
-    "objective.noise_std=0",
-    "objective.max_corruption_ratio=0",
-    "data.augmentation=none",
-]  # no RNG
-DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
-
-
-def test_ddp_command_line_matches_one_process_of_the_same_global_batch(tmp_path, data_dir):
-    """The README's DDP command (the main experiment's command line, tiny): 2 gloo processes x 4 = one
-    process x 8 (the same images in each global batch: the (seed, epoch) order split across ranks). Exit 0,
-    one results.json and W&B run by rank 0 alone, the probe metrics equal, images and FLOPs counted once, the
-    global batch recorded and checked against the paper's the same way. Pixel noise and token corruption off:
-    they draw from each process's own random stream."""
-    ddp, single = tmp_path / "ddp", tmp_path / "single"
-    proc = run_tiny(ddp, data_dir, *DETERMINISTIC, *DDP, "data.batch_size=4")
-    assert proc.returncode == 0 and "Traceback" not in proc.stderr
-    run_tiny(single, data_dir, *DETERMINISTIC, "data.batch_size=8")
-    assert sorted(p.name for p in ddp.rglob("results.json") if "wandb" not in p.parts) == ["results.json"]
-    a, b = (json.loads((d / "results.json").read_text()) for d in (ddp, single))
-    assert a["compute"]["world_size"] == 2 and b["compute"]["world_size"] == 1
-    assert a["compute"]["effective_batch_size"] == b["compute"]["effective_batch_size"] == 8
-    assert a["metrics"]["final_train_loss"] == pytest.approx(b["metrics"]["final_train_loss"], rel=1e-4)
-    for task in ("haemorrhages", "hard_exudates", "grade"):
-        assert a["metrics"]["probe_tasks"][task]["auroc"] == pytest.approx(
-            b["metrics"]["probe_tasks"][task]["auroc"]
-        )
-    assert a["metrics"]["probe_auroc_macro"] == pytest.approx(b["metrics"]["probe_auroc_macro"])
-    for key in ("train_images_seen", "optimizer_steps", "train_flops"):
-        assert a["compute"][key] == b["compute"][key], key
-    batch = {d["key"]: d for d in a["recipe"]["deviations"]}["effective_batch_size"]
-    assert (batch["paper"], batch["used"]) == (128, 8) and "2 process(es)" in batch["why"]
-    assert len(list((ddp / "wandb").glob("offline-run-*"))) == 1
-
-
-def test_ddp_run_fails_when_another_rank_fails(tmp_path, data_dir):
-    """A rank that fails after training fails the command (no race with rank 0's evaluation), and no
-    results are written."""
-    run_dir = tmp_path / "run"
-    proc = run_tiny(run_dir, data_dir, *DDP, "data.batch_size=4", "trainer.max_epochs=1",
-                    "+callbacks.fail._target_=tests.helpers.FailOnRank", "+callbacks.fail.rank=1", check=False)  # fmt: skip
-    assert proc.returncode != 0
-    assert "FailOnRank: rank 1 fails on purpose" in proc.stderr + proc.stdout
-    assert not (run_dir / "results.json").exists()
-
-
-def test_ddp_multirun_gives_one_complete_run_per_job(tmp_path, data_dir):
-    """``-m`` under DDP: each job's worker process runs that job (not the whole sweep) in that job's folder."""
-    sweep = tmp_path / "sweep"
-    run_cli("-m", "+experiment=retfound_green", *TINY_RUN, *DDP, "data.batch_size=4", "trainer.max_epochs=1",
-            "evaluate_initial_backbone=false", "seed=1,2", f"paths.data_dir={data_dir}", f"hydra.sweep.dir={sweep}")  # fmt: skip
-    runs = [json.loads((sweep / job / "results.json").read_text()) for job in ("0", "1")]
-    assert [r["config"]["seed"] for r in runs] == [1, 2]
-    assert all(r["compute"]["world_size"] == 2 and "probe_auroc_macro" in r["metrics"] for r in runs)
-    assert sorted(p.parent.name for p in sweep.rglob("results.json") if "wandb" not in p.parts) == ["0", "1"]
-
-
-def test_evaluate_in_a_worker_process_leaves_it_to_rank_0(tmp_path, data_dir, monkeypatch):
-    """python -m greenlab.evaluate started on every task of a DDP / SLURM job: only rank 0 evaluates."""
-    monkeypatch.setenv("LOCAL_RANK", "1")
-    run_dir = tmp_path / "eval"
-    run_cli("backbone.weights=random", "img_size=28", "+backbone.model_kwargs.embed_dim=48", "+backbone.model_kwargs.depth=2",
-            "+backbone.model_kwargs.num_heads=2", "data.num_images=24", "data.num_workers=0",
-            f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}", module="greenlab.evaluate")  # fmt: skip
-    assert not (run_dir / "results.json").exists()
-
-
-def test_slurm_launcher_config_composes():
-    """hydra/launcher=slurm: one SLURM task per device, nodes from the trainer."""
-    overrides = ["+experiment=retfound_green", "hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4",
-                 "trainer.num_nodes=2", "paths.output_dir=/tmp/x"]  # fmt: skip
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=overrides, return_hydra_config=True)
-    launcher = cfg.hydra.launcher
-    assert launcher._target_.endswith("SlurmLauncher")
-    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 4, 4)

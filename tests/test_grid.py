@@ -19,6 +19,9 @@ from greenlab.objectives.spark import random_visible_mask
 from tests.conftest import REPO, TINY_DATA, run_cli
 from tests.helpers import assert_backends_agree
 
+# its module-scoped runs are made once: `make test` (pytest-xdist --dist loadgroup) keeps the file on one worker
+pytestmark = pytest.mark.xdist_group("grid")
+
 GRID_CONF = (
     REPO / "tests" / "grid_conf"
 )  # tiny versions of each 2D backbone family, reached by Hydra's search path

@@ -10,6 +10,9 @@ from greenlab.labels.rules import RuleLabeller
 from greenlab.labels.vocabulary import load_vocabulary
 from tests.conftest import REPO, shared_data
 
+# its module-scoped runs are made once: `make test` (pytest-xdist --dist loadgroup) keeps the file on one worker
+pytestmark = pytest.mark.xdist_group("labels")
+
 
 @pytest.fixture(scope="module")
 def chexpert():

@@ -18,6 +18,9 @@ from greenlab.evaluation.zero_shot import prompts, recall_at
 from greenlab.objectives.must import MUST, STAGE1_FILES, AlignedEncoders, symmetric_contrastive_loss
 from tests.conftest import TINY_GREENRFM, run_cli
 
+# its module-scoped runs are made once: `make test` (pytest-xdist --dist loadgroup) keeps the file on one worker
+pytestmark = pytest.mark.xdist_group("must")
+
 TINY_TEXT = {"vocab_size": 200, "hidden_size": 32, "num_layers": 1, "num_heads": 2, "max_length": 64}
 TINY_CT = {"spacing": (20.0, 20.0, 30.0), "pad_size": (16, 16, 10), "crop_size": (16, 16, 8)}
 

@@ -25,6 +25,9 @@ from greenlab.evaluation.linear_probe import knn_probabilities
 from greenlab.evaluation.statistics import one_vs_rest_auroc
 from tests.toy_method.toy import MeanColour, PatchCNN
 
+# its module-scoped runs are made once: `make test` (pytest-xdist --dist loadgroup) keeps the file on one worker
+pytestmark = pytest.mark.xdist_group("probe_monitor")
+
 
 class Squares(ImageDataModule):
     """96 random 16-px images: task ``bright`` (binary: a bright square in the middle), task ``colour`` (3 classes:
