@@ -102,3 +102,29 @@ def test_nn_mobilenet_recipe_trains_with_mixup_and_scores_the_ema():
     assert scored is not model
     ema_weight, weight = scored[1].weight, model[1].weight  # EMA 0.9999 over 2 steps: still near the start
     assert not torch.equal(ema_weight, weight)
+
+
+def test_finetuning_label_efficiency_trains_each_fold_on_nested_subsets(tmp_path):
+    """label_fractions: the same folds trained again on a share of each fold's training labels (at least one per
+    class), scored on the whole fold; the table and the plot."""
+    from types import SimpleNamespace
+
+    from greenlab.results.model import Phase
+
+    torch.manual_seed(0)
+    evaluation = build("evaluation/finetune", folds=2, epochs=2, batch_size=8, img_size=None, num_workers=0, mixup=0.0,
+                       cutmix=0.0, ema_decay=None, warmup_epochs=0, label_fractions=[0.1, 1.0], label_counts=[2])  # fmt: skip
+    metrics = evaluation(TinyCNN(), FakeData(), torch.device("cpu")).metrics
+    points = metrics["finetune_label_efficiency"]["grade"]
+    assert list(points) == ["fraction=0.1", "fraction=1", "count=2"]
+    assert (
+        points["fraction=1"]["labels"] == 30 and points["count=2"]["labels"] == 6
+    )  # 2 per class, 30 per fold
+    assert (
+        points["fraction=0.1"]["labels"] == 3 and points["fraction=1"]["repeats"] == 2
+    )  # ceil(0.1 x 10) per class
+    assert all(0 <= p["auroc"] <= 1 and p["fit_seconds"] > 0 for p in points.values())
+    results = SimpleNamespace(experiment="x", metrics=metrics,
+                              phases={"evaluate": Phase(seconds=10.0, kwh=0.001, co2e_kg=0.0, energy_method="e")})  # fmt: skip
+    assert any(line.startswith("| grade | count=2 | 6 |") for line in evaluation.markdown(results))
+    assert evaluation.figures(results, tmp_path) == [tmp_path / "finetune_label_efficiency.png"]

@@ -184,7 +184,7 @@ def test_label_efficiency_table_and_plot(tmp_path):
         },
         phases={"evaluate": Phase(seconds=100.0, kwh=0.001, co2e_kg=0.0, energy_method="estimate")},
     )
-    lines = LinearProbe.efficiency_markdown(results)
+    lines = label_efficiency.markdown(results, "probe_label_efficiency", "linear probe")
     assert "| grade | fraction=0.1 | 6 | 0.700 [0.600, 0.800] | 0.710 | 2.00 | 2.00e-05 |" in lines
     assert LinearProbe.figures(results, tmp_path) == [tmp_path / "label_efficiency.png"]
 

@@ -45,8 +45,9 @@ from tqdm.auto import tqdm
 from greenlab.contracts import FoldSource
 from greenlab.data.base import ItemDataset
 from greenlab.data.transforms2d import FINETUNE_TRANSFORMS
+from greenlab.evaluation import label_efficiency
 from greenlab.evaluation.embeddings import pool
-from greenlab.evaluation.statistics import one_vs_rest_auroc
+from greenlab.evaluation.statistics import bootstrap_auroc, one_vs_rest_auroc, resample_indices
 from greenlab.objectives.optim import decay_param_groups, layer_decay_param_groups, warmup_cosine_factor
 from greenlab.results.model import MACRO, Comparison, Embedding, Evaluated, Predictions
 
@@ -124,7 +125,9 @@ class KFoldFineTune:
                  task: str | None, ordinal: bool, seed: int, bf16: bool, num_workers: int,
                  layer_decay: float | None, drop_path: float | None, lr_reference_batch: int | None,
                  pooling: str | None, head_init_std: float | None, augmentation: str | None,
-                 validation_fraction: float | None, subgroups: list[str]):  # fmt: skip
+                 validation_fraction: float | None, subgroups: list[str], label_fractions: list[float],
+                 label_counts: list[int]):  # fmt: skip
+        self.label_fractions, self.label_counts = list(label_fractions or []), list(label_counts or [])
         self.subgroups = list(subgroups or [])  # metadata columns scored per value (evaluation/subgroups.py)
         if selection not in SELECTIONS:
             raise ValueError(f"evaluation.selection must be one of {SELECTIONS}, not {selection!r}")
@@ -168,35 +171,10 @@ class KFoldFineTune:
         plain = ConcatDataset([_with_transform(s, eval_tf) for s in sources])
         splitter = StratifiedKFold(self.folds, shuffle=True, random_state=self.seed)
         folds, throughput, cases = [], [], []
-        for fold, (train_idx, test_idx) in enumerate(splitter.split(labelled, labels[labelled])):
-            torch.manual_seed(self.seed + fold)
-            trained = copy.deepcopy(backbone)
-            if self.drop_path is not None:
-                set_drop_path(trained, self.drop_path)
-            model = Classifier(trained, backbone.num_features, task.num_classes, self.head_dropout, self.pooling,
-                               self.head_init_std).to(device)  # fmt: skip
-            scored_fold = Subset(plain, labelled[test_idx].tolist())
-            train_rows, select_on = labelled[train_idx], None
-            if self.selection == "official_best_on_scored_fold":
-                select_on = scored_fold
-            elif self.selection == "best_on_validation":  # stratified, a fresh part in each fold
-                train_rows, validation = train_test_split(
-                    train_rows,
-                    test_size=self.validation_fraction,
-                    stratify=labels[train_rows],
-                    random_state=self.seed + fold,
-                )
-                select_on = Subset(plain, validation.tolist())
-            scored = self._train(
-                model,
-                Subset(augmented, train_rows.tolist()),
-                column,
-                task.num_classes,
-                device,
-                f"fold {fold + 1}/{self.folds}",
-                select_on,
-            )
-            y, proba, img_s = self._predict(scored, scored_fold, column, device)
+        split = list(splitter.split(labelled, labels[labelled]))
+        for fold, (train_idx, test_idx) in enumerate(split):
+            y, proba, img_s, _ = self._fold(backbone, task, column, labels, labelled[train_idx], labelled[test_idx],
+                                            augmented, plain, fold, device)  # fmt: skip
             cases.append((labelled[test_idx], y, proba, np.full(len(y), fold)))
             throughput.append(img_s)
             folds.append(self._score(y, proba, task.num_classes))
@@ -208,6 +186,9 @@ class KFoldFineTune:
         }
         if self.selection == "best_on_validation":
             metrics["finetune_validation_fraction"] = self.validation_fraction
+        if self.label_fractions or self.label_counts:
+            metrics["finetune_label_efficiency"] = {task.name: self.label_efficiency(
+                backbone, task, column, labels, labelled, split, augmented, plain, device)}  # fmt: skip
         for name in METRICS:
             values = [f[name] for f in folds]
             metrics[f"finetune_{name}_mean"] = float(np.nanmean(values))
@@ -226,6 +207,68 @@ class KFoldFineTune:
         scored = Predictions("finetune", datamodule.dataset_name, task.name,
                              [str(c) for c in range(task.num_classes)], ids[rows], y, proba, fold_of)  # fmt: skip
         return Evaluated(metrics, [row], embedding=embedding, predictions=[scored])
+
+    def _fold(self, backbone, task, column: int, labels, train_rows, test_rows, augmented, plain, fold: int,
+              device) -> tuple[np.ndarray, np.ndarray, float, float]:  # fmt: skip
+        """Train a fresh copy of ``backbone`` + head on ``train_rows`` (less a validation part when selecting on
+        one), score ``test_rows``: (labels, probabilities, scoring img/s, training seconds)."""
+        torch.manual_seed(self.seed + fold)
+        trained = copy.deepcopy(backbone)
+        if self.drop_path is not None:
+            set_drop_path(trained, self.drop_path)
+        model = Classifier(trained, backbone.num_features, task.num_classes, self.head_dropout, self.pooling,
+                           self.head_init_std).to(device)  # fmt: skip
+        scored_fold, select_on = Subset(plain, test_rows.tolist()), None
+        if self.selection == "official_best_on_scored_fold":
+            select_on = scored_fold
+        elif self.selection == "best_on_validation":  # stratified, a fresh part in each fold
+            train_rows, validation = train_test_split(
+                train_rows, test_size=self.validation_fraction, stratify=labels[train_rows],
+                random_state=self.seed + fold,
+            )  # fmt: skip
+            select_on = Subset(plain, validation.tolist())
+        started = time.perf_counter()
+        scored = self._train(model, Subset(augmented, train_rows.tolist()), column, task.num_classes, device,
+                             f"fold {fold + 1}/{self.folds}", select_on)  # fmt: skip
+        seconds = time.perf_counter() - started
+        return (*self._predict(scored, scored_fold, column, device), seconds)
+
+    def label_efficiency(self, backbone, task, column: int, labels, labelled, split, augmented, plain,
+                         device) -> dict:  # fmt: skip
+        """{point: {labels, auroc, auroc_ci95, auroc_point_mean, fit_seconds, repeats}} of the same k-fold
+        protocol trained on nested, stratified subsets of each fold's training labels (``label_efficiency.subsets``,
+        one per fold: the folds are the repeats), scored on the whole fold; AUROC median and interval over
+        bootstrap resamples of the pooled out-of-fold predictions, ``fit_seconds`` per fold."""
+        chosen = [label_efficiency.subsets(labels[labelled[train_idx]], None, self.label_fractions,
+                                           self.label_counts, 1, self.seed + fold)
+                  for fold, (train_idx, _) in enumerate(split)]  # fmt: skip
+        out = {}
+        for point in chosen[0]:
+            ys, probas, seconds, counts, points = [], [], 0.0, [], []
+            for fold, (train_idx, test_idx) in enumerate(split):
+                rows = labelled[train_idx][chosen[fold][point][0]]
+                y, proba, _, spent = self._fold(backbone, task, column, labels, rows, labelled[test_idx], augmented,
+                                                plain, fold, device)  # fmt: skip
+                ys.append(y), probas.append(proba), counts.append(len(rows))
+                points.append(one_vs_rest_auroc(y, proba, np.arange(task.num_classes))[MACRO])
+                seconds += spent
+            y, proba = np.concatenate(ys), np.concatenate(probas)
+            indices = resample_indices(len(y), 100, self.seed)
+            draws = bootstrap_auroc(y, proba, np.arange(task.num_classes), indices)[MACRO]
+            out[point] = {"labels": float(np.mean(counts)), **label_efficiency.pooled([draws]),
+                          "auroc_point_mean": float(np.nanmean(points)), "fit_seconds": seconds / len(split),
+                          "repeats": len(split)}  # fmt: skip
+        return out
+
+    @staticmethod
+    def figures(results, folder) -> list:
+        """finetune_label_efficiency.png: AUROC against the training labels (when asked for)."""
+        efficiency = results.metrics.get("finetune_label_efficiency")
+        if not efficiency:
+            return []
+        path = folder / "finetune_label_efficiency.png"
+        label_efficiency.plot(efficiency, path, f"{results.experiment}: fine-tuning label efficiency")
+        return [path]
 
     def fold_transforms(self, datamodule) -> tuple:
         """(training, scoring) transforms: the data's ``fold_transforms`` (nn-MobileNet's for photographs, the
@@ -412,7 +455,11 @@ class KFoldFineTune:
             else:
                 row += " | |"
             lines.append(row)
-        return lines
+        return lines + label_efficiency.markdown(
+            results,
+            "finetune_label_efficiency",
+            "k-fold fine-tuning on subsets of each fold's training labels",
+        )
 
 
 def micro_auroc(y: np.ndarray, proba: np.ndarray) -> float:

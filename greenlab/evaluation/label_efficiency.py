@@ -84,3 +84,23 @@ def plot(curves: dict[str, dict], path, title: str) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def markdown(results, key: str, what: str) -> list[str]:
+    """results.md's label-efficiency table of ``results.metrics[key]``: per task and point the labels used, AUROC
+    [95 % CI], the mean point AUROC, and the cost of one fit (seconds; kWh at the evaluation phase's measured
+    rate)."""
+    efficiency = results.metrics.get(key)
+    if not efficiency:
+        return []
+    phase = getattr(results, "phases", {}).get("evaluate")
+    rate = phase.kwh / phase.seconds if phase and phase.seconds else float("nan")
+    lines = ["", f"## Label efficiency ({what})", "",
+             "| task | subset | labels | AUROC [95% CI] | point (mean) | fit s | fit kWh |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for task, points in efficiency.items():
+        for point, r in points.items():
+            low, high = r["auroc_ci95"] or (float("nan"), float("nan"))
+            lines.append(f"| {task} | {point} | {r['labels']:.0f} | {r['auroc']:.3f} [{low:.3f}, {high:.3f}] | "
+                         f"{r['auroc_point_mean']:.3f} | {r['fit_seconds']:.2f} | {r['fit_seconds'] * rate:.2e} |")  # fmt: skip
+    repeats = next(iter(next(iter(efficiency.values())).values()))["repeats"]
+    return lines + ["", f"{repeats} subsets per point (the same held-out cases throughout)."]

@@ -202,28 +202,6 @@ class LinearProbe:
             f"{device.type}{', bf16 autocast' if bf16 else ', fp32'}",
         )
 
-    @staticmethod
-    def efficiency_markdown(results) -> list[str]:
-        """The label-efficiency table: per task and point the labels used, AUROC [95 % CI], and the cost of a
-        fit (seconds; kWh at the evaluation phase's measured rate)."""
-        efficiency = results.metrics.get("probe_label_efficiency")
-        if not efficiency:
-            return []
-        phase = results.phases.get("evaluate")
-        rate = phase.kwh / phase.seconds if phase and phase.seconds else float("nan")
-        lines = ["", "## Label efficiency (linear probe refitted on subsets of the training labels)", "",
-                 "| task | subset | labels | AUROC [95% CI] | point (mean) | fit s | fit kWh |", "|---|---|---|---|---|---|---|"]  # fmt: skip
-        for task, points in efficiency.items():
-            for point, r in points.items():
-                low, high = r["auroc_ci95"] or (float("nan"), float("nan"))
-                lines.append(f"| {task} | {point} | {r['labels']:.0f} | {r['auroc']:.3f} [{low:.3f}, {high:.3f}] | "
-                             f"{r['auroc_point_mean']:.3f} | {r['fit_seconds']:.2f} | {r['fit_seconds'] * rate:.2e} |")  # fmt: skip
-        repeats = next(iter(next(iter(efficiency.values())).values()))["repeats"]
-        return lines + [
-            "",
-            f"{repeats} subsets per point, the same held-out set throughout; plot: `label_efficiency.png`.",
-        ]
-
     def project(self, x: np.ndarray, y: np.ndarray, tasks, dataset: str) -> dict:
         """The held-out embeddings in 2D (``pca``: scikit-learn's PCA of the standardised embeddings; ``umap``:
         umap-learn, cosine, seed), with each task's labels, for ``embedding_map.png``."""
@@ -384,7 +362,9 @@ class LinearProbe:
         if "knn_auroc_macro" in m:
             lines += [f"\nkNN probe (k {m['knn']['k']}, temperature {m['knn']['temperature']}, DINO's eval_knn): "
                       f"mean AUROC over tasks **{m['knn_auroc_macro']:.3f}** (rows `knn_probe` above)."]  # fmt: skip
-        lines += self.efficiency_markdown(results)
+        lines += label_efficiency.markdown(
+            results, "probe_label_efficiency", "linear probe refitted on subsets of the training labels"
+        )
         preprocessed = ", ".join(f"`{n}` {how}" for n, how in m.get("probe_preprocessing", {}).items())
         lines += [f"\nPreprocessing of the probe sets: {preprocessed}."] if preprocessed else []
         splits = {n: d.get("split", {}).get("method") for n, d in m.get("probe_datasets", {}).items()}
