@@ -237,3 +237,10 @@ def test_compare_overlays_label_efficiency(tmp_path):
     assert lines[-1].endswith("(100 labels) |  |  |")
     plot_efficiency(runs, tmp_path / "overlay.png")
     assert (tmp_path / "overlay.png").stat().st_size > 1000
+
+
+def test_knn_rows_are_compared_apart_from_the_regressions():
+    from greenlab.results.model import Comparison
+
+    linear, knn = (Comparison(e, "set", "grade", "macro", 0.7) for e in ("linear_probe", "knn_probe"))
+    assert linear.key == ("set", "grade", "macro") and knn.key == ("set", "grade [knn_probe]", "macro")

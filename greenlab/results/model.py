@@ -46,8 +46,10 @@ class Comparison:
 
     @property
     def key(self) -> tuple[str, str, str]:
-        """(dataset, task, comparison): what ``greenlab.compare`` pairs runs on."""
-        return self.dataset, self.task, self.comparison
+        """(dataset, task, comparison): what ``greenlab.compare`` pairs runs on; a task scored by another
+        evaluation than the linear probe (the kNN probe beside it) is named with it, "grade [knn_probe]"."""
+        task = self.task if self.evaluation == "linear_probe" else f"{self.task} [{self.evaluation}]"
+        return self.dataset, task, self.comparison
 
 
 @dataclass
