@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import numpy as np
 from sklearn.metrics import accuracy_score, balanced_accuracy_score
 
 from greenlab.evaluation import calibration, statistics
@@ -27,7 +26,7 @@ def metrics(p: Predictions, fold: int | None = None) -> dict:
     """The metrics of one task's labelled cases (of one fold when given)."""
     y, proba, classes = calibration.scored(p)
     if fold is not None:
-        keep = (p.folds == fold)[np.isin(p.labels, classes)]
+        keep = p.folds[calibration.labelled(p)] == fold
         y, proba = y[keep], proba[keep]
     predicted = classes[proba.argmax(1)]
     return {

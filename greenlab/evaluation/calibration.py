@@ -25,11 +25,15 @@ def key(p: Predictions) -> str:
     return f"{p.evaluation}/{p.dataset}/{p.task}"
 
 
+def labelled(p: Predictions) -> np.ndarray:
+    """(N,) mask of the cases labelled with one of the task's classes."""
+    return np.isin(p.labels, [int(c) for c in p.classes])
+
+
 def scored(p: Predictions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(labels, probabilities, classes) of the cases labelled with one of the task's classes."""
-    classes = np.array([int(c) for c in p.classes])
-    keep = np.isin(p.labels, classes)
-    return p.labels[keep], p.scores[keep], classes
+    keep = labelled(p)
+    return p.labels[keep], p.scores[keep], np.array([int(c) for c in p.classes])
 
 
 def summary(predictions: list[Predictions], bins: int = CALIBRATION_BINS) -> dict:

@@ -19,6 +19,8 @@ import math
 
 import numpy as np
 
+from greenlab.evaluation import statistics
+
 
 def subsets(labels: np.ndarray, groups: list[str] | None, fractions: list[float], counts: list[int],
             repeats: int, seed: int) -> dict[str, list[np.ndarray]]:  # fmt: skip
@@ -57,11 +59,8 @@ def subsets(labels: np.ndarray, groups: list[str] | None, fractions: list[float]
 def pooled(draws: list[np.ndarray]) -> dict:
     """Median and 95 % interval of the bootstrap AUROCs pooled over repeats (NaN draws left out)."""
     every = np.concatenate(draws) if draws else np.zeros(0)
-    every = every[~np.isnan(every)]
-    if not every.size:
-        return {"auroc": float("nan"), "auroc_ci95": None}
-    return {"auroc": float(np.median(every)),
-            "auroc_ci95": [float(np.percentile(every, 2.5)), float(np.percentile(every, 97.5))]}  # fmt: skip
+    summary = statistics.summarise(every, len(every), len(every))
+    return {"auroc": summary["median"], "auroc_ci95": summary["ci95"]}
 
 
 def plot(curves: dict[str, dict], path, title: str) -> None:

@@ -60,9 +60,8 @@ def analyse(predictions: list[Predictions], metadata: dict[str, dict], columns: 
     ``metadata``: {case id: {column: value}}."""
     out = {}
     for p in predictions:
-        keep = np.isin(p.labels, [int(c) for c in p.classes])
         y, proba, classes = calibration.scored(p)
-        ids = p.ids[keep]
+        ids = p.ids[calibration.labelled(p)]
         record = {}
         for column in columns:
             values = np.array([str((metadata.get(str(i)) or {}).get(column) or "") for i in ids])
