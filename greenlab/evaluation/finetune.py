@@ -54,6 +54,9 @@ from greenlab.results.model import MACRO, Comparison, Embedding, Evaluated, Pred
 METRICS = ("accuracy", "auroc", "kappa", "f1_weighted", "auroc_micro", "f1_micro")
 SELECTIONS = ("last", "official_best_on_scored_fold", "best_on_validation")
 POOLINGS = (None, "fc_norm_mean_patch")
+EFFICIENCY_RESAMPLES = (
+    100  # bootstrap resamples of the pooled out-of-fold predictions per label-efficiency point
+)
 
 
 class Classifier(nn.Module):
@@ -253,7 +256,7 @@ class KFoldFineTune:
                 points.append(one_vs_rest_auroc(y, proba, np.arange(task.num_classes))[MACRO])
                 seconds += spent
             y, proba = np.concatenate(ys), np.concatenate(probas)
-            indices = resample_indices(len(y), 100, self.seed)
+            indices = resample_indices(len(y), EFFICIENCY_RESAMPLES, self.seed)
             draws = bootstrap_auroc(y, proba, np.arange(task.num_classes), indices)[MACRO]
             out[point] = {"labels": float(np.mean(counts)), **label_efficiency.pooled([draws]),
                           "auroc_point_mean": float(np.nanmean(points)), "fit_seconds": seconds / len(split),

@@ -127,9 +127,9 @@ class LinearProbe:
             if self.embedding_map and not embedding_map:
                 embedding_map = self.project(x_test[:MAP_POINTS], y_test[:MAP_POINTS], source.tasks, name)
             for t, task in enumerate(tqdm(source.tasks, desc=f"{name}: fitting probes", unit="task")):
+                key = task.name if len(sources) == 1 else f"{name}/{task.name}"
                 if self.label_fractions or self.label_counts:
                     groups = getattr(source, "train_groups", None)
-                    key = task.name if len(sources) == 1 else f"{name}/{task.name}"
                     efficiency[key] = self.label_efficiency(
                         x_train, y_train[:, t], x_test, y_test[:, t], groups
                     )
@@ -138,7 +138,7 @@ class LinearProbe:
                 for evaluation, records, probe in probes:
                     result, draws, scored = probe(x_train, y_train[:, t], x_test, y_test[:, t])
                     record = {"dataset": name, "task": task.name, **result}
-                    records[task.name if len(sources) == 1 else f"{name}/{task.name}"] = record
+                    records[key] = record
                     if not scored:
                         continue
                     test, proba, classes = scored
@@ -263,11 +263,14 @@ class LinearProbe:
         train, test = y_train >= 0, y_test >= 0
         if len(np.unique(y_train[train])) < 2 or test.sum() == 0:
             return self.skipped(train)
-        probe = make_pipeline(
+        probe = self.regression().fit(x_train[train], y_train[train])
+        return self.score(y_test, test, probe.predict_proba(x_test[test]), probe.classes_, int(train.sum()))
+
+    def regression(self):
+        """The probe: StandardScaler + L2 logistic regression (lbfgs, ``C``, ``max_iter``, random_state 42)."""
+        return make_pipeline(
             StandardScaler(), LogisticRegression(C=self.C, max_iter=self.max_iter, random_state=42)
         )
-        probe.fit(x_train[train], y_train[train])
-        return self.score(y_test, test, probe.predict_proba(x_test[test]), probe.classes_, int(train.sum()))
 
     def knn_task(self, x_train, y_train, x_test, y_test) -> tuple[dict, dict[str, np.ndarray], tuple | None]:
         """As ``probe_task`` with the weighted kNN vote (``knn_probabilities``) instead of the regression."""
@@ -289,9 +292,7 @@ class LinearProbe:
             draws, points, seconds = [], [], 0.0
             for subset in chosen:
                 started = time.perf_counter()
-                probe = make_pipeline(
-                    StandardScaler(), LogisticRegression(C=self.C, max_iter=self.max_iter, random_state=42)
-                ).fit(x_train[subset], y_train[subset])
+                probe = self.regression().fit(x_train[subset], y_train[subset])
                 proba = probe.predict_proba(x_test[test])
                 seconds += time.perf_counter() - started
                 y, classes = y_test[test], probe.classes_
