@@ -148,7 +148,8 @@ def run_embed(cfg: DictConfig) -> Path:
     if hasattr(datamodule, "use_probe_preprocessing"):
         datamodule.use_probe_preprocessing(cfg.preprocessing)
     datamodule.setup("fit")
-    device, bf16 = device_for(cfg.device), bool(cfg.bf16) and cfg.device != "cpu"
+    device = device_for(cfg.device)
+    bf16 = bool(cfg.bf16) and device.type == "cuda"  # as the probes: bf16 autocast on a GPU only
     loaders = dict(zip(SETS, datamodule.probe_dataloaders()))
     started, seconds = time.perf_counter(), 0.0
     for name in cfg.sets:
