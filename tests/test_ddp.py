@@ -86,3 +86,24 @@ def test_slurm_launcher_config_composes():
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 4, 4)
+
+
+def test_ddp_run_with_the_probe_monitor_stops_early_on_every_rank(tmp_path, data_dir):
+    """The README's DDP command with ``callbacks.probe_monitor`` on and patience 1: rank 0 probes after each
+    epoch, every rank meets its collectives in the same order (rank 0's progress bar syncs the epoch's metrics
+    first: this run aborted in gloo before), exit 0, one results.json with the probes and, when the AUROC did not
+    rise, the cut schedule as a deviation on every rank (fewer images seen)."""
+    run_dir = tmp_path / "run"
+    proc = run_tiny(run_dir, data_dir, *DDP, "data.batch_size=4", "trainer.max_epochs=4",
+                    "callbacks.probe_monitor.every_n_epochs=1", "callbacks.probe_monitor.k=5",
+                    "callbacks.probe_monitor.early_stopping.patience=1")  # fmt: skip
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr
+    results = json.loads((run_dir / "results.json").read_text())
+    watched = results["objective"]["probe_monitor"]
+    epochs = [row["epoch"] for row in watched["history"]]
+    assert epochs == list(range(1, len(epochs) + 1)) and len(epochs) >= 2
+    assert (run_dir / "probe_monitor.csv").read_text().count("\n") == len(epochs) + 1
+    if watched["stopped_early_at_epoch"]:  # the AUROC did not rise: the run was cut, and says so
+        cut = {d["key"]: d for d in results["recipe"]["deviations"]}["trainer.max_epochs"]
+        assert cut["used"] == watched["stopped_early_at_epoch"] < 4 and "probe_monitor" in cut["why"]
+        assert results["compute"]["train_images_seen"] < 4 * results["data"]["pretrain_images"]

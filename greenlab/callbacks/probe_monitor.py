@@ -164,6 +164,12 @@ class ProbeMonitor(L.Callback):
         last = trainer.max_epochs is not None and 0 < trainer.max_epochs <= epoch
         if not self.enabled or not (epoch % self.every_n_epochs == 0 or last):
             return
+        if (
+            trainer.world_size > 1
+        ):  # the epoch's logged metrics synced on every rank before our collectives: rank
+            _ = (
+                trainer.callback_metrics
+            )  # 0's progress bar already did (a collective the others must meet first)
         device_hours, kwh = self.cost(trainer)  # every rank: reduced over them
         stop, row = False, None
         if trainer.is_global_zero:
