@@ -78,6 +78,7 @@ class LinearProbe:
     task's training labels, ``label_efficiency.py``; empty lists: none)."""
 
     requires = ()
+    described_once = ("probe_datasets", "probe_embedding_map")  # metrics left out of ``initial_backbone``
     optimized_metric = "probe_auroc_macro"
 
     def __init__(self, pooling: str, C: float, max_iter: int, bootstrap_resamples: int, ci_resamples: int,

@@ -156,6 +156,7 @@ class ZeroShot:
     the macro AUROC), bf16 (autocast on GPU), seed."""
 
     requires = (ReportsSource,)
+    described_once = LinearProbe.described_once  # its linear probes' metrics are among its own
     optimized_metric = "zero_shot_auroc_macro"
 
     def __init__(self, templates: list, finding_case: str, vocabulary: str | None, retrieval_similarity: str,

@@ -345,8 +345,10 @@ def evaluate(evaluation, backbone, initial_backbone, datamodule, device: torch.d
         )
     if initial_backbone is not None:
         initial = evaluation(initial_backbone, datamodule, device).metrics
-        for described_once in ("probe_datasets", "probe_embedding_map"):  # the trained backbone's, above
-            initial.pop(described_once, None)
+        for key in getattr(
+            evaluation, "described_once", ()
+        ):  # the same for both backbones: given once, above
+            initial.pop(key, None)
         evaluated.metrics["initial_backbone"] = initial
     return evaluated
 
