@@ -1,10 +1,10 @@
 # greenlab: `make install`, then `python -m greenlab +experiment=retfound_green`; `make test`.
 PYTHON ?= python3
 
-.PHONY: install test lint format bench bench-gpu efficiency
+.PHONY: install test lint format bench bench-gpu efficiency docs docs-serve
 
 install:  ## greenlab + every dependency (MinkowskiEngine built from source); safe to re-run
-	$(PYTHON) -m pip install -e ".[dev,sweep,energy]"
+	$(PYTHON) -m pip install -e ".[dev,sweep,energy,docs]"
 	PYTHON=$(PYTHON) bash scripts/install_minkowski.sh
 
 TEST_WORKERS ?= 2
@@ -29,12 +29,14 @@ bench:  ## benchmarks; each writes benchmarks/results/<name>.json with the machi
 	$(PYTHON) -m benchmarks.loader_cache
 	$(PYTHON) -m benchmarks.volume_cache
 
-bench-gpu:  ## one short script for a lent GPU (a few minutes): SparK's real-loader profile, loader ratios, steps, energy
-	$(PYTHON) -m benchmarks.spark_profile --steps 30
-	$(PYTHON) -m benchmarks.data_pipeline --steps 30 --warmup 5
-	$(PYTHON) -m benchmarks.data_pipeline --steps 20 --warmup 5 --paper-photos 1000 --only retfound_green sparse_cnn_mae data.num_workers=$$(nproc)
-	$(PYTHON) -m benchmarks.training_steps --steps 40 --warmup 10 --variants compiled channels_last
-	$(PYTHON) -m benchmarks.energy_backends --seconds 20
+bench-gpu:  ## the GPU check, one script under 10 minutes (benchmarks/gpu_check.py; --dry-run: on the CPU, tiny)
+	$(PYTHON) -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
 
 efficiency:  ## the efficiency study: 4 methods, one table + plots in experiments/efficiency (see its README)
 	PYTHON=$(PYTHON) bash experiments/efficiency/run.sh
+
+docs:  ## the documentation site into site/ (MkDocs; broken links and missing pages fail; tests/test_docs.py too)
+	$(PYTHON) -m mkdocs build --strict
+
+docs-serve:  ## the site at http://127.0.0.1:8000, rebuilt on every change
+	$(PYTHON) -m mkdocs serve

@@ -15,6 +15,12 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def results_folder() -> Path:
+    """Where the benchmarks write their JSON: ``RESULTS``, or $GREENLAB_BENCH_RESULTS (the GPU check's
+    ``--dry-run`` keeps the committed results as they are)."""
+    return Path(os.environ.get("GREENLAB_BENCH_RESULTS", RESULTS))
+
+
 def machine() -> dict:
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -36,8 +42,9 @@ def machine() -> dict:
 
 
 def write(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    folder = results_folder()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
     path.write_text(json.dumps({"machine": machine(), **payload}, indent=2))
     return path
 

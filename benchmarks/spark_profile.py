@@ -21,11 +21,12 @@ from contextlib import nullcontext
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import move_data_to_device
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.common import write
 from greenlab.config import CONFIG_DIR
-from greenlab.objectives.spark import DOWNSAMPLE, random_visible_mask
+from greenlab.objectives.spark import random_visible_mask
 
 SYNC_OPS = (  # each a host-device synchronisation on CUDA (nonzero: boolean-mask indexing)
     "cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::item", "aten::_local_scalar_dense", "aten::nonzero",
@@ -38,10 +39,12 @@ def run(objective, batches, steps: int, device: torch.device, datamodule) -> dic
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     seconds = []
     with profile(activities=activities) as prof:
-        for images in itertools.islice(batches, steps):
-            start = time.perf_counter()
-            images = datamodule.on_after_batch_transfer([images.to(device, non_blocking=True)], 0)[0]
-            grid = (images.shape[-2] // DOWNSAMPLE, images.shape[-1] // DOWNSAMPLE)
+        for batch in itertools.islice(batches, steps):
+            start = (
+                time.perf_counter()
+            )  # the batch's transfer and on-device work (normalisation, augment_on=device)
+            images = datamodule.on_after_batch_transfer(move_data_to_device(batch, device), 0)[0]
+            grid = (images.shape[-2] // objective.downsample, images.shape[-1] // objective.downsample)
             visible = random_visible_mask(images.shape[0], grid, objective.hparams.mask_ratio, device)
             with autocast:
                 loss, _ = objective(images, visible)
@@ -82,14 +85,13 @@ def main() -> None:
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
     loader = datamodule.train_dataloader()
-    real = (images for _ in itertools.count() for images, _ in loader)  # epoch after epoch
+    real = (batch for _ in itertools.count() for batch in loader)  # epoch after epoch
     results = {}
     for name, batches in (("real_loader", real), ("same_batch", None)):
         torch.manual_seed(0)
         objective = instantiate(cfg.objective).to(device).train()
         if batches is None:
-            first = next(iter(loader))[0].to(device)
-            batches = itertools.repeat(first)
+            batches = itertools.repeat(move_data_to_device(next(iter(loader)), device))
         results[name] = run(objective, batches, args.steps, device, datamodule)
         print(name, results[name]["seconds_per_step_median"], results[name]["synchronisations"], flush=True)
     ratio = (

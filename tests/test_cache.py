@@ -144,3 +144,25 @@ def test_ct_and_mri_preprocessing_is_cached_whole(tmp_path):
     for config in ("data/ct", "data/mri"):
         data = build(config, manifest=str(tmp_path / "m.csv"), output_dir=str(tmp_path))
         assert not [t for t in data.preprocess.transforms if isinstance(t, Randomizable)], config
+
+
+def test_a_batch_read_is_each_entry_in_its_place_and_rebuilds_a_corrupt_one(tmp_path, caplog):
+    """``get_batch`` (the workers' read with data.augment_on=device): every entry straight into its slot of one
+    uint8 batch, a smaller image black beyond its size, a corrupt or missing entry made again, nothing else."""
+    write_photos(tmp_path / "photos", 3)
+    Image.fromarray(np.full((40, 36, 3), 200, np.uint8)).save(tmp_path / "photos" / "photo3.png")  # under max_side
+    dm, paths = photos(tmp_path / "photos", tmp_path / "cache")
+    alone = [np.asarray(dm.load(p)) for p in paths[:3]]  # cached; photo3 is not yet
+    entry = dm.cache.path(dm.cache.key(paths[1]))
+    raw = bytearray(entry.read_bytes())
+    raw[HEADER.size + 7] ^= 0xFF
+    entry.write_bytes(bytes(raw))
+    fresh, _ = photos(tmp_path / "photos", tmp_path / "cache")
+    with caplog.at_level("WARNING"):
+        batch, sizes = fresh.cache.get_batch(paths, fresh.preprocess)
+    assert "checksum mismatch" in caplog.text and fresh.cache.stats()["hits"] == 2
+    assert batch.dtype == np.uint8 and batch.shape == (4, *alone[0].shape)
+    last = np.asarray(fresh.load(paths[3]))
+    assert sizes.tolist() == [list(a.shape[:2]) for a in [*alone, last]] and sizes[3].max() < sizes[0].max()
+    for image, (h, w), expected in zip(batch, sizes, [*alone, last]):
+        assert np.array_equal(image[:h, :w], expected) and not image[h:].any() and not image[:, w:].any()

@@ -194,3 +194,20 @@ def test_any_timm_model_by_name_is_a_backbone():
     cnn = build("backbone/timm", model_name="resnet18", img_size=32)
     assert cnn.eval().forward_features(torch.zeros(1, 3, 32, 32)).shape == (1, 512, 1, 1)
     assert cnn.num_features == 512 and cnn.init_record["used"] == "random"
+
+
+def test_compare_lists_a_class_without_auroc_and_compares_the_rest(tmp_path):
+    """A class with no AUROC in one run (its held-out set had one class: null in results.json) is listed as not
+    compared; the others are compared (greenlab.compare stopped on a TypeError)."""
+    ids, labels = [f"img{i}" for i in range(50)], np.arange(50)[:, None] % 3
+    strong = fake_run(tmp_path / "a", "strong", ids, labels, {"0": 0.9, "1": 0.8, "2": 0.85, MACRO: 0.85}, 0)
+    weak = fake_run(tmp_path / "b", "weak", ids, labels, {"0": 0.7, "1": 0.8, "2": 0.6, MACRO: 0.7}, 1)
+    results = json.loads((weak / "results.json").read_text())
+    results["metrics"]["probe_tasks"]["dr"]["per_class"]["2"].update(
+        auroc=None, auroc_point=None, auroc_ci95=None
+    )
+    (weak / "results.json").write_text(json.dumps(results))
+    assert compare.main([str(strong), str(weak), "--out", str(tmp_path / "out"), "--wandb", "disabled"]) == 0
+    table = (tmp_path / "out" / "comparison.md").read_text()
+    assert "Not compared (no AUROC in some run: its held-out set had one class): retina/dr/2" in table
+    assert "| strong:a | 2 | 1 | 0 |" in table  # macro and class 0 won, class 1 a tie

@@ -84,9 +84,13 @@ def check_same_test_sets(runs: list[Run]) -> None:
 
 def compare(runs: list[Run], reference: str | None, alpha: float) -> dict:
     """{"comparisons": [(dataset, task, comparison)], "pairwise": [...], "record": {model: [wins, ties, losses]}}."""
-    keys = sorted(set.intersection(*(set(r.vectors) & set(r.rows) for r in runs)))
+    shared = sorted(set.intersection(*(set(r.vectors) & set(r.rows) for r in runs)))
+    # a comparison with no AUROC in some run (its held-out set had one class) is listed, not compared
+    keys = [k for k in shared if all(r.rows[k].auroc is not None for r in runs)]
+    unscored = [k for k in shared if k not in keys]
     if not keys:
-        raise ValueError("the runs share no scored comparison (dataset / task / class)")
+        raise ValueError("the runs share no scored comparison (dataset / task / class)"
+                         + (f"; not scored (one class held out): {unscored}" if unscored else ""))  # fmt: skip
     pairs = (
         [(r_ref, r) for r_ref in runs if r_ref.name == reference for r in runs if r.name != reference]
         if reference
@@ -104,7 +108,7 @@ def compare(runs: list[Run], reference: str | None, alpha: float) -> dict:
             pairwise.append({"dataset": key[0], "task": key[1], "comparison": key[2], "model_a": a.name,
                              "model_b": b.name, "median_a": median_a, "median_b": median_b, "p": p,
                              "winner": winner.name if winner else "tie"})  # fmt: skip
-    return {"comparisons": keys, "pairwise": pairwise, "record": record}
+    return {"comparisons": keys, "pairwise": pairwise, "record": record, "unscored": unscored}
 
 
 def write_outputs(runs: list[Run], outcome: dict, out: Path, alpha: float) -> dict[str, Path]:
@@ -183,6 +187,9 @@ def markdown(runs: list[Run], outcome: dict, alpha: float) -> str:
               f"({len(outcome['pairwise'])} tests over {len(outcome['comparisons'])} comparisons):", "",
               "| model | wins | ties | losses |", "|---|---|---|---|"]  # fmt: skip
     lines += [f"| {n} | {w} | {t} | {lo} |" for n, (w, t, lo) in outcome["record"].items()]
+    if outcome.get("unscored"):
+        lines += ["", "Not compared (no AUROC in some run: its held-out set had one class): "
+                  + ", ".join("/".join(k) for k in outcome["unscored"])]  # fmt: skip
     return "\n".join([*lines, *spent_table(runs)]) + "\n"
 
 

@@ -12,6 +12,7 @@ from hydra.utils import get_class
 from omegaconf import OmegaConf
 
 from greenlab import contracts
+from greenlab.analysis import generated
 from greenlab.config import CONFIG_DIR, build
 
 OBJECTIVES = (
@@ -58,9 +59,7 @@ def markdown() -> str:
 
 def generated_part(path: Path) -> str:
     """The text between the markers of ``path``, markers included."""
-    text = path.read_text()
-    start, end = text.index(MARKERS[0]), text.index(MARKERS[1]) + len(MARKERS[1])
-    return text[start:end]
+    return generated.generated_part(path, MARKERS)
 
 
 if __name__ == "__main__":

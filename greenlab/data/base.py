@@ -8,18 +8,28 @@ A sample is ``(image, labels)``: image (C, H, W) float tensor (or (1, D, H, W) f
 from __future__ import annotations
 
 import csv
+import logging
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import lightning as L
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
 
+from greenlab.data import device_augment
 from greenlab.data.transforms2d import normalise_batch
 
+log = logging.getLogger(__name__)
+
 MISSING, UNCERTAIN = -1, -2
+# where the pre-training augmentations of 2D images run (``data.augment_on``); auto: ``device`` when training on a
+# GPU, ``workers`` on a CPU (benchmarks/results/loader_cache_cpu.json, the README's table)
+AUGMENT_ON = ("auto", "workers", "device")
 
 
 @dataclass(frozen=True)
@@ -31,16 +41,73 @@ class Task:
 
 
 class ItemDataset(Dataset):
-    """``load(i)`` -> PIL image or array, ``transform`` -> tensor; labels (N, T) int64."""
+    """``load(i)`` -> PIL image or array, ``transform`` -> tensor; labels (N, T) int64. ``pixels_only``: items are
+    the (H, W, C) uint8 pixels as stored instead (``load_pixels(i)``, default the array of ``load(i)``), for
+    augmentation on the training device; a batch of them is one ``PixelBatch`` (``load_batch(indices)`` ->
+    ((B, H, W, C) uint8, (B, 2) sizes) when given: the cache reads each image straight into its place)."""
 
-    def __init__(self, ids: Sequence[str], load: Callable, labels: torch.Tensor, transform: Callable):
+    def __init__(self, ids: Sequence[str], load: Callable, labels: torch.Tensor, transform: Callable,
+                 load_pixels: Callable | None = None, load_batch: Callable | None = None):  # fmt: skip
         self.ids, self.load, self.labels, self.transform = list(ids), load, labels, transform
+        self.load_pixels = load_pixels or (lambda i: np.asarray(self.load(i)))
+        self.load_batch = load_batch
+        self.pixels_only = False
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, index: int):
+        if self.pixels_only:
+            pixels = np.require(
+                self.load_pixels(index), np.uint8, ["C_CONTIGUOUS", "WRITEABLE"]
+            )  # copied if not
+            return torch.from_numpy(pixels), self.labels[index]
         return self.transform(self.load(index)), self.labels[index]
+
+    def __getitems__(self, indices: list[int]):
+        """A batch's samples (the DataLoader's batched fetch); with ``pixels_only`` and ``load_batch``, the
+        ``PixelBatch`` itself."""
+        if self.pixels_only and self.load_batch is not None:
+            buffers = []
+
+            def allocate(shape: tuple[int, ...]) -> np.ndarray:
+                buffers.append(pixel_buffer(shape))
+                return buffers[-1].numpy()
+
+            _, sizes = self.load_batch(indices, allocate)
+            return PixelBatch(buffers[0], self.labels[indices], torch.from_numpy(sizes))
+        return [self[i] for i in indices]
+
+
+def pixel_buffer(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised uint8 tensor; in a DataLoader worker, in shared memory (as ``default_collate`` makes its
+    batches), so that the batch reaches the training process without another copy."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    empty = torch.empty(0, dtype=torch.uint8)
+    return empty.new(empty._typed_storage()._new_shared(math.prod(shape), device=empty.device)).view(shape)
+
+
+class PixelBatch(NamedTuple):
+    """A batch of stored pixels for augmentation on the device: pixels (B, H, W, C) uint8, image b in
+    ``[:sizes[b, 0], :sizes[b, 1]]`` (black beyond); labels (B, T); sizes (B, 2) int64."""
+
+    pixels: torch.Tensor
+    labels: torch.Tensor
+    sizes: torch.Tensor
+
+
+def collate_pixels(samples: list[tuple[torch.Tensor, torch.Tensor]] | PixelBatch) -> PixelBatch:
+    """(H, W, C) uint8 images of any sizes -> one ``PixelBatch`` (each copied once, into the top-left corner); a
+    ``PixelBatch`` already (``ItemDataset.load_batch``) as it is."""
+    if isinstance(samples, PixelBatch):
+        return samples
+    sizes = torch.tensor([image.shape[:2] for image, _ in samples], dtype=torch.int64)
+    height, width = sizes.max(0).values.tolist()
+    pixels = torch.zeros((len(samples), height, width, samples[0][0].shape[2]), dtype=torch.uint8)
+    for b, (image, _) in enumerate(samples):
+        pixels[b, : image.shape[0], : image.shape[1]] = image
+    return PixelBatch(pixels, torch.stack([labels for _, labels in samples]), sizes)
 
 
 class EpochOrder(DistributedSampler):
@@ -95,8 +162,17 @@ class ImageDataModule(L.LightningDataModule):
         num_workers: int,
         output_dir: str | None,
         shuffle: bool = True,
+        augment_on: str = "workers",
     ):
         super().__init__()
+        if augment_on not in AUGMENT_ON:
+            raise ValueError(f"data.augment_on must be one of {AUGMENT_ON}, not {augment_on!r}")
+        self.augment_on = (
+            augment_on  # as configured; ``augmented_on`` is where the last training loader runs them
+        )
+        self.augmented_on: str | None = None
+        self.pretrain_pipeline = None  # the 2D pre-training transforms (v2), which either place can run
+        self._augment_rng: torch.Tensor | None = None  # the device draws' generator state (this rank's own)
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.shuffle = shuffle  # the pre-training order (False: dataset order, e.g. to compare with DDP)
         self.output_dir = Path(output_dir) if output_dir else None
@@ -121,7 +197,35 @@ class ImageDataModule(L.LightningDataModule):
             ranks=trainer.world_size if trainer else 1,
             rank=trainer.global_rank if trainer else 0,
         )
-        return ResumableLoader(self.pretrain_set, self.batch_size, sampler=order, **self._workers())
+        collate = None
+        if self.pretrain_pipeline is not None:
+            self.augmented_on = self._where_to_augment()
+            self.pretrain_set.pixels_only = self.augmented_on == "device"
+            collate = collate_pixels if self.pretrain_set.pixels_only else None
+        return ResumableLoader(
+            self.pretrain_set, self.batch_size, sampler=order, collate_fn=collate, **self._workers()
+        )
+
+    def _where_to_augment(self) -> str:
+        """``augment_on`` resolved: auto = device on a GPU, workers on a CPU (measured: README, loader_cache)."""
+        if self.augment_on != "auto":
+            return self.augment_on
+        trainer = self.trainer
+        on_gpu = trainer.strategy.root_device.type == "cuda" if trainer else torch.cuda.is_available()
+        return "device" if on_gpu else "workers"
+
+    def use_pretrain_pipeline(self, pipeline) -> None:
+        """The 2D pre-training transforms (``transforms2d.PRETRAIN_TRANSFORMS``): run by the workers or, with
+        ``augment_on`` device, on the training device (``device_augment``; a step it cannot run refused now)."""
+        if self.augment_on != "workers":
+            try:
+                device_augment.check(pipeline)
+            except ValueError as err:
+                if self.augment_on == "device":
+                    raise
+                log.warning("data.augment_on=auto: augmenting in the workers (%s)", err)
+                self.augment_on = "workers"
+        self.pretrain_pipeline = pipeline
 
     def probe_dataloaders(self) -> tuple[DataLoader, DataLoader]:
         """(probe-train, held-out) loaders, in a fixed order."""
@@ -141,15 +245,36 @@ class ImageDataModule(L.LightningDataModule):
             "dataset": self.dataset_name,
             "tasks": [{"name": t.name, "num_classes": t.num_classes} for t in self.tasks],
             "split": self.split,
-        }
+            **({"augment_on": {"configured": self.augment_on, "ran_on": self.augmented_on,
+                               "rule": "auto: device when training on a GPU, workers on a CPU"}}
+               if self.pretrain_pipeline is not None else {}),
+        }  # fmt: skip
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """Training batches of photographs arrive as uint8 (the loader workers skip the float work): scaled and
-        normalised here, on the training device (``transforms2d.normalise_batch``). Other batches pass unchanged."""
+        normalised here, on the training device (``transforms2d.normalise_batch``), after the pre-training
+        augmentations when they run here (a ``PixelBatch``: ``device_augment``). Other batches pass unchanged."""
+        if isinstance(batch, PixelBatch):
+            batch = [self.augment_on_device(batch), batch.labels]
         images = batch[0] if isinstance(batch, list | tuple) else None
         if images is None or not torch.is_tensor(images) or images.dtype != torch.uint8:
             return batch
         return type(batch)([normalise_batch(images, self.mean, self.std), *batch[1:]])
+
+    def augment_on_device(self, batch: PixelBatch) -> torch.Tensor:
+        """The batch's pre-training augmentations, drawn on this rank's own generator (seeded by the run's seed
+        and the rank; the global generator untouched), applied on the batch's device -> (B, C, h, w) uint8."""
+        with torch.random.fork_rng(devices=[]):
+            if self._augment_rng is None:
+                seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+                rank = self.trainer.global_rank if self.trainer else 0
+                torch.manual_seed(seed * 1_000_003 + rank)
+            else:
+                torch.set_rng_state(self._augment_rng)
+            sizes = batch.sizes.tolist()
+            draws = [device_augment.draw(self.pretrain_pipeline, h, w) for h, w in sizes]
+            self._augment_rng = torch.get_rng_state()
+        return device_augment.augment(batch.pixels, batch.sizes, draws)
 
     def held_out_ids(self) -> list[str]:
         """The held-out images' ids, in the order of the held-out loader (``greenlab.compare`` checks them)."""

@@ -1,7 +1,8 @@
 """A preprocessing cache for image folders: decode + field-of-view crop + resize once, then read uint8 pixels.
 
 Each entry is one file ``<root>/<key[:2]>/<key>.px``: a 32-byte header (magic, height, width, channels, CRC-32
-of the pixels) and the raw uint8 pixels (H, W, C), read through a memory map. The key hashes the source
+of the pixels) and the raw uint8 pixels (H, W, C), read straight into their array (one copy; for a batch, into
+its place in the batch: ``get_batch``). The key hashes the source
 file's resolved path, size and modification time and the preprocessing parameters, so an edited or added
 photograph is processed alone and a change of parameters never reuses stale pixels. Writes go to a
 temporary file renamed into place (atomic: concurrent runs sharing a cache never see half an entry; two
@@ -49,37 +50,96 @@ class PreprocessedCache:
 
     def get(self, source: Path, make: Callable[[Path], Image.Image]) -> Image.Image:
         """The preprocessed image of ``source``: from the cache, or ``make(source)`` stored first."""
+        return Image.fromarray(self.get_pixels(source, make))
+
+    def get_pixels(self, source: Path, make: Callable[[Path], Image.Image]) -> np.ndarray:
+        """``get``'s pixels, (H, W, 3) uint8, without a PIL image when the entry is there."""
         key = self.key(source)
         entry = self.path(key)
         if entry.is_file():
             pixels = self.read(entry)
             if pixels is not None:
                 self.hits += 1
-                return Image.fromarray(pixels)
+                return pixels
             self.rebuilt += 1
         self.misses += 1
-        image = make(source)
-        self.write(entry, np.asarray(image.convert("RGB"), dtype=np.uint8))
-        return image
+        pixels = np.asarray(make(source).convert("RGB"), dtype=np.uint8)
+        self.write(entry, pixels)
+        return pixels
+
+    def get_batch(self, sources: list[Path], make: Callable[[Path], Image.Image], allocate: Callable | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """The preprocessed pixels of ``sources`` as one (B, H, W, C) uint8 array (``allocate(shape)``, uint8: e.g. a
+        view of shared memory; default ``np.empty``), each entry read straight into its place (black beyond its own size), and their (B, 2)
+        sizes: what a loader worker hands over for augmentation on the training device. Missing or corrupt
+        entries are made (and stored) first."""
+        entries = [self.path(self.key(source)) for source in sources]
+        shapes = [self.shape(entry) for entry in entries]
+        made = {}
+        for i, shape in enumerate(shapes):
+            if shape is None:
+                made[i] = self.get_pixels(sources[i], make)
+                shapes[i] = made[i].shape
+        height, width = max(s[0] for s in shapes), max(s[1] for s in shapes)
+        shape = (len(sources), height, width, shapes[0][2])
+        batch = allocate(shape) if allocate else np.empty(shape, np.uint8)
+        if batch.dtype != np.uint8 or batch.shape != shape or not batch.flags.c_contiguous:
+            raise TypeError(f"allocate gave {batch.dtype} {batch.shape}, not C-contiguous uint8 {shape}")
+        for i, (entry, shape) in enumerate(zip(entries, shapes)):
+            whole = shape[:2] == (height, width)
+            place = batch[i] if whole else np.empty(shape, np.uint8)
+            if i in made:
+                place[...] = made[i]
+            elif self.read_into(entry, place):
+                self.hits += 1
+            else:
+                place[...] = self.get_pixels(sources[i], make)  # rebuilt: same parameters, same shape
+            if not whole:
+                batch[i] = 0
+                batch[i, : shape[0], : shape[1]] = place
+        return batch, np.array([s[:2] for s in shapes], dtype=np.int64)
 
     @staticmethod
-    def read(entry: Path) -> np.ndarray | None:
-        """The pixels of ``entry`` (a copy of the memory-mapped bytes), or None when it is corrupt (logged)."""
+    def shape(entry: Path) -> tuple[int, int, int] | None:
+        """(H, W, C) from ``entry``'s header when it is there with the size that says (else None)."""
+        try:
+            with entry.open("rb") as handle:
+                magic, height, width, channels, _ = HEADER.unpack(handle.read(HEADER.size))
+            if magic != MAGIC or entry.stat().st_size != HEADER.size + height * width * channels:
+                return None
+            return height, width, channels
+        except (OSError, struct.error):
+            return None
+
+    @classmethod
+    def read(cls, entry: Path) -> np.ndarray | None:
+        """The pixels of the existing file ``entry``, or None when it is corrupt (logged)."""
+        shape = cls.shape(entry)
+        if shape is None:
+            log.warning("preprocessing cache: %s is corrupt (bad header or size); rebuilding it", entry)
+            return None
+        pixels = np.empty(shape, np.uint8)
+        return pixels if cls.read_into(entry, pixels) else None
+
+    @staticmethod
+    def read_into(entry: Path, pixels: np.ndarray) -> bool:
+        """Read ``entry``'s pixels straight into ``pixels`` ((H, W, C) uint8, C-contiguous: one copy); False
+        (logged) when the entry is corrupt: bad header, wrong size, truncated, checksum mismatch."""
         try:
             with entry.open("rb") as handle:
                 magic, height, width, channels, crc = HEADER.unpack(handle.read(HEADER.size))
-            if magic != MAGIC:
-                raise ValueError("not a greenlab cache entry")
-            expected = HEADER.size + height * width * channels
-            if entry.stat().st_size != expected:
-                raise ValueError(f"{entry.stat().st_size} bytes, expected {expected}")
-            pixels = np.memmap(entry, np.uint8, "r", offset=HEADER.size, shape=(height, width, channels))
+                if magic != MAGIC:
+                    raise ValueError("not a greenlab cache entry")
+                if (height, width, channels) != pixels.shape:
+                    raise ValueError(f"{height}x{width}x{channels} pixels, expected {pixels.shape}")
+                if handle.readinto(memoryview(pixels).cast("B")) != pixels.nbytes or handle.read(1):
+                    raise ValueError(f"{entry.stat().st_size} bytes, expected {HEADER.size + pixels.nbytes}")
             if zlib.crc32(pixels) != crc:
                 raise ValueError("checksum mismatch")
-            return np.array(pixels)
+            return True
         except (OSError, ValueError, struct.error) as err:
             log.warning("preprocessing cache: %s is corrupt (%s); rebuilding it", entry, err)
-            return None
+            return False
 
     @staticmethod
     def write(entry: Path, pixels: np.ndarray) -> None:

@@ -161,12 +161,14 @@ class FundusFolderDataModule(ImageDataModule):
         self.skipped = skipped
         train_idx, probe_train_idx, test_idx = self._split(ids, labels, meta)
         train_tf = PRETRAIN_TRANSFORMS[self.augmentation](self.img_size, self.mean, self.std)
+        self.use_pretrain_pipeline(train_tf)
 
         def subset(indices, transform, load):
             chosen = [paths[i] for i in indices]
-            return ItemDataset(
-                [ids[i] for i in indices], lambda k: load(chosen[k]), labels[indices], transform
-            )
+            return ItemDataset([ids[i] for i in indices], lambda k: load(chosen[k]), labels[indices], transform,
+                               load_pixels=lambda k: self.load_pixels(chosen[k]),
+                               load_batch=(lambda ks, allocate: self.cache.get_batch([chosen[k] for k in ks], self.preprocess, allocate))
+                               if self.cache else None)  # fmt: skip
 
         self.pretrain_set = subset(train_idx, train_tf, self.load)
         if self.tasks:
@@ -240,6 +242,12 @@ class FundusFolderDataModule(ImageDataModule):
         """One photograph as RGB, field-of-view cropped and downsampled when configured (from the cache when
         there is one)."""
         return self.cache.get(path, self.preprocess) if self.cache else self.preprocess(path)
+
+    def load_pixels(self, path: Path) -> np.ndarray:
+        """``load``'s pixels, (H, W, 3) uint8: the cache entry's as read, without a PIL image in between."""
+        if self.cache:
+            return self.cache.get_pixels(path, self.preprocess)
+        return np.asarray(self.preprocess(path))
 
     def preprocess(self, path: Path) -> Image.Image:
         """Decode, crop the field of view, pad square, downsample to ``max_side``."""

@@ -76,6 +76,8 @@ class MedMNISTDataModule(ImageDataModule):
             self.tasks = [Task(n, 2) for n in names]
         train_tf = PRETRAIN_TRANSFORMS[self.augmentation](self.img_size, self.mean, self.std)
         eval_tf = eval_transform(self.img_size, self.mean, self.std)
+        if not self.is_3d:
+            self.use_pretrain_pipeline(train_tf)
         if self.is_3d:
             train_tf, eval_tf = self.fold_transforms(None)
             self.worker_init_fn = monai_worker_init_fn  # MONAI's random transforms: seeded per worker

@@ -6,8 +6,6 @@ batches on the device.
 
 from __future__ import annotations
 
-import random
-
 import torch
 from PIL import Image
 from torchvision.transforms import v2
@@ -20,8 +18,12 @@ class RandomSidePadding(torch.nn.Module):
         super().__init__()
         self.min_frac, self.max_frac = min_frac, max_frac
 
+    def draw_pad(self, width: int) -> int:
+        """The pixels added on each side of a ``width``-pixel image (one draw on torch's generator)."""
+        return round(torch.empty(1).uniform_(self.min_frac, self.max_frac).item() * width)
+
     def forward(self, image: Image.Image) -> Image.Image:
-        pad = round(random.uniform(self.min_frac, self.max_frac) * image.width)
+        pad = self.draw_pad(image.width)
         return v2.functional.pad(image, [pad, 0, pad, 0], fill=0)
 
 
@@ -156,12 +158,18 @@ def official_eval_transform(img_size: int, mean: tuple[float, ...], std: tuple[f
     )
 
 
+def resize_transform(img_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> v2.Compose:
+    """No augmentation: ``eval_transform``'s resize, uint8 out (normalised on the device, ``normalise_batch``:
+    the same values)."""
+    return v2.Compose([v2.Resize((img_size, img_size)), v2.ToImage()])
+
+
 # none: no augmentation at all (ablations; exact comparisons such as single-process vs DDP)
 PRETRAIN_TRANSFORMS = {
     "retfound_green": retfound_green_transform,
     "spark": spark_transform,
     "mae": mae_transform,
-    "none": eval_transform,
+    "none": resize_transform,
 }
 
 
