@@ -110,27 +110,31 @@ def augment_on_shares(cached, paths: list[Path], pipeline, batch: int, device_im
     device_worker_s = cpu_seconds(device_worker_share) / len(paths)
     pixels = torch.cat([b.pixels for b in batches])[:device_images]
     sizes = torch.cat([b.sizes for b in batches])[:device_images]
-    draws = [device_augment.draw(pipeline, h, w) for h, w in sizes.tolist()]
+    shapes = sizes.tolist()
+
+    def draw_all() -> list:  # the training process draws each image's parameters (CPU, torch's generator)
+        return [device_augment.draw(pipeline, h, w) for h, w in shapes]
+
+    draw_s = cpu_seconds(draw_all) / len(shapes)
+    draws = draw_all()
 
     def on_this_cpu():
         for start in range(0, len(draws), batch):
-            device_augment.augment(
-                pixels[start : start + batch], sizes[start : start + batch], draws[start : start + batch]
-            )
+            device_augment.augment(pixels[start : start + batch], draws[start : start + batch])
 
     out = {
         "workers": {"worker_cpu_s_per_sample": workers_s, "samples_per_s_per_core": 1 / workers_s},
         "device": {"worker_cpu_s_per_sample": device_worker_s, "samples_per_s_per_core": 1 / device_worker_s,
-                   "training_process_cpu_s_per_sample_on_this_cpu": cpu_seconds(on_this_cpu) / len(draws)},
+                   "training_process_draw_cpu_s_per_sample": draw_s,
+                   "training_process_augment_cpu_s_per_sample_on_this_cpu": cpu_seconds(on_this_cpu) / len(draws)},
     }  # fmt: skip
     if torch.cuda.is_available():
-        gpu_pixels, gpu_sizes = pixels.cuda(), sizes.cuda()
-        device_augment.augment(gpu_pixels[:batch], gpu_sizes[:batch], draws[:batch])  # warm-up
+        gpu_pixels = pixels.cuda()
+        device_augment.augment(gpu_pixels[:batch], draws[:batch])  # warm-up
         torch.cuda.synchronize()
         start = time.perf_counter()
         for first in range(0, len(draws), batch):
-            device_augment.augment(gpu_pixels[first : first + batch], gpu_sizes[first : first + batch],
-                                   draws[first : first + batch])  # fmt: skip
+            device_augment.augment(gpu_pixels[first : first + batch], draws[first : first + batch])
         torch.cuda.synchronize()
         out["device"]["gpu_ms_per_sample"] = 1000 * (time.perf_counter() - start) / len(draws)
     for mode in ("workers", "device"):

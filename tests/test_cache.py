@@ -150,7 +150,9 @@ def test_a_batch_read_is_each_entry_in_its_place_and_rebuilds_a_corrupt_one(tmp_
     """``get_batch`` (the workers' read with data.augment_on=device): every entry straight into its slot of one
     uint8 batch, a smaller image black beyond its size, a corrupt or missing entry made again, nothing else."""
     write_photos(tmp_path / "photos", 3)
-    Image.fromarray(np.full((40, 36, 3), 200, np.uint8)).save(tmp_path / "photos" / "photo3.png")  # under max_side
+    Image.fromarray(np.full((40, 36, 3), 200, np.uint8)).save(
+        tmp_path / "photos" / "photo3.png"
+    )  # under max_side
     dm, paths = photos(tmp_path / "photos", tmp_path / "cache")
     alone = [np.asarray(dm.load(p)) for p in paths[:3]]  # cached; photo3 is not yet
     entry = dm.cache.path(dm.cache.key(paths[1]))

@@ -184,6 +184,8 @@ INTENTIONAL = {  # dotted key: the (before, now) pairs allowed
     "callbacks.probe_monitor": [
         (None, yaml.safe_load((CONFIG_DIR / "callbacks" / "default.yaml").read_text())["probe_monitor"])
     ],
+    # #29, where the 2D pre-training augmentations run (greenlab/data/device_augment.py)
+    "data.augment_on": [(None, "auto")],
 }
 
 

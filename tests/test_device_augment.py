@@ -25,6 +25,9 @@ from tests.conftest import TINY_RUN, run_cli
 
 pytestmark = pytest.mark.xdist_group("device_augment")
 SIZE = 96
+DEVICE = (
+    "cuda" if torch.cuda.is_available() else "cpu"
+)  # the GPU check runs these on the GPU (benchmarks/gpu_check.py)
 # Most a pixel may differ from the workers' PIL output, in grey levels, under one seed: bilinear, PIL's float
 # sums in 22-bit fixed point vs float32 here (1); bicubic, Pillow 13 runs its two passes vertical-first for some
 # sizes (the uint8 rounding and clipping between the passes then differ where the cubic overshoots)
@@ -97,7 +100,7 @@ def test_one_seed_gives_the_workers_geometry_and_pixels(augmentation, photograph
         recorded = list(seen)
         torch.manual_seed(seed)
         draw = device_augment.draw(pipeline, height, width)
-        device = device_augment.augment(torch.from_numpy(photograph.copy())[None], torch.tensor([[height, width]]), [draw])[0]  # fmt: skip
+        device = device_augment.augment(torch.from_numpy(photograph.copy())[None].to(DEVICE), [draw])[0].cpu()
         crops = [entry for entry in recorded if entry[0] == "RandomResizedCrop"]
         if crops:  # a RandomResizedCrop's box is the drawn box
             ((_, (top, left, h, w)),) = crops
@@ -128,11 +131,9 @@ def test_a_batch_of_mixed_sizes_is_each_image_alone(photograph):
     ]
     torch.manual_seed(0)
     draws = [device_augment.draw(pipeline, h, w) for h, w in batch.sizes.tolist()]
-    together = device_augment.augment(batch.pixels, batch.sizes, draws)
+    together = device_augment.augment(batch.pixels.to(DEVICE), draws).cpu()
     for image, draw, out in zip(images, draws, together):
-        alone = device_augment.augment(
-            torch.from_numpy(image)[None], torch.tensor([image.shape[:2]]), [draw]
-        )[0]
+        alone = device_augment.augment(torch.from_numpy(image)[None].to(DEVICE), [draw])[0].cpu()
         assert torch.equal(out, alone)
 
 
@@ -198,6 +199,15 @@ def test_steps_the_device_cannot_run_are_refused_by_name():
         device_augment.check(v2.Compose([v2.ColorJitter(hue=0.1), v2.Resize(8)]))
     with pytest.raises(ValueError, match="resizes to the input size"):
         device_augment.check(v2.Compose([v2.RandomHorizontalFlip()]))
+    # an order it cannot run is refused at start-up, not on the first batch where both steps fire
+    with pytest.raises(ValueError, match="flips after padding or rotation"):
+        device_augment.check(
+            v2.Compose(
+                [v2.RandomApply([RandomSidePadding()], p=0.01), v2.RandomHorizontalFlip(), v2.Resize(8)]
+            )
+        )
+    with pytest.raises(ValueError, match="black fill only"):
+        device_augment.check(v2.Compose([v2.RandomRotation(10, fill=255), v2.Resize(8)]))
 
 
 def test_augment_on_is_checked_and_auto_picks_workers_on_a_cpu(tmp_path):
@@ -222,14 +232,39 @@ def test_augment_on_is_checked_and_auto_picks_workers_on_a_cpu(tmp_path):
     )
     auto.setup()
     images, _ = next(iter(auto.train_dataloader()))
-    assert auto.augmented_on == "workers" and images.shape == (4, 3, 28, 28)
+    assert auto.augment_where == "workers" and images.shape == (4, 3, 28, 28)
 
 
-@pytest.mark.parametrize("data", ["embedded", "fundus_folder"])
-def test_the_main_command_trains_with_augmentations_on_the_device(data, tmp_path, data_dir, photograph):
-    """The README's command with data.augment_on=device, on the embedded default and on a folder of
-    photographs: it trains (a finite loss) and results.json says where the augmentations ran."""
-    extra = ["data.augment_on=device"]
+def test_a_resumed_run_goes_on_with_the_draws_generator(tmp_path):
+    """The device draws' generator is in the datamodule's checkpoint state: a datamodule given it draws what the
+    interrupted one would have drawn next (and the global generator is left as it was)."""
+    from greenlab.config import build
+
+    def datamodule():
+        dm = build("data/embedded_fundus", cache_dir=str(tmp_path), num_images=12, img_size=28, num_workers=0,
+                   batch_size=4, augment_on="device")  # fmt: skip
+        dm.setup()
+        return dm
+
+    first = datamodule()
+    batch = next(iter(first.train_dataloader()))
+    first.augment_on_device(batch)
+    state = first.state_dict()
+    global_before = torch.get_rng_state()
+    expected = first.augment_on_device(batch)
+    assert torch.equal(torch.get_rng_state(), global_before)
+    resumed = datamodule()
+    resumed.load_state_dict(state)
+    assert torch.equal(resumed.augment_on_device(batch), expected)
+
+
+@pytest.mark.parametrize(("data", "where"), [("embedded", "device"), ("fundus_folder", "device"),
+                                             ("fundus_folder", "workers")])  # fmt: skip
+def test_the_main_command_trains_with_either_setting(data, where, tmp_path, data_dir, photograph):
+    """The README's command with data.augment_on=device / workers, on the embedded default and on a folder of
+    photographs: it trains (a finite loss) and results.json says where the augmentations ran (the embedded
+    default with workers: every other run of the suite, auto on a CPU)."""
+    extra = [f"data.augment_on={where}"]
     if data == "fundus_folder":
         folder = tmp_path / "photos"
         folder.mkdir()
@@ -252,5 +287,5 @@ def test_the_main_command_trains_with_augmentations_on_the_device(data, tmp_path
         f"hydra.run.dir={tmp_path / 'run'}",
     )
     results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert results["data"]["augment_on"]["ran_on"] == "device"
+    assert results["data"]["augment_on"]["ran_on"] == where
     assert np.isfinite(results["metrics"]["final_train_loss"])

@@ -28,7 +28,7 @@ def test_make_bench_gpu_dry_run_runs_every_step(tmp_path):
     record = json.loads((tmp_path / "check" / "results" / "gpu_check_dry_run.json").read_text())
     steps = {s["step"]: s for s in record["steps"]}
     assert list(steps) == ["ddp", "training_steps", "loader_ratio_device", "loader_ratio_workers", "augment_on",
-                           "spark_profile", "energy", "minkowski_cuda"]  # fmt: skip
+                           "augment_parity", "spark_profile", "energy", "minkowski_cuda"]  # fmt: skip
     assert all(s["exit"] == 0 for s in steps.values()), {
         n: s["output_tail"] for n, s in steps.items() if s["exit"]
     }
@@ -39,7 +39,8 @@ def test_make_bench_gpu_dry_run_runs_every_step(tmp_path):
     assert written["augment_on"] == ["loader_cache_cpu_augment_on.json"]
     assert written["energy"] == ["energy_backends_cpu.json"] and written["spark_profile"]
     ddp = json.loads((tmp_path / "check" / "ddp" / "results.json").read_text())
-    assert ddp["compute"]["world_size"] == 1  # the README's DDP command, one device
+    assert ddp["compute"]["world_size"] == 1  # the README's DDP command, one device (augmented as on a GPU)
+    assert ddp["data"]["augment_on"]["ran_on"] == "device"
     mink = json.loads(steps["minkowski_cuda"]["output_tail"][-1])
     assert mink["dry_run"] and "--no-binary :all: minkowskiengine==0.5.4" in mink["download"]
     after = {p: p.stat().st_mtime_ns for p in (REPO / "benchmarks" / "results").glob("*.json")}

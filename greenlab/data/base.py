@@ -30,6 +30,7 @@ MISSING, UNCERTAIN = -1, -2
 # where the pre-training augmentations of 2D images run (``data.augment_on``); auto: ``device`` when training on a
 # GPU, ``workers`` on a CPU (benchmarks/results/loader_cache_cpu.json, the README's table)
 AUGMENT_ON = ("auto", "workers", "device")
+AUGMENT_STREAM = 29  # the device draws' SeedSequence key beside the run's seed and the rank
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,9 @@ def collate_pixels(samples: list[tuple[torch.Tensor, torch.Tensor]] | PixelBatch
         return samples
     sizes = torch.tensor([image.shape[:2] for image, _ in samples], dtype=torch.int64)
     height, width = sizes.max(0).values.tolist()
-    pixels = torch.zeros((len(samples), height, width, samples[0][0].shape[2]), dtype=torch.uint8)
+    pixels = pixel_buffer((len(samples), height, width, samples[0][0].shape[2]))
+    if (sizes != torch.tensor([height, width])).any():
+        pixels.zero_()  # black beyond the smaller images
     for b, (image, _) in enumerate(samples):
         pixels[b, : image.shape[0], : image.shape[1]] = image
     return PixelBatch(pixels, torch.stack([labels for _, labels in samples]), sizes)
@@ -131,7 +134,8 @@ class ResumableLoader(DataLoader):
     """The pre-training DataLoader, resumable mid-epoch by Lightning (``state_dict``/``load_state_dict`` are
     saved in every checkpoint): a run interrupted after ``b`` batches of epoch ``e`` resumes with the rest of
     epoch ``e``'s order (``EpochOrder``), where a plain DataLoader starts a new shuffle and trains some images
-    twice and others not at all that epoch. The resumed batches' augmentations are fresh draws."""
+    twice and others not at all that epoch. The resumed batches' augmentations are fresh draws in the workers;
+    on the device their generator goes on from its state in the checkpoint (``ImageDataModule.state_dict``)."""
 
     delivered = 0  # batches of the current epoch handed to the training loop (Lightning prefetches none)
 
@@ -161,16 +165,17 @@ class ImageDataModule(L.LightningDataModule):
         eval_batch_size: int,
         num_workers: int,
         output_dir: str | None,
+        augment_on: str | None,
         shuffle: bool = True,
-        augment_on: str = "workers",
     ):
         super().__init__()
-        if augment_on not in AUGMENT_ON:
+        if augment_on not in (*AUGMENT_ON, None):
             raise ValueError(f"data.augment_on must be one of {AUGMENT_ON}, not {augment_on!r}")
-        self.augment_on = (
-            augment_on  # as configured; ``augmented_on`` is where the last training loader runs them
-        )
-        self.augmented_on: str | None = None
+        # as configured (None: no 2D pre-training pipeline, e.g. volumes' MONAI transforms, always in the workers);
+        # ``augment_where``: where they run (auto resolved by train_dataloader; workers after a refused pipeline)
+        self.augment_on = augment_on
+        self.augment_where: str | None = None
+        self._device_refused: str | None = None  # why auto fell back to the workers
         self.pretrain_pipeline = None  # the 2D pre-training transforms (v2), which either place can run
         self._augment_rng: torch.Tensor | None = None  # the device draws' generator state (this rank's own)
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
@@ -199,15 +204,18 @@ class ImageDataModule(L.LightningDataModule):
         )
         collate = None
         if self.pretrain_pipeline is not None:
-            self.augmented_on = self._where_to_augment()
-            self.pretrain_set.pixels_only = self.augmented_on == "device"
+            self.augment_where = self._where_to_augment()
+            self.pretrain_set.pixels_only = self.augment_where == "device"
             collate = collate_pixels if self.pretrain_set.pixels_only else None
         return ResumableLoader(
             self.pretrain_set, self.batch_size, sampler=order, collate_fn=collate, **self._workers()
         )
 
     def _where_to_augment(self) -> str:
-        """``augment_on`` resolved: auto = device on a GPU, workers on a CPU (measured: README, loader_cache)."""
+        """``augment_on`` resolved: auto = device on a GPU, workers on a CPU (measured: docs/data.md, loader_cache),
+        and workers when the pipeline has a step the device cannot run."""
+        if self._device_refused:
+            return "workers"
         if self.augment_on != "auto":
             return self.augment_on
         trainer = self.trainer
@@ -217,14 +225,14 @@ class ImageDataModule(L.LightningDataModule):
     def use_pretrain_pipeline(self, pipeline) -> None:
         """The 2D pre-training transforms (``transforms2d.PRETRAIN_TRANSFORMS``): run by the workers or, with
         ``augment_on`` device, on the training device (``device_augment``; a step it cannot run refused now)."""
-        if self.augment_on != "workers":
+        if self.augment_on in ("auto", "device"):
             try:
                 device_augment.check(pipeline)
             except ValueError as err:
                 if self.augment_on == "device":
                     raise
                 log.warning("data.augment_on=auto: augmenting in the workers (%s)", err)
-                self.augment_on = "workers"
+                self._device_refused = str(err)
         self.pretrain_pipeline = pipeline
 
     def probe_dataloaders(self) -> tuple[DataLoader, DataLoader]:
@@ -245,8 +253,9 @@ class ImageDataModule(L.LightningDataModule):
             "dataset": self.dataset_name,
             "tasks": [{"name": t.name, "num_classes": t.num_classes} for t in self.tasks],
             "split": self.split,
-            **({"augment_on": {"configured": self.augment_on, "ran_on": self.augmented_on,
-                               "rule": "auto: device when training on a GPU, workers on a CPU"}}
+            **({"augment_on": {"configured": self.augment_on, "ran_on": self.augment_where,
+                               "rule": "auto: device when training on a GPU, workers on a CPU",
+                               **({"device_refused": self._device_refused} if self._device_refused else {})}}
                if self.pretrain_pipeline is not None else {}),
         }  # fmt: skip
 
@@ -264,17 +273,29 @@ class ImageDataModule(L.LightningDataModule):
     def augment_on_device(self, batch: PixelBatch) -> torch.Tensor:
         """The batch's pre-training augmentations, drawn on this rank's own generator (seeded by the run's seed
         and the rank; the global generator untouched), applied on the batch's device -> (B, C, h, w) uint8."""
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(
+            devices=[]
+        ):  # the CPU generator's state restored after; CUDA's never touched
             if self._augment_rng is None:
-                seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+                seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))  # as EpochOrder
                 rank = self.trainer.global_rank if self.trainer else 0
-                torch.manual_seed(seed * 1_000_003 + rank)
+                # a stream of its own: not the model's (same seed) nor another rank's
+                stream = np.random.SeedSequence([seed % 2**63, rank, AUGMENT_STREAM]).generate_state(
+                    1, np.uint64
+                )[0]
+                torch.default_generator.manual_seed(int(stream) % 2**63)
             else:
                 torch.set_rng_state(self._augment_rng)
-            sizes = batch.sizes.tolist()
-            draws = [device_augment.draw(self.pretrain_pipeline, h, w) for h, w in sizes]
+            draws = [device_augment.draw(self.pretrain_pipeline, h, w) for h, w in batch.sizes.tolist()]
             self._augment_rng = torch.get_rng_state()
-        return device_augment.augment(batch.pixels, batch.sizes, draws)
+        return device_augment.augment(batch.pixels, draws)
+
+    def state_dict(self) -> dict:
+        """Saved in checkpoints: the device draws' generator state, so a resumed run goes on with its stream."""
+        return {} if self._augment_rng is None else {"augment_rng": self._augment_rng}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._augment_rng = state.get("augment_rng")
 
     def held_out_ids(self) -> list[str]:
         """The held-out images' ids, in the order of the held-out loader (``greenlab.compare`` checks them)."""

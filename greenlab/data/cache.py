@@ -92,8 +92,11 @@ class PreprocessedCache:
                 place[...] = made[i]
             elif self.read_into(entry, place):
                 self.hits += 1
-            else:
-                place[...] = self.get_pixels(sources[i], make)  # rebuilt: same parameters, same shape
+            else:  # rebuilt; a header that lied about the shape (same byte count): read the batch again
+                pixels = self.get_pixels(sources[i], make)
+                if pixels.shape != shape:
+                    return self.get_batch(sources, make, allocate)
+                place[...] = pixels
             if not whole:
                 batch[i] = 0
                 batch[i, : shape[0], : shape[1]] = place
