@@ -9,6 +9,10 @@ from pathlib import Path
 
 import pytest
 
+# One torch thread per test process and per command it runs: `make test` runs 2 pytest-xdist workers on 2 cores,
+# and tiny models gain nothing from a second thread (measured: the fast_dev_run tests 108 -> 91 s)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 

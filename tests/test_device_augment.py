@@ -23,7 +23,6 @@ from greenlab.data.fundus import crop_field_of_view
 from greenlab.data.transforms2d import PRETRAIN_TRANSFORMS, RandomSidePadding, finetune_transform
 from tests.conftest import TINY_RUN, run_cli
 
-pytestmark = pytest.mark.xdist_group("device_augment")
 SIZE = 96
 DEVICE = (
     "cuda" if torch.cuda.is_available() else "cpu"
@@ -258,12 +257,12 @@ def test_a_resumed_run_goes_on_with_the_draws_generator(tmp_path):
     assert torch.equal(resumed.augment_on_device(batch), expected)
 
 
-@pytest.mark.parametrize(("data", "where"), [("embedded", "device"), ("fundus_folder", "device"),
-                                             ("fundus_folder", "workers")])  # fmt: skip
+@pytest.mark.parametrize(("data", "where"), [("embedded", "device"), ("fundus_folder", "device")])
 def test_the_main_command_trains_with_either_setting(data, where, tmp_path, data_dir, photograph):
     """The README's command with data.augment_on=device / workers, on the embedded default and on a folder of
     photographs: it trains (a finite loss) and results.json says where the augmentations ran (the embedded
-    default with workers: every other run of the suite, auto on a CPU)."""
+    default and a folder with workers: every other run of the suite and the fundus_folder tutorial, auto on a
+    CPU)."""
     extra = [f"data.augment_on={where}"]
     if data == "fundus_folder":
         folder = tmp_path / "photos"

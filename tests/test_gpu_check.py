@@ -11,8 +11,6 @@ import pytest
 
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.xdist_group("gpu_check")
-
 
 def test_make_bench_gpu_dry_run_runs_every_step(tmp_path):
     committed = {p: p.stat().st_mtime_ns for p in (REPO / "benchmarks" / "results").glob("*.json")}

@@ -165,13 +165,13 @@ class ImageDataModule(L.LightningDataModule):
         eval_batch_size: int,
         num_workers: int,
         output_dir: str | None,
-        augment_on: str | None,
         shuffle: bool = True,
+        augment_on: str | None = None,
     ):
         super().__init__()
         if augment_on not in (*AUGMENT_ON, None):
             raise ValueError(f"data.augment_on must be one of {AUGMENT_ON}, not {augment_on!r}")
-        # as configured (None: no 2D pre-training pipeline, e.g. volumes' MONAI transforms, always in the workers);
+        # as configured (the 2D options' data.augment_on; None: the workers, e.g. volumes' MONAI transforms);
         # ``augment_where``: where they run (auto resolved by train_dataloader; workers after a refused pipeline)
         self.augment_on = augment_on
         self.augment_where: str | None = None

@@ -77,7 +77,8 @@ class FundusFolderDataModule(ImageDataModule):
     (train / val / test) instead. held_out_fraction / split_seed: the deterministic held-out split for
     probe evaluation (by group, else by image id); pre-training uses the other images.
     img_size: network input px; mean/std: normalisation; augmentation: pre-training augmentations,
-    ``retfound_green``, ``spark`` or ``none`` (greenlab/data/transforms2d.py). fov_crop: crop the black border first.
+    ``retfound_green``, ``spark``, ``mae`` or ``none`` (greenlab/data/transforms2d.py); augment_on: where they run,
+    ``workers``, ``device`` or ``auto`` (``ImageDataModule``, greenlab/data/device_augment.py). fov_crop: crop the black border first.
     max_side: downsample after cropping (px). pixel_cache_dir: keep each photograph's decoded, cropped, downsampled
     pixels there (``greenlab/data/cache.py``; None: decode every time). verify: decode every image in
     ``setup`` so a bad file fails before training. skip_bad: instead of failing on an unreadable image or a missing label row, skip it
@@ -107,9 +108,10 @@ class FundusFolderDataModule(ImageDataModule):
         verify: bool,
         skip_bad: bool,
         metadata_columns: list[str],
+        augment_on: str,
         **loader_kwargs,
     ):
-        super().__init__(**loader_kwargs)
+        super().__init__(augment_on=augment_on, **loader_kwargs)
         self.metadata_columns = list(metadata_columns or [])
         self.root = Path(root).expanduser()
         self.labels_csv = Path(labels_csv).expanduser() if labels_csv else None

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 class MedMNISTDataModule(ImageDataModule):
     """Args: path to the ``.npz``; task_names: names for the label columns (default ``label`` or
-    ``label_<k>``); img_size / mean / std / augmentation: 2D files, as for photographs; volume_size / crop_size
+    ``label_<k>``); img_size / mean / std / augmentation / augment_on: 2D files, as for photographs; volume_size / crop_size
     / volume_augmentation: 3D files (see the module doc); max_per_split: keep the first n of each split (quick runs)."""
 
     def __init__(
@@ -45,9 +45,10 @@ class MedMNISTDataModule(ImageDataModule):
         crop_size: list[int] | None,
         volume_augmentation: dict | None,
         max_per_split: int | None,
+        augment_on: str,
         **loader_kwargs,
     ):
-        super().__init__(**loader_kwargs)
+        super().__init__(augment_on=augment_on, **loader_kwargs)
         self.path = Path(path).expanduser()
         self.task_names, self.img_size, self.max_per_split = task_names, img_size, max_per_split
         self.mean, self.std = tuple(mean), tuple(std)

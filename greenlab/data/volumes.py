@@ -182,7 +182,7 @@ class VolumeDataModule(ImageDataModule):
                  text_only_batch_size: int, unlabelled_findings: str, metadata_columns: list[str],
                  pair_reports: bool = False,
                  **loader_kwargs):  # fmt: skip
-        super().__init__(augment_on=None, **loader_kwargs)  # MONAI's 3D transforms: in the workers
+        super().__init__(**loader_kwargs)
         if unlabelled_findings not in UNLABELLED_FINDINGS:
             raise ValueError(
                 f"data.unlabelled_findings must be one of {UNLABELLED_FINDINGS}, not {unlabelled_findings!r}"
