@@ -16,7 +16,6 @@ import yaml
 from greenlab.analysis import docs_outputs
 from tests.conftest import REPO
 
-
 TUTORIALS = sorted(p.stem for p in (REPO / "docs" / "tutorials").glob("*.py"))
 
 

@@ -7,8 +7,6 @@ import json
 import os
 import subprocess
 
-import pytest
-
 from tests.conftest import REPO
 
 
