@@ -85,7 +85,6 @@ def augment_on_shares(cached, paths: list[Path], pipeline, batch: int, device_im
     from torch.utils.data import default_collate
 
     from greenlab.data import device_augment
-    from greenlab.data.base import PixelBatch, collate_pixels
 
     def workers_share():
         for start in range(0, len(paths), batch):
@@ -95,14 +94,16 @@ def augment_on_shares(cached, paths: list[Path], pipeline, batch: int, device_im
 
     batches = []
 
-    def device_worker_share():  # what ItemDataset.__getitems__ does with the cache's load_batch
-        for start in range(0, len(paths), batch):
-            pixels, sizes = cached.cache.get_batch(paths[start : start + batch], cached.preprocess)
-            made = collate_pixels(
-                PixelBatch(torch.from_numpy(pixels), torch.zeros(len(pixels), 1), torch.from_numpy(sizes))
-            )
+    cached.setup()
+    dataset = cached.pretrain_set  # every photograph (no labels: nothing held out)
+
+    def device_worker_share():  # the batched fetch a DataLoader worker makes (ItemDataset.__getitems__)
+        dataset.pixels_only = True
+        for start in range(0, len(dataset), batch):
+            made = dataset.__getitems__(list(range(start, min(start + batch, len(dataset)))))
             if sum(len(b.pixels) for b in batches) < device_images:  # kept for the training process's share
                 batches.append(made)
+        dataset.pixels_only = False
 
     workers_share(), device_worker_share()  # warm: the steady state of a long-running worker
     batches.clear()

@@ -40,9 +40,8 @@ def run(objective, batches, steps: int, device: torch.device, datamodule) -> dic
     seconds = []
     with profile(activities=activities) as prof:
         for batch in itertools.islice(batches, steps):
-            start = (
-                time.perf_counter()
-            )  # the batch's transfer and on-device work (normalisation, augment_on=device)
+            # timed from the batch's transfer and on-device work (normalisation, augment_on=device)
+            start = time.perf_counter()
             images = datamodule.on_after_batch_transfer(move_data_to_device(batch, device), 0)[0]
             grid = (images.shape[-2] // objective.downsample, images.shape[-1] // objective.downsample)
             visible = random_visible_mask(images.shape[0], grid, objective.hparams.mask_ratio, device)

@@ -273,9 +273,8 @@ class ImageDataModule(L.LightningDataModule):
     def augment_on_device(self, batch: PixelBatch) -> torch.Tensor:
         """The batch's pre-training augmentations, drawn on this rank's own generator (seeded by the run's seed
         and the rank; the global generator untouched), applied on the batch's device -> (B, C, h, w) uint8."""
-        with torch.random.fork_rng(
-            devices=[]
-        ):  # the CPU generator's state restored after; CUDA's never touched
+        # the CPU generator's state restored after; CUDA's never touched
+        with torch.random.fork_rng(devices=[]):
             if self._augment_rng is None:
                 seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))  # as EpochOrder
                 rank = self.trainer.global_rank if self.trainer else 0

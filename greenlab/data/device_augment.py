@@ -106,9 +106,8 @@ def check(pipeline: v2.Transform) -> None:
             raise ValueError(f"data.augment_on=device runs {name} without max_size only")
     if not any(isinstance(s, v2.RandomResizedCrop | v2.Resize) for s in leaves):
         raise ValueError("data.augment_on=device needs a pipeline that resizes to the input size")
-    with torch.random.fork_rng(
-        devices=[]
-    ):  # every step taken once, in order: an order it cannot run fails now
+    # every step taken once, in order: an order it cannot run fails now, not on the first batch that draws it
+    with torch.random.fork_rng(devices=[]):
         _walk(pipeline, Draw(64, 64), every=True)
 
 
@@ -258,10 +257,11 @@ def _flip_pad_rotate(pixels: torch.Tensor, draws: list[Draw]) -> torch.Tensor:
         per_image([d.width for d in draws]),
         per_image([d.pad for d in draws]),
     )
-    inside = (x_index >= 0) & (x_index < w + 2 * pad) & (y_index >= 0) & (y_index < h)
-    inside &= (x < w + 2 * pad) & (y < h)  # the rotated image is the padded image's size
+    inside = (
+        (y_index >= 0) & (y_index < h) & (x < w + 2 * pad) & (y < h)
+    )  # the rotated image: the padded size
     x_index = x_index - pad
-    inside &= (x_index >= 0) & (x_index < w)
+    inside &= (x_index >= 0) & (x_index < w)  # inside the image, not its padding (nor left or right of both)
     x_index = torch.where(per_image([d.hflip for d in draws]), w - 1 - x_index, x_index)
     y_index = torch.where(per_image([d.vflip for d in draws]), h - 1 - y_index, y_index)
     flat = torch.where(inside, y_index * width + x_index, height * width)  # height * width: a black pixel
@@ -367,7 +367,7 @@ def _weights(axes: list[Axis], filters: list[str], length: int, device) -> torch
     weights = torch.where(cubic, _bicubic(position), _bilinear(position))
     weights = weights * ((j >= low) & (j < high))
     total = weights.sum(-1, keepdim=True)
-    return (weights / torch.where(total == 0, 1.0, total)).float()
+    return weights / torch.where(total == 0, 1.0, total)
 
 
 def _bilinear(x: torch.Tensor) -> torch.Tensor:

@@ -77,11 +77,11 @@ class MedMNISTDataModule(ImageDataModule):
             self.tasks = [Task(n, 2) for n in names]
         train_tf = PRETRAIN_TRANSFORMS[self.augmentation](self.img_size, self.mean, self.std)
         eval_tf = eval_transform(self.img_size, self.mean, self.std)
-        if not self.is_3d:
-            self.use_pretrain_pipeline(train_tf)
         if self.is_3d:
             train_tf, eval_tf = self.fold_transforms(None)
             self.worker_init_fn = monai_worker_init_fn  # MONAI's random transforms: seeded per worker
+        else:
+            self.use_pretrain_pipeline(train_tf)
         self.pretrain_set = self._dataset(arrays, "train", labels["train"], train_tf)
         self.probe_train_set = self._dataset(arrays, "train", labels["train"], eval_tf)
         self.probe_test_set = self._dataset(arrays, self.eval_split, labels[self.eval_split], eval_tf)
