@@ -18,18 +18,23 @@ DETERMINISTIC = [
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
 
 
-def test_ddp_command_line_matches_one_process_of_the_same_global_batch(tmp_path, data_dir):
+@pytest.mark.parametrize("augment_on", ["auto", "device"])
+def test_ddp_command_line_matches_one_process_of_the_same_global_batch(augment_on, tmp_path, data_dir):
     """The README's DDP command (the main experiment's command line, tiny): 2 gloo processes x 4 = one
     process x 8 (the same images in each global batch: the (seed, epoch) order split across ranks). Exit 0,
     one results.json and W&B run by rank 0 alone, the probe metrics equal, images and FLOPs counted once, the
     global batch recorded and checked against the paper's the same way. Pixel noise and token corruption off:
-    they draw from each process's own random stream."""
+    they draw from each process's own random stream. With data.augment_on=device each rank resizes its own
+    stored-pixel batch on its device (auto: the workers, on a CPU)."""
     ddp, single = tmp_path / "ddp", tmp_path / "single"
-    proc = run_tiny(ddp, data_dir, *DETERMINISTIC, *DDP, "data.batch_size=4")
+    where = [f"data.augment_on={augment_on}"]
+    proc = run_tiny(ddp, data_dir, *DETERMINISTIC, *DDP, *where, "data.batch_size=4")
     assert proc.returncode == 0 and "Traceback" not in proc.stderr
-    run_tiny(single, data_dir, *DETERMINISTIC, "data.batch_size=8")
+    run_tiny(single, data_dir, *DETERMINISTIC, *where, "data.batch_size=8")
     assert sorted(p.name for p in ddp.rglob("results.json") if "wandb" not in p.parts) == ["results.json"]
     a, b = (json.loads((d / "results.json").read_text()) for d in (ddp, single))
+    ran_on = "device" if augment_on == "device" else "workers"
+    assert a["data"]["augment_on"]["ran_on"] == b["data"]["augment_on"]["ran_on"] == ran_on
     assert a["compute"]["world_size"] == 2 and b["compute"]["world_size"] == 1
     assert a["compute"]["effective_batch_size"] == b["compute"]["effective_batch_size"] == 8
     assert a["metrics"]["final_train_loss"] == pytest.approx(b["metrics"]["final_train_loss"], rel=1e-4)

@@ -257,6 +257,24 @@ def test_a_resumed_run_goes_on_with_the_draws_generator(tmp_path):
     assert torch.equal(resumed.augment_on_device(batch), expected)
 
 
+def test_each_rank_draws_its_own_stream(tmp_path):
+    """Under DDP every rank starts from the run's seed: the device draws are seeded by (seed, rank), so two ranks
+    augment the same stored batch differently, and one rank the same way twice."""
+    from types import SimpleNamespace
+
+    from greenlab.config import build
+
+    outputs = []
+    for rank in (0, 1, 0):
+        dm = build("data/embedded_fundus", cache_dir=str(tmp_path), num_images=12, img_size=28, num_workers=0,
+                   batch_size=4, augment_on="device")  # fmt: skip
+        dm.setup()
+        batch = next(iter(dm.train_dataloader()))
+        dm.trainer = SimpleNamespace(global_rank=rank)  # what augment_on_device reads of a trainer
+        outputs.append(dm.augment_on_device(batch))
+    assert not torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
+
+
 @pytest.mark.parametrize(("data", "where"), [("embedded", "device"), ("fundus_folder", "device")])
 def test_the_main_command_trains_with_either_setting(data, where, tmp_path, data_dir, photograph):
     """The README's command with data.augment_on=device / workers, on the embedded default and on a folder of
